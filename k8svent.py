@@ -1,0 +1,1135 @@
+"""k8svent: send Kubernetes pods, as JSON, to webhook endpoints.
+
+Usage:
+  k8svent.py [options] [--url=URL ...]
+  k8svent.py --version
+  k8svent.py -h | --help
+
+Options:
+  -u URL, --url=URL            Webhook URL to POST pods to; repeat for several.
+                               Env: K8SVENT_WEBHOOKS (comma-separated), used
+                               only when no URL is given here.
+  -s SECRET, --secret=SECRET   Sign each payload with this secret.
+                               Env: K8SVENT_WEBHOOK_SECRET.
+  --secret-file=PATH           Read the signing secret from this file.
+                               Env: K8SVENT_WEBHOOK_SECRET_FILE.
+  -n NS, --namespace=NS        Only pods of this namespace (default: all).
+                               Env: K8SVENT_NAMESPACE.
+  -l LEVEL, --log-level=LEVEL  debug, info, warning or error.
+                               Env: K8SVENT_LOG_LEVEL [default: info].
+  --log-format=FORMAT          text, or json for one object per line.
+                               Env: K8SVENT_LOG_FORMAT [default: text].
+  --interval=SECONDS           Seconds between successful polls.
+                               Env: K8SVENT_INTERVAL [default: 120].
+  --retry-interval=SECONDS     Seconds before polling again after a failure.
+                               Env: K8SVENT_RETRY_INTERVAL [default: 30].
+  --context=NAME               kubectl context (KUBECONFIG works as usual).
+                               Env: K8SVENT_CONTEXT.
+  --kubectl=PATH               The kubectl to run.
+                               Env: K8SVENT_KUBECTL [default: kubectl].
+  --kubectl-timeout=SECONDS    Kill a kubectl that runs longer than this.
+                               Env: K8SVENT_KUBECTL_TIMEOUT [default: 60].
+  --chunk-size=N               Pods per page of the API list.
+                               Env: K8SVENT_CHUNK_SIZE [default: 500].
+  --workers=N                  Concurrent deliveries per webhook.
+                               Env: K8SVENT_WORKERS [default: 8].
+  --retry-budget=SECONDS       How long to retry one delivery before leaving
+                               it owed to the next poll.
+                               Env: K8SVENT_RETRY_BUDGET [default: 900].
+  --state=PATH                 SQLite file that remembers what each webhook
+                               got, across restarts (default: a temporary
+                               file, removed at exit). Env: K8SVENT_STATE.
+  --once                       Poll once, wait for every delivery to succeed
+                               or fail for good, exit 0 if all succeeded.
+  --dry-run                    Print each payload as a JSON line on stdout
+                               instead of posting it; needs no URL.
+  --version                    Print the version and exit.
+  -h, --help                   Print this help and exit.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import random
+import urllib.parse
+import zlib
+
+import docopt
+import requests
+import requests.adapters
+import sh
+
+__version__ = "0.1.0"
+
+# --- Constants ---------------------------------------------------------------
+
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 30
+BACKOFF_START_SECONDS = 0.5
+BACKOFF_FACTOR = 1.5
+BACKOFF_CAP_SECONDS = 60
+DRAIN_SECONDS = 10
+PIPE_BUFFER_BYTES = 1 << 20
+FOREIGN_TEXT_CHARS = 300
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+SIGNATURE_SHA1_HEADER = "x-atomist-signature"
+SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
+DELETED_PHASE = "Deleted"
+
+log = logging.getLogger("k8svent")
+
+
+# --- Errors ------------------------------------------------------------------
+
+class K8sventError(Exception):
+    """Base of every error k8svent raises on purpose."""
+
+
+class SettingsError(K8sventError):
+    """Bad arguments or environment: reported in one line, exit status 2."""
+
+
+class KubectlError(K8sventError):
+    """kubectl failed, hung, or printed something that is not a pod list."""
+
+    def __init__(self, message, stderr=b""):
+        super().__init__(message)
+        self.stderr = stderr
+
+
+class ContinueExpired(KubectlError):
+    """The API server no longer knows the continue token (HTTP 410)."""
+
+
+# --- Settings ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with, validated."""
+
+    urls: tuple = ()
+    secret: str | None = None
+    namespace: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    interval: float = 120.0
+    retry_interval: float = 30.0
+    context: str | None = None
+    kubectl: str = "kubectl"
+    kubectl_timeout: float = 60.0
+    chunk_size: int = 500
+    workers: int = 8
+    retry_budget: float = 900.0
+    state: str | None = None
+    once: bool = False
+    dry_run: bool = False
+
+    def __repr__(self):
+        # The secret and URL credentials must never reach a log line.
+        shown = dataclasses.replace(
+            self, secret="***" if self.secret else None,
+            urls=tuple(redact_url(u) for u in self.urls))
+        fields = ", ".join(f"{f.name}={getattr(shown, f.name)!r}"
+                           for f in dataclasses.fields(self))
+        return f"Settings({fields})"
+
+
+_DEFAULT_RE = re.compile(r"\s*\[default: [^\]]*\]", re.IGNORECASE)
+
+
+def _option_defaults(doc):
+    """The [default: ...] of each long option in the usage text."""
+    defaults = {}
+    section = doc.split("Options:", 1)[1]
+    for block in re.split(r"\n(?=\s*-)", section):
+        name = re.search(r"--[a-z-]+", block)
+        default = re.search(r"\[default: ([^\]]*)\]", block)
+        if name and default:
+            defaults[name.group()] = default.group(1)
+    return defaults
+
+
+_DEFAULTS = _option_defaults(__doc__)
+
+
+def parse_arguments(argv):
+    """Parse the command line against the usage text, without defaults."""
+    # docopt fills in defaults, which would hide whether a flag was given and
+    # so whether the environment should be read; the defaults are applied in
+    # settings_from() instead.
+    try:
+        return docopt.docopt(_DEFAULT_RE.sub("", __doc__), argv,
+                             default_help=False)
+    except docopt.DocoptExit as exc:
+        message = str(exc).strip()
+        first = message.splitlines()[0] if message else ""
+        unknown = re.findall(r"(?:Option|Argument)\([^']*'([^']*)'", first)
+        if unknown:
+            detail = "unexpected argument " + ", ".join(unknown)
+        elif first and not first.startswith("Usage"):
+            detail = first
+        else:
+            detail = "unexpected arguments"
+        raise SettingsError(f"{detail} (see --help)") from None
+
+
+def _number(name, text, kind=float, minimum=0):
+    """Convert an option's text to a number, or raise SettingsError."""
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, not {text!r}") from None
+    if value < minimum or value != value:
+        raise SettingsError(f"{name} must be at least {minimum}, not {text!r}")
+    return value
+
+
+def _check_url(url):
+    """Return the URL if it is an absolute http(s) URL, else raise."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(
+            f"webhook URL must be http or https: {redact_url(url)!r}")
+    return url
+
+
+def settings_from(args, environ):
+    """Build the Settings from docopt's arguments and the environment."""
+
+    def pick(flag, variable):
+        value = args.get(flag)
+        if value is None or value is False:
+            value = environ.get(variable) or None
+        if value is None:
+            value = _DEFAULTS.get(flag)
+        return value
+
+    urls = args.get("--url") or []
+    if not urls:
+        urls = [u.strip() for u in environ.get("K8SVENT_WEBHOOKS", "").split(",")]
+    urls = tuple(_check_url(u) for u in urls if u)
+
+    secret = args.get("--secret")
+    secret_file = args.get("--secret-file")
+    if secret is None and secret_file is None:
+        secret = environ.get("K8SVENT_WEBHOOK_SECRET") or None
+        secret_file = environ.get("K8SVENT_WEBHOOK_SECRET_FILE") or None
+    if secret is None and secret_file is not None:
+        try:
+            with open(secret_file, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(
+                f"cannot read secret file {secret_file!r}: "
+                f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not secret:
+            raise SettingsError(f"secret file {secret_file!r} is empty")
+
+    log_level = pick("--log-level", "K8SVENT_LOG_LEVEL").lower()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
+                            f"not {log_level!r}")
+    log_format = pick("--log-format", "K8SVENT_LOG_FORMAT").lower()
+    if log_format not in LOG_FORMATS:
+        raise SettingsError(f"log format must be text or json, not {log_format!r}")
+
+    dry_run = bool(args.get("--dry-run"))
+    if not urls and not dry_run:
+        raise SettingsError("no webhook URL: give --url or K8SVENT_WEBHOOKS "
+                            "(or --dry-run)")
+
+    return Settings(
+        urls=urls,
+        secret=secret,
+        namespace=pick("--namespace", "K8SVENT_NAMESPACE"),
+        log_level=log_level,
+        log_format=log_format,
+        interval=_number("--interval", pick("--interval", "K8SVENT_INTERVAL")),
+        retry_interval=_number("--retry-interval", pick(
+            "--retry-interval", "K8SVENT_RETRY_INTERVAL")),
+        context=pick("--context", "K8SVENT_CONTEXT"),
+        kubectl=pick("--kubectl", "K8SVENT_KUBECTL"),
+        kubectl_timeout=_number("--kubectl-timeout", pick(
+            "--kubectl-timeout", "K8SVENT_KUBECTL_TIMEOUT"), minimum=1),
+        chunk_size=_number("--chunk-size", pick(
+            "--chunk-size", "K8SVENT_CHUNK_SIZE"), int, minimum=1),
+        workers=_number("--workers", pick("--workers", "K8SVENT_WORKERS"),
+                        int, minimum=1),
+        retry_budget=_number("--retry-budget", pick(
+            "--retry-budget", "K8SVENT_RETRY_BUDGET")),
+        state=pick("--state", "K8SVENT_STATE"),
+        once=bool(args.get("--once")),
+        dry_run=dry_run,
+    )
+
+
+# --- Pods: health and payloads -----------------------------------------------
+
+def pod_key(pod):
+    """The identity of a pod: namespace/name."""
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def container_healthy(status, init):
+    """Whether one (init) container status counts as healthy."""
+    state = status.get("state") or {}
+    if not status.get("ready") or "waiting" in state:
+        return False
+    if init:
+        terminated = state.get("terminated")
+        if terminated is not None:
+            return terminated.get("exitCode") == 0
+        return "running" in state
+    return "terminated" not in state and "running" in state
+
+
+def pod_healthy(pod):
+    """Whether a pod is healthy by the rules of SPEC section 2."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    if any(c.get("status") != "True" for c in status.get("conditions") or ()):
+        return False
+    if not all(container_healthy(s, True)
+               for s in status.get("initContainerStatuses") or ()):
+        return False
+    return all(container_healthy(s, False)
+               for s in status.get("containerStatuses") or ())
+
+
+def pod_under_duress(pod):
+    """Whether a pod is re-sent every poll: unhealthy and not completed."""
+    # A Succeeded pod (a finished Job) is not in trouble: send it on change.
+    phase = (pod.get("status") or {}).get("phase")
+    return phase not in ("Succeeded", DELETED_PHASE) and not pod_healthy(pod)
+
+
+def pod_from_item(item):
+    """Turn a PodList item into what `kubectl get pod -o json` prints."""
+    (item.get("metadata") or {}).pop("managedFields", None)
+    pod = {"apiVersion": "v1", "kind": "Pod"}
+    pod.update(item)
+    return pod
+
+
+def encode_pod(pod):
+    """The compact JSON bytes of a pod."""
+    return json.dumps(pod, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def fingerprint(pod_bytes):
+    """A short digest that changes whenever anything in the pod changes."""
+    return hashlib.blake2b(pod_bytes, digest_size=16).digest()
+
+
+def payload(pod_bytes):
+    """The request body for a pod: {"pod": POD}."""
+    return b'{"pod":' + pod_bytes + b"}"
+
+
+def mark_deleted(pod_bytes):
+    """The last known pod, with status.phase set to Deleted."""
+    pod = json.loads(pod_bytes)
+    pod.setdefault("status", {})["phase"] = DELETED_PHASE
+    return encode_pod(pod)
+
+
+def sign(body, secret):
+    """The signature headers for a body: HMAC-SHA1 (Atomist) and -SHA256."""
+    key = secret.encode()
+    return {
+        SIGNATURE_SHA1_HEADER:
+            "sha1=" + hmac.new(key, body, hashlib.sha1).hexdigest(),
+        SIGNATURE_SHA256_HEADER:
+            "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
+    }
+
+
+def redact_url(url):
+    """A URL fit for logs: the password replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def endpoint_label(url):
+    """scheme://host:port of a URL: no credentials, path or query."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def backoff_delays(rng=random):
+    """Delays between delivery attempts: 0.5 s, x1.5, +-50 % jitter, 60 s cap."""
+    delay = BACKOFF_START_SECONDS
+    while True:
+        yield delay * rng.uniform(0.5, 1.5)
+        delay = min(delay * BACKOFF_FACTOR, BACKOFF_CAP_SECONDS)
+
+
+def retry_after_seconds(value, now=None):
+    """Seconds to wait from a Retry-After header (seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        from email.utils import parsedate_to_datetime
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def cut(text, limit=FOREIGN_TEXT_CHARS):
+    """Foreign text (stderr, response bodies) cut to a bounded length."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- State: what every endpoint was last sent --------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pods (
+    key TEXT PRIMARY KEY,
+    fp BLOB NOT NULL,
+    duress INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delivered (
+    endpoint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fp BLOB NOT NULL,
+    PRIMARY KEY (endpoint, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+_SCHEMA_VERSION = 1
+_SQL_BATCH = 500
+
+
+def endpoint_id(url):
+    """A stable id for an endpoint that keeps its URL out of the state file."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+class Store:
+    """The snapshot of pods and what each endpoint last received, in SQLite."""
+
+    def __init__(self, path=None):
+        self._temporary = path is None
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
+            os.close(fd)
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as exc:
+            aside = f"{path}.corrupt-{int(time.time())}"
+            os.replace(path, aside)
+            log.error("state file %s is unreadable (%s); moved it to %s and "
+                      "starting fresh: every pod will be sent again",
+                      path, exc, aside)
+            self._db = self._open(path)
+
+    @staticmethod
+    def _open(path):
+        """Open (or create) the database and check it is ours and sound."""
+        db = sqlite3.connect(path, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+            db.executescript(_SCHEMA)
+            row = db.execute(
+                "SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)",
+                           (_SCHEMA_VERSION,))
+            elif row[0] != _SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"unknown schema version {row[0]}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self):
+        """Close the database; remove it if it was temporary."""
+        with self._lock:
+            self._db.close()
+        if self._temporary:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.remove(self.path + suffix)
+                except FileNotFoundError:
+                    pass
+
+    def _transaction(self):
+        return _Transaction(self._db, self._lock)
+
+    def set_endpoints(self, ids):
+        """Record the configured endpoints and forget every other one."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM endpoints")
+            db.executemany("INSERT INTO endpoints VALUES (?)",
+                           [(i,) for i in ids])
+            db.execute("DELETE FROM delivered WHERE endpoint NOT IN "
+                       "(SELECT id FROM endpoints)")
+
+    def begin_poll(self):
+        """Start a poll: return its number."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE name='poll'").fetchone()
+            number = (row[0] if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('poll', ?)",
+                       (number,))
+        return number
+
+    def apply_page(self, number, pods):
+        """Merge one page of (key, fp, duress, pod_bytes); count by reason."""
+        counts = {"new": 0, "changed": 0, "unhealthy": 0}
+        keys = [p[0] for p in pods]
+        with self._transaction() as db:
+            known = {}
+            for start in range(0, len(keys), _SQL_BATCH):
+                batch = keys[start:start + _SQL_BATCH]
+                known.update((k, (fp, deleted)) for k, fp, deleted in db.execute(
+                    "SELECT key, fp, deleted FROM pods WHERE key IN (%s)"
+                    % ",".join("?" * len(batch)), batch))
+            unchanged, upserts = [], []
+            for key, fp, duress, pod_bytes in pods:
+                old = known.get(key)
+                if old is None or old[1]:
+                    counts["new"] += 1
+                elif old[0] != fp:
+                    counts["changed"] += 1
+                else:
+                    unchanged.append((number, key))
+                    if duress:
+                        counts["unhealthy"] += 1
+                    continue
+                upserts.append((key, fp, int(duress), number,
+                                zlib.compress(pod_bytes, 1)))
+            db.executemany("UPDATE pods SET seen=? WHERE key=?", unchanged)
+            db.executemany(
+                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, seen, body)"
+                " VALUES (?, ?, ?, 0, ?, ?)", upserts)
+        return counts
+
+    def finish_poll(self, number):
+        """After a complete listing: mark pods not seen as deleted; count them."""
+        with self._transaction() as db:
+            gone = db.execute("SELECT key, body FROM pods WHERE seen < ? "
+                              "AND deleted = 0", (number,)).fetchall()
+            rows = []
+            for key, body in gone:
+                pod_bytes = mark_deleted(zlib.decompress(body))
+                rows.append((fingerprint(pod_bytes), zlib.compress(pod_bytes, 1),
+                             key))
+            db.executemany("UPDATE pods SET fp=?, body=?, deleted=1, duress=0 "
+                           "WHERE key=?", rows)
+        return len(rows)
+
+    def owed(self, endpoint):
+        """Keys owed to an endpoint: (key, force), force for pods under duress."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT p.key, p.duress FROM pods p LEFT JOIN delivered d "
+                "ON d.endpoint = ? AND d.key = p.key "
+                "WHERE d.fp IS NULL OR d.fp != p.fp OR p.duress = 1",
+                (endpoint,)).fetchall()
+
+    def latest(self, endpoint, key):
+        """(fp, pod_bytes, duress, delivered_fp) of a pod, or None if gone."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT p.fp, p.body, p.duress, d.fp FROM pods p "
+                "LEFT JOIN delivered d ON d.endpoint = ? AND d.key = p.key "
+                "WHERE p.key = ?", (endpoint, key)).fetchone()
+        if row is None:
+            return None
+        return row[0], zlib.decompress(row[1]), bool(row[2]), row[3]
+
+    def record_delivery(self, endpoint, key, fp):
+        """Remember that an endpoint has received this state of a pod."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
+                       (endpoint, key, fp))
+
+    def prune(self):
+        """Forget deleted pods once every endpoint has been told."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM pods WHERE deleted = 1 AND NOT EXISTS ("
+                " SELECT 1 FROM endpoints e WHERE NOT EXISTS ("
+                "  SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
+                "  AND d.key = pods.key AND d.fp = pods.fp))")
+            db.execute("DELETE FROM delivered WHERE key NOT IN "
+                       "(SELECT key FROM pods)")
+
+    def count(self):
+        """How many pods the snapshot holds (deleted ones included)."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM pods").fetchone()[0]
+
+
+class _Transaction:
+    """`with`: hold the store's lock and run the block in one transaction."""
+
+    def __init__(self, db, lock):
+        self._db, self._lock = db, lock
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self._lock.release()
+
+
+# --- kubectl -----------------------------------------------------------------
+
+def pods_path(namespace):
+    """The API path that lists pods, in one namespace or all."""
+    if namespace:
+        return f"/api/v1/namespaces/{urllib.parse.quote(namespace, safe='')}/pods"
+    return "/api/v1/pods"
+
+
+def run_kubectl(settings, *args):
+    """Run kubectl with args; return its stdout bytes or raise KubectlError."""
+    context = ("--context", settings.context) if settings.context else ()
+    try:
+        command = sh.Command(settings.kubectl)
+    except sh.CommandNotFound:
+        raise KubectlError(f"kubectl not found: {settings.kubectl!r}") from None
+    try:
+        return command(*context, *args, _return_cmd=True, _timeout=settings.kubectl_timeout,
+                       _out_bufsize=PIPE_BUFFER_BYTES,
+                       _internal_bufsize=PIPE_BUFFER_BYTES,
+                       _tty_out=False).stdout
+    except sh.TimeoutException:
+        raise KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
+                           f"without finishing") from None
+    except sh.ErrorReturnCode as exc:
+        stderr = exc.stderr or b""
+        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
+            else KubectlError
+        raise kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}",
+                   stderr) from None
+    except OSError as exc:
+        raise KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
+                           f"{exc.strerror or exc}") from None
+
+
+def list_pod_pages(settings):
+    """Yield the pods of the cluster a page at a time, as PodList items."""
+    path = pods_path(settings.namespace)
+    token, restarts = None, 0
+    while True:
+        query = {"limit": settings.chunk_size}
+        if token:
+            query["continue"] = token
+        try:
+            out = run_kubectl(settings, "get", "--raw",
+                              f"{path}?{urllib.parse.urlencode(query)}")
+        except ContinueExpired:
+            # The list took longer than the server keeps a snapshot: start
+            # again; pods already seen merge again as unchanged.
+            restarts += 1
+            if restarts > 3:
+                raise
+            log.warning("continue token expired; listing pods again")
+            token = None
+            continue
+        try:
+            page = json.loads(out)
+            items = page["items"]
+            token = (page.get("metadata") or {}).get("continue")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise KubectlError(f"kubectl printed no valid pod list "
+                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
+        yield items or []
+        if not token:
+            return
+
+
+# --- Webhooks ----------------------------------------------------------------
+
+class Endpoint:
+    """One webhook URL: its label for logs and how to POST to it."""
+
+    def __init__(self, url, settings):
+        parts = urllib.parse.urlsplit(url)
+        self.id = endpoint_id(url)
+        self.label = endpoint_label(url)
+        self.shown = redact_url(url)
+        self.auth = None
+        if parts.username is not None:
+            self.auth = (urllib.parse.unquote(parts.username),
+                         urllib.parse.unquote(parts.password or ""))
+            host = parts.hostname if ":" not in parts.hostname \
+                else f"[{parts.hostname}]"
+            netloc = host + (f":{parts.port}" if parts.port else "")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        self.url = url
+        self._secret = settings.secret
+        self.session = requests.Session()
+        # Proxies come from the environment once, not on every request.
+        self.session.trust_env = False
+        self.session.proxies = requests.utils.get_environ_proxies(url)
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
+            os.environ.get("CURL_CA_BUNDLE")
+        if ca_bundle:
+            self.session.verify = ca_bundle
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=1, pool_maxsize=settings.workers, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({
+            "Content-Type": "application/json",
+            "User-Agent": f"k8svent/{version()}",
+        })
+
+    def post(self, body):
+        """POST one body; return the response (redirects are not followed)."""
+        headers = sign(body, self._secret) if self._secret else None
+        return self.session.post(
+            self.url, data=body, headers=headers, auth=self.auth,
+            allow_redirects=False,
+            timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+
+    def close(self):
+        self.session.close()
+
+
+class StdoutEndpoint:
+    """--dry-run: print each payload as a line instead of posting it."""
+
+    id = "stdout"
+    label = shown = "stdout"
+
+    def __init__(self, stream=None):
+        self._stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def post(self, body):
+        with self._lock:
+            self._stream.write(body.decode() + "\n")
+            self._stream.flush()
+        return None
+
+    def close(self):
+        pass
+
+
+def correlation_id(response):
+    """The correlation_id of a JSON response body, if it has one."""
+    if "json" not in response.headers.get("Content-Type", ""):
+        return None
+    try:
+        found = response.json().get("correlation_id")
+    except (ValueError, AttributeError):
+        return None
+    return cut(str(found), 100) if found is not None else None
+
+
+def retryable(status):
+    """Whether an HTTP status is worth retrying (429 and 5xx)."""
+    return status == 429 or status >= 500
+
+
+class Sender:
+    """Delivers what is owed to one endpoint, with its own pool of workers."""
+
+    def __init__(self, endpoint, store, settings, stop, rng=random):
+        self.endpoint = endpoint
+        self._store = store
+        self._settings = settings
+        self._stop = stop
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._pending = {}        # key -> force, in arrival order
+        self._inflight = set()
+        self._futures = set()
+        self._idle = threading.Condition(self._lock)
+        self.failed = 0           # deliveries that failed for good
+        self.succeeded = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.workers,
+            thread_name_prefix=f"deliver-{endpoint.label}")
+
+    def offer(self, owed):
+        """Queue (key, force) pairs; a key already queued is not doubled."""
+        with self._lock:
+            for key, force in owed:
+                if key in self._pending:
+                    self._pending[key] = self._pending[key] or bool(force)
+                elif key in self._inflight:
+                    # In flight: it re-reads the newest state on each attempt;
+                    # queue it again only if it must be re-sent regardless.
+                    if force:
+                        self._pending[key] = True
+                else:
+                    self._pending[key] = bool(force)
+            self._pump()
+
+    def _pump(self):
+        """Start deliveries while workers are free (lock held)."""
+        while (self._pending and not self._stop.is_set()
+               and len(self._futures) < self._settings.workers):
+            key = next(iter(self._pending))
+            if key in self._inflight:
+                # Wait for the running delivery of this key to end first.
+                movable = [k for k in self._pending if k not in self._inflight]
+                if not movable:
+                    return
+                key = movable[0]
+            force = self._pending.pop(key)
+            self._inflight.add(key)
+            future = self._pool.submit(self._deliver, key, force)
+            self._futures.add(future)
+            future.add_done_callback(
+                lambda f, key=key: self._finished(f, key))
+
+    def _finished(self, future, key):
+        """Account for a delivery and start the next one."""
+        try:
+            ok = future.result()
+        except Exception:  # a bug, not a delivery failure: log it whole
+            log.exception("delivery of %s to %s crashed", key,
+                          self.endpoint.label)
+            ok = False
+        with self._lock:
+            self._futures.discard(future)
+            self._inflight.discard(key)
+            if ok:
+                self.succeeded += 1
+            elif ok is False:
+                self.failed += 1
+            self._pump()
+            if not self._futures and (not self._pending or self._stop.is_set()):
+                self._idle.notify_all()
+
+    def _deliver(self, key, force):
+        """Send the newest state of one pod; True, False (failed) or None."""
+        label = self.endpoint.label
+        deadline = time.monotonic() + self._settings.retry_budget
+        delays = backoff_delays(self._rng)
+        attempt = 0
+        while True:
+            latest = self._store.latest(self.endpoint.id, key)
+            if latest is None:
+                return None                     # forgotten: nothing owed
+            fp, pod_bytes, duress, delivered_fp = latest
+            if delivered_fp == fp and not (force and duress):
+                return None                     # someone already sent it
+            attempt += 1
+            body = payload(pod_bytes)
+            status, reason, retry_after = None, None, None
+            try:
+                response = self.endpoint.post(body)
+            except requests.Timeout:
+                reason = "timed out"
+            except requests.ConnectionError:
+                reason = "connection failed"
+            except requests.RequestException as exc:
+                reason = type(exc).__name__
+            else:
+                if response is None or 200 <= response.status_code < 300:
+                    self._store.record_delivery(self.endpoint.id, key, fp)
+                    cid = correlation_id(response) if response is not None \
+                        else None
+                    log.debug("delivered %s to %s%s", key, label,
+                              f" (correlation_id {cid})" if cid else "",
+                              extra={"pod": key, "endpoint": label,
+                                     "status": getattr(response, "status_code", None),
+                                     "correlation_id": cid})
+                    return True
+                status = response.status_code
+                reason = str(status)
+                retry_after = retry_after_seconds(
+                    response.headers.get("Retry-After"))
+                cid = correlation_id(response)
+                if not retryable(status):
+                    log.error("POST of %s to %s rejected (%s%s); not retrying: "
+                              "it stays owed to the next poll", key, label,
+                              status, f", correlation_id {cid}" if cid else "",
+                              extra={"pod": key, "endpoint": label,
+                                     "status": status, "correlation_id": cid})
+                    return False
+            delay = next(delays)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            remaining = deadline - time.monotonic()
+            if delay > remaining or self._stop.is_set():
+                log.error("giving up on POST of %s to %s after %d attempts (%s); "
+                          "it stays owed to the next poll", key, label, attempt,
+                          reason, extra={"pod": key, "endpoint": label,
+                                         "status": status})
+                return False
+            log.warning("attempt %d to POST %s to %s failed (%s); retrying "
+                        "in %.1f s", attempt, key, label, reason, delay,
+                        extra={"pod": key, "endpoint": label, "status": status})
+            if self._stop.wait(delay):
+                return False
+
+    def busy(self):
+        """Whether anything is queued or in flight."""
+        with self._lock:
+            return bool(self._pending or self._futures)
+
+    def wait_idle(self, timeout=None):
+        """Wait until nothing is queued or in flight; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._futures or (self._pending and not self._stop.is_set()):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def close(self):
+        """Stop the workers without waiting for them."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.endpoint.close()
+
+
+# --- Polling -----------------------------------------------------------------
+
+class Poller:
+    """The worker that polls pods on a timer and hands out what is owed."""
+
+    def __init__(self, settings, store, senders):
+        self._settings = settings
+        self._store = store
+        self._senders = senders
+        self.stop_event = threading.Event()
+        self.polls_ok = 0
+        self.polls_failed = 0
+        self.last_poll_ok = None
+        self._thread = threading.Thread(target=self.run, name="poller",
+                                        daemon=True)
+
+    def poll_once(self):
+        """One whole cycle: list, merge, mark deletions, deliver; True if ok."""
+        started = time.monotonic()
+        store = self._store
+        number = store.begin_poll()
+        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
+        seen = 0
+        try:
+            for items in list_pod_pages(self._settings):
+                page = []
+                for item in items:
+                    pod = pod_from_item(item)
+                    pod_bytes = encode_pod(pod)
+                    page.append((pod_key(pod), fingerprint(pod_bytes),
+                                 pod_under_duress(pod), pod_bytes))
+                del items
+                seen += len(page)
+                for reason, n in store.apply_page(number, page).items():
+                    counts[reason] += n
+        except KubectlError as exc:
+            self.polls_failed += 1
+            log.error("poll failed, nothing changed; retrying in %g s: %s",
+                      self._settings.retry_interval, exc)
+            return False
+        counts["deleted"] = store.finish_poll(number)
+        for sender in self._senders:
+            sender.offer(store.owed(sender.endpoint.id))
+        store.prune()
+        self.polls_ok += 1
+        self.last_poll_ok = time.time()
+        log.info("poll: %d pods seen; sending %d new, %d changed, %d unhealthy, "
+                 "%d deleted (%.2f s)", seen, counts["new"], counts["changed"],
+                 counts["unhealthy"], counts["deleted"],
+                 time.monotonic() - started)
+        return True
+
+    def run(self):
+        """Poll at once, then every interval (retry interval after a failure)."""
+        while not self.stop_event.is_set():
+            try:
+                ok = self.poll_once()
+            except Exception:  # never let the poller die silently
+                log.exception("poll crashed; retrying in %g s",
+                              self._settings.retry_interval)
+                ok = False
+            wait = self._settings.interval if ok else self._settings.retry_interval
+            if self.stop_event.wait(wait):
+                return
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+
+    def is_alive(self):
+        return self._thread.is_alive()
+
+
+# --- Main --------------------------------------------------------------------
+
+def version():
+    """The running version: K8SVENT_VERSION (stamped by the image) or ours."""
+    return os.environ.get("K8SVENT_VERSION") or __version__
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the pod and endpoint where they apply."""
+
+    FIELDS = ("pod", "endpoint", "status", "correlation_id")
+
+    def format(self, record):
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        for field in self.FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings):
+    """Send k8svent's log to stderr in the chosen level and format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(settings.log_level.upper())
+    log.propagate = False
+
+
+def _exit_now(code, reason):
+    """The one place that ends the process without waiting for threads."""
+    log.warning("exiting now: %s", reason)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def main(argv=None, environ=None):
+    """Run k8svent; return the exit status."""
+    environ = os.environ if environ is None else environ
+    try:
+        args = parse_arguments(sys.argv[1:] if argv is None else argv)
+        if args.get("--help"):
+            print(__doc__.strip())
+            return 0
+        if args.get("--version"):
+            print(version())
+            return 0
+        settings = settings_from(args, environ)
+    except SettingsError as exc:
+        print(f"k8svent: error: {exc}", file=sys.stderr)
+        return 2
+
+    configure_logging(settings)
+    try:
+        store = Store(settings.state)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"k8svent: error: cannot open state file {settings.state!r}: {exc}",
+              file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    endpoints = [StdoutEndpoint()] if settings.dry_run else \
+        [Endpoint(url, settings) for url in settings.urls]
+    store.set_endpoints([e.id for e in endpoints])
+    senders = [Sender(e, store, settings, stop) for e in endpoints]
+    poller = Poller(settings, store, senders)
+    log.info("k8svent %s starting: %s, webhooks %s", version(),
+             f"namespace {settings.namespace}" if settings.namespace
+             else "all namespaces", ", ".join(e.shown for e in endpoints))
+
+    def on_signal(signum, frame):
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        poller.stop()
+
+    previous = {s: signal.signal(s, on_signal)
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if settings.once:
+            ok = poller.poll_once()
+            for sender in senders:
+                sender.wait_idle()
+            failed = sum(s.failed for s in senders)
+            status = 0 if ok and not failed else 1
+            if failed:
+                log.error("%d deliveries failed", failed)
+        else:
+            poller.start()
+            while poller.is_alive():
+                poller.join(0.5)
+            status = 0
+        return _shut_down(senders, store, stop, status)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _shut_down(senders, store, stop, status):
+    """Let deliveries in flight finish (bounded), then close; return status."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    stop.set()  # no new deliveries, no more retries
+    drained = all(s.wait_idle(max(0.0, deadline - time.monotonic()))
+                  for s in senders)
+    for sender in senders:
+        sender.close()
+    if not drained:
+        store.close()
+        _exit_now(status, f"deliveries still in flight after {DRAIN_SECONDS} s")
+    store.close()
+    log.info("stopped")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Pure parts: health rules, payloads, signatures, selection and deletion."""
+
+import copy
+import json
+
+import pytest
+
+import k8svent
+
+
+def running_pod(**status):
+    pod = {
+        "metadata": {"namespace": "ns", "name": "p", "resourceVersion": "1"},
+        "spec": {},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"},
+                           {"type": "PodScheduled", "status": "True"}],
+            "initContainerStatuses": [{"name": "init", "ready": True, "state": {
+                "terminated": {"exitCode": 0, "reason": "Completed"}}}],
+            "containerStatuses": [{"name": "c", "ready": True, "state": {
+                "running": {"startedAt": "2026-01-01T00:00:00Z"}}}],
+        },
+    }
+    pod["status"].update(status)
+    return pod
+
+
+def with_container(state, ready=True, init=False):
+    pod = running_pod()
+    field = "initContainerStatuses" if init else "containerStatuses"
+    pod["status"][field] = [{"name": "x", "ready": ready, "state": state}]
+    return pod
+
+
+@pytest.mark.parametrize("pod, healthy", [
+    (running_pod(), True),
+    (running_pod(phase="Pending"), False),
+    (running_pod(phase="Failed"), False),
+    (running_pod(phase="Succeeded"), False),
+    (running_pod(conditions=[{"type": "Ready", "status": "False"}]), False),
+    (running_pod(conditions=[{"type": "Ready", "status": "Unknown"}]), False),
+    (running_pod(conditions=[]), True),
+    (with_container({"waiting": {"reason": "CrashLoopBackOff"}}, ready=False), False),
+    (with_container({"running": {}}, ready=False), False),
+    (with_container({"terminated": {"exitCode": 0}}), False),
+    (with_container({"running": {}, "waiting": {}}), False),
+    (with_container({}), False),
+    (with_container({"terminated": {"exitCode": 0}}, init=True), True),
+    (with_container({"terminated": {"exitCode": 1}}, init=True), False),
+    (with_container({"running": {}}, init=True), True),
+    (with_container({"running": {}}, ready=False, init=True), False),
+    (with_container({"waiting": {"reason": "PodInitializing"}}, init=True), False),
+    (with_container({}, init=True), False),
+])
+def test_pod_healthy(pod, healthy):
+    assert k8svent.pod_healthy(pod) is healthy
+
+
+@pytest.mark.parametrize("phase, duress", [
+    ("Running", False), ("Pending", True), ("Failed", True), ("Unknown", True),
+    # Correction to the original: a finished Job pod is not in trouble.
+    ("Succeeded", False),
+])
+def test_pod_under_duress(phase, duress):
+    pod = running_pod(phase=phase)
+    assert k8svent.pod_under_duress(pod) is duress
+
+
+def test_pod_from_item_matches_kubectl_get():
+    item = {"metadata": {"name": "p", "namespace": "ns", "managedFields": [{"x": 1}]},
+            "spec": {"a": 1}, "status": {"phase": "Running"}}
+    pod = k8svent.pod_from_item(copy.deepcopy(item))
+    assert list(pod)[:2] == ["apiVersion", "kind"]
+    assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
+    assert "managedFields" not in pod["metadata"]
+    assert pod["spec"] == item["spec"]
+    assert k8svent.pod_key(pod) == "ns/p"
+
+
+def test_payload_and_deleted():
+    pod_bytes = k8svent.encode_pod({"metadata": {"name": "p"}, "status": {"phase": "Running"}})
+    body = json.loads(k8svent.payload(pod_bytes))
+    assert body == {"pod": {"metadata": {"name": "p"}, "status": {"phase": "Running"}}}
+    deleted = json.loads(k8svent.mark_deleted(pod_bytes))
+    assert deleted["status"]["phase"] == "Deleted"
+    assert k8svent.fingerprint(pod_bytes) != k8svent.fingerprint(k8svent.mark_deleted(pod_bytes))
+
+
+# Known answers: SPEC section 3 (Atomist's sha1) and GitHub's published sha256.
+@pytest.mark.parametrize("secret, body, header, expected", [
+    ("The400Unit", b'{"jason":"isbell"}', "x-atomist-signature",
+     "sha1=634212a9128672522f8d9ac32657d996d80ef7be"),
+    ("It's a Secret to Everybody", b"Hello, World!", "X-Hub-Signature-256",
+     "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"),
+])
+def test_sign_known_answers(secret, body, header, expected):
+    assert k8svent.sign(body, secret)[header] == expected
+
+
+def test_redact_url_and_label():
+    assert k8svent.redact_url("https://user:pw@host:8443/p?q=1") == "https://user:***@host:8443/p?q=1"
+    assert k8svent.redact_url("https://host/p") == "https://host/p"
+    assert k8svent.endpoint_label("https://user:pw@Host/hooks/T0K3N?x=1") == "https://host:443"
+    assert k8svent.endpoint_label("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
+
+
+def test_backoff_delays_grow_with_jitter_and_cap():
+    class Middle:
+        @staticmethod
+        def uniform(a, b):
+            return (a + b) / 2
+    delays = k8svent.backoff_delays(Middle)
+    first = [next(delays) for _ in range(30)]
+    assert first[:3] == [0.5, 0.75, 1.125]
+    assert max(first) == 60
+    jittered = k8svent.backoff_delays()
+    assert all(0.25 <= next(jittered) <= 90 for _ in range(30))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("7", 7.0), (None, None), ("", None), ("soon", None),
+    ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),
+])
+def test_retry_after(value, expected):
+    from email.utils import parsedate_to_datetime
+    now = parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
+    assert k8svent.retry_after_seconds(value, now) == expected
+
+
+# --- Selection and deletion, against the store ---------------------------------
+
+def entries(*pods):
+    out = []
+    for pod in pods:
+        pod_bytes = k8svent.encode_pod(pod)
+        out.append((k8svent.pod_key(pod), k8svent.fingerprint(pod_bytes),
+                    k8svent.pod_under_duress(pod), pod_bytes))
+    return out
+
+
+def named(name, **status):
+    pod = running_pod(**status)
+    pod["metadata"]["name"] = name
+    return pod
+
+
+def poll(store, *pods):
+    number = store.begin_poll()
+    counts = store.apply_page(number, entries(*pods))
+    counts["deleted"] = store.finish_poll(number)
+    return counts
+
+
+def deliver_all(store, endpoint):
+    for key, _ in store.owed(endpoint):
+        fp, _, _, _ = store.latest(endpoint, key)
+        store.record_delivery(endpoint, key, fp)
+
+
+@pytest.fixture
+def store():
+    s = k8svent.Store()
+    s.set_endpoints(["e1", "e2"])
+    yield s
+    s.close()
+
+
+def test_selection(store):
+    a, b, sick = named("a"), named("b"), named("sick", phase="Pending")
+    assert poll(store, a, b, sick) == {"new": 3, "changed": 0, "unhealthy": 0, "deleted": 0}
+    assert sorted(k for k, _ in store.owed("e1")) == ["ns/a", "ns/b", "ns/sick"]
+    deliver_all(store, "e1")
+    # unchanged healthy pods are not owed; the unhealthy one is, every poll
+    assert poll(store, a, b, sick) == {"new": 0, "changed": 0, "unhealthy": 1, "deleted": 0}
+    assert store.owed("e1") == [("ns/sick", 1)]
+    # e2 got nothing yet: it is owed everything
+    assert len(store.owed("e2")) == 3
+    # a change, even of resourceVersion alone, is a change
+    b2 = copy.deepcopy(b)
+    b2["metadata"]["resourceVersion"] = "2"
+    assert poll(store, a, b2, sick)["changed"] == 1
+    assert sorted(store.owed("e1")) == [("ns/b", 0), ("ns/sick", 1)]
+
+
+def test_deletion_sent_once_then_forgotten(store):
+    a, b = named("a"), named("b")
+    poll(store, a, b)
+    deliver_all(store, "e1")
+    deliver_all(store, "e2")
+    assert poll(store, a)["deleted"] == 1
+    assert store.owed("e1") == [("ns/b", 0)]
+    fp, pod_bytes, duress, _ = store.latest("e1", "ns/b")
+    assert json.loads(pod_bytes)["status"]["phase"] == "Deleted" and not duress
+    assert poll(store, a)["deleted"] == 0  # reported once
+    deliver_all(store, "e1")
+    store.prune()
+    assert store.count() == 2   # e2 has not been told yet
+    deliver_all(store, "e2")
+    store.prune()
+    assert store.count() == 1
+    assert store.owed("e1") == [] and store.owed("e2") == []
+
+
+def test_recreated_pod_is_new(store):
+    a = named("a")
+    poll(store, a)
+    poll(store)
+    assert poll(store, a)["new"] == 1
+
+
+def test_forgotten_endpoints_leave_the_state(store):
+    poll(store, named("a"))
+    deliver_all(store, "e1")
+    store.set_endpoints(["e2"])
+    store.prune()
+    assert store.owed("e1") != []  # e1 has no records left
+
+
+def test_corrupt_state_is_moved_aside(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database" * 100)
+    s = k8svent.Store(str(path))
+    s.close()
+    aside = list(tmp_path.glob("state.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert "unreadable" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_temporary_state_is_removed():
+    s = k8svent.Store()
+    path = s.path
+    s.close()
+    import os
+    assert not os.path.exists(path)

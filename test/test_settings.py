@@ -1,0 +1,117 @@
+"""Settings from arguments and environment: one table, plus the usage text."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import k8svent
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def settings(argv, environ=None):
+    return k8svent.settings_from(k8svent.parse_arguments(argv), environ or {})
+
+
+@pytest.mark.parametrize("argv, environ, field, expected", [
+    (["-u", "http://a"], {}, "urls", ("http://a",)),
+    (["--url=http://a", "--url=https://b"], {}, "urls", ("http://a", "https://b")),
+    ([], {"K8SVENT_WEBHOOKS": "http://a, https://b"}, "urls", ("http://a", "https://b")),
+    # flags replace the variable's list, they do not add to it
+    (["-u", "http://flag"], {"K8SVENT_WEBHOOKS": "http://env"}, "urls", ("http://flag",)),
+    (["--dry-run"], {}, "urls", ()),
+    (["-u", "http://a"], {}, "secret", None),
+    (["-u", "http://a", "-s", "flag"], {"K8SVENT_WEBHOOK_SECRET": "env"}, "secret", "flag"),
+    (["-u", "http://a"], {"K8SVENT_WEBHOOK_SECRET": "env"}, "secret", "env"),
+    (["-u", "http://a"], {}, "namespace", None),
+    (["-u", "http://a", "-n", "flag"], {"K8SVENT_NAMESPACE": "env"}, "namespace", "flag"),
+    (["-u", "http://a"], {"K8SVENT_NAMESPACE": "env"}, "namespace", "env"),
+    (["-u", "http://a"], {}, "log_level", "info"),
+    (["-u", "http://a", "-l", "DEBUG"], {"K8SVENT_LOG_LEVEL": "error"}, "log_level", "debug"),
+    (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "warning"}, "log_level", "warning"),
+    (["-u", "http://a"], {"K8SVENT_LOG_FORMAT": "json"}, "log_format", "json"),
+    (["-u", "http://a"], {}, "interval", 120.0),
+    (["-u", "http://a", "--interval=5"], {"K8SVENT_INTERVAL": "7"}, "interval", 5.0),
+    (["-u", "http://a"], {"K8SVENT_INTERVAL": "7"}, "interval", 7.0),
+    (["-u", "http://a"], {}, "retry_interval", 30.0),
+    (["-u", "http://a", "--retry-interval=0.5"], {}, "retry_interval", 0.5),
+    (["-u", "http://a"], {}, "kubectl", "kubectl"),
+    (["-u", "http://a", "--kubectl=/k"], {"K8SVENT_KUBECTL": "/e"}, "kubectl", "/k"),
+    (["-u", "http://a", "--context=c"], {}, "context", "c"),
+    (["-u", "http://a"], {}, "chunk_size", 500),
+    (["-u", "http://a"], {}, "workers", 8),
+    (["-u", "http://a", "--workers=2"], {}, "workers", 2),
+    (["-u", "http://a"], {}, "retry_budget", 900.0),
+    (["-u", "http://a"], {"K8SVENT_STATE": "/s.db"}, "state", "/s.db"),
+    (["-u", "http://a", "--once"], {}, "once", True),
+])
+def test_settings(argv, environ, field, expected):
+    assert getattr(settings(argv, environ), field) == expected
+
+
+def test_secret_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    assert settings(["-u", "http://a", f"--secret-file={path}"]).secret == "from-file"
+    assert settings(["-u", "http://a"], {"K8SVENT_WEBHOOK_SECRET_FILE": str(path)}).secret \
+        == "from-file"
+
+
+@pytest.mark.parametrize("argv, environ, message", [
+    ([], {}, "no webhook URL"),
+    (["-u", "ftp://host/x"], {}, "must be http or https"),
+    (["-u", "not a url"], {}, "must be http or https"),
+    ([], {"K8SVENT_WEBHOOKS": "file:///etc/passwd"}, "must be http or https"),
+    (["-u", "http://a", "--secret-file=/nonexistent/secret"], {}, "cannot read secret file"),
+    (["-u", "http://a", "--interval=soon"], {}, "--interval must be a number"),
+    (["-u", "http://a", "--interval=-1"], {}, "--interval must be at least 0"),
+    (["-u", "http://a"], {"K8SVENT_INTERVAL": "x"}, "--interval must be a number"),
+    (["-u", "http://a", "--retry-interval=-5"], {}, "--retry-interval must be at least"),
+    (["-u", "http://a", "--workers=0"], {}, "--workers must be at least 1"),
+    (["-u", "http://a", "--chunk-size=1.5"], {}, "--chunk-size must be a number"),
+    (["-u", "http://a", "-l", "loud"], {}, "log level must be one of"),
+    (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "trace"}, "log level must be one of"),
+    (["-u", "http://a", "--log-format=xml"], {}, "log format must be"),
+    (["--bogus"], {}, "unexpected argument --bogus"),
+])
+def test_bad_input(argv, environ, message):
+    with pytest.raises(k8svent.SettingsError, match=re.escape(message)):
+        settings(argv, environ)
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys):
+    assert k8svent.main(["-u", "https://user:hunter2@host/x", "--interval=no"], {}) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("k8svent: error: ")
+    assert "Traceback" not in err
+
+
+def test_bad_url_error_hides_password(capsys):
+    assert k8svent.main(["-u", "ftp://user:hunter2@host/x"], {}) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "user:***@host" in err
+
+
+def test_settings_repr_hides_secrets():
+    shown = repr(settings(["-u", "https://u:hunter2@h/x", "-s", "topsecret"]))
+    assert "hunter2" not in shown and "topsecret" not in shown
+
+
+def test_help_is_the_readme_usage(capsys):
+    assert k8svent.main(["--help"], {}) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == k8svent.__doc__.strip()
+    readme = README.read_text()
+    block = re.search(r"<!-- usage -->\n```\n(.*?)```", readme, re.S)
+    assert block, "README has no usage block"
+    assert block.group(1).strip() == printed
+
+
+def test_version(capsys, monkeypatch):
+    monkeypatch.delenv("K8SVENT_VERSION", raising=False)
+    assert k8svent.main(["--version"], {}) == 0
+    assert capsys.readouterr().out.strip() == k8svent.__version__
+    monkeypatch.setenv("K8SVENT_VERSION", "9.9.9")
+    k8svent.main(["--version"], {})
+    assert capsys.readouterr().out.strip() == "9.9.9"
