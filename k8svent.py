@@ -781,7 +781,9 @@ class Sender:
         self._settings = settings
         self._stop = stop
         self._rng = rng
-        self._lock = threading.Lock()
+        # Reentrant: a future that is already done runs its callback at once,
+        # inside _pump, which holds the lock.
+        self._lock = threading.RLock()
         self._pending = {}        # key -> force, in arrival order
         self._inflight = set()
         self._futures = set()

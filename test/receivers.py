@@ -1,0 +1,141 @@
+"""Webhook receivers for tests: real HTTP servers on 127.0.0.1, port 0."""
+
+import collections
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Received = collections.namedtuple("Received", "path headers body")
+
+
+class _Server(ThreadingHTTPServer):
+    """Keeps its open connections, so that going down cuts keep-alive ones."""
+
+    daemon_threads = True
+
+    def __init__(self, *args):
+        self.connections = set()
+        self._lock = threading.Lock()
+        super().__init__(*args)
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self):
+        with self._lock:
+            for connection in list(self.connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                connection.close()
+            self.connections.clear()
+
+
+class Receiver:
+    """Records every POST; answers with scripted statuses (200 when none left).
+
+    `answers` is a list of statuses or (status, headers, body) tuples, taken
+    in order. `down()` closes the listening socket (connections are refused)
+    and `up()` listens again on the same port.
+    """
+
+    def __init__(self, answers=()):
+        self.received = []
+        self.answers = collections.deque(answers)
+        self.statuses = []
+        self._cond = threading.Condition()
+        self._server = None
+        self.port = 0
+        self.up()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def up(self):
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._cond:
+                    answer = receiver.answers.popleft() if receiver.answers else 200
+                status, headers, reply = (answer if isinstance(answer, tuple)
+                                          else (answer, {}, b""))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+                with receiver._cond:
+                    receiver.statuses.append(status)
+                    if 200 <= status < 300:
+                        receiver.received.append(Received(
+                            self.path, {k.lower(): v for k, v in self.headers.items()},
+                            body))
+                    receiver._cond.notify_all()
+
+        self._server = _Server(("127.0.0.1", self.port), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def down(self):
+        """Stop listening and cut every open connection."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.cut_connections()
+
+    def wait_for(self, count, timeout=20):
+        """Wait until `count` deliveries were accepted; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.received) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"{len(self.received)} of {count} deliveries arrived: "
+                        f"{sorted(self.keys())}")
+                self._cond.wait(left)
+            return list(self.received)
+
+    def wait_attempts(self, count, timeout=20):
+        """Wait until `count` requests were answered, whatever the status."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.statuses) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{len(self.statuses)} of {count} attempts")
+                self._cond.wait(left)
+
+    def pods(self):
+        """The pods received, in order."""
+        with self._cond:
+            return [json.loads(r.body)["pod"] for r in self.received]
+
+    def keys(self):
+        return [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in self.pods()]
+
+    def clear(self):
+        with self._cond:
+            self.received.clear()
+            self.statuses.clear()
+
+    def close(self):
+        self.down()

@@ -1,0 +1,320 @@
+"""End to end: the real kubectl, the test API server, receivers on 127.0.0.1."""
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from test.pods import make_pod
+from test.receivers import Receiver
+from test.service import Service, service_env, signal
+
+FAST = ["--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
+
+
+@pytest.fixture
+def receivers():
+    made = []
+
+    def make(answers=()):
+        receiver = Receiver(answers)
+        made.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def start(kubeapi, kubeconfig, kubectl_path, tmp_path):
+    """Start k8svent with args (FAST timings unless given); stop it afterwards."""
+    started = []
+
+    def run(*args, env=None, fast=True, kubectl=None):
+        argv = [f"--kubectl={kubectl or kubectl_path}", *(FAST if fast else ()), *args]
+        service = Service(argv, service_env(kubeconfig, env),
+                          tmp_path / f"run{len(started)}")
+        started.append(service)
+        return service
+
+    yield run
+    for service in started:
+        service.kill()
+
+
+def put(kubeapi, *pods):
+    for pod in pods:
+        kubeapi.put_pod(pod)
+
+
+def key(pod):
+    return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+
+
+def relabel(pod, value):
+    changed = copy.deepcopy(pod)
+    changed["metadata"].setdefault("labels", {})["change"] = value
+    return changed
+
+
+def test_first_poll_sends_every_pod_to_every_url(kubeapi, start, receivers):
+    pods = [make_pod("default", f"web-{i}") for i in range(5)] + \
+        [make_pod("kube-system", "dns")]
+    put(kubeapi, *pods)
+    first, second = receivers(), receivers()
+    service = start(f"--url={first.url}", f"--url={second.url}", "--chunk-size=2")
+    for receiver in (first, second):
+        receiver.wait_for(6)
+        assert sorted(receiver.keys()) == sorted(key(p) for p in pods)
+    service.wait_polls(3)
+    # unchanged healthy pods are not sent again
+    assert len(first.received) == 6 and len(second.received) == 6
+    assert service.stop() == 0
+
+
+def test_unhealthy_changed_and_deleted(kubeapi, start, receivers):
+    healthy = make_pod("default", "healthy")
+    sick = make_pod("default", "sick", healthy=False)
+    doomed = make_pod("default", "doomed")
+    job = make_pod("default", "job", phase="Succeeded")
+    put(kubeapi, healthy, sick, doomed, job)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(4)
+    polls = service.polls()
+    service.wait_polls(polls + 3)
+    keys = receiver.keys()
+    # the unhealthy pod is re-sent every poll; the rest, including the
+    # finished Job pod, only once
+    assert keys.count("default/sick") >= 3
+    assert keys.count("default/healthy") == keys.count("default/doomed") == 1
+    assert keys.count("default/job") == 1
+
+    kubeapi.put_pod(relabel(healthy, "yes"))
+    kubeapi.delete_pod("default", "doomed")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+            receiver.keys().count("default/healthy") == 2
+            and receiver.keys().count("default/doomed") == 2):
+        time.sleep(0.05)
+    service.wait_polls(service.polls() + 3)
+    pods = receiver.pods()
+    healthy_sent = [p for p in pods if key(p) == "default/healthy"]
+    doomed_sent = [p for p in pods if key(p) == "default/doomed"]
+    assert len(healthy_sent) == 2 and healthy_sent[1]["metadata"]["labels"]["change"] == "yes"
+    # deleted: the last known object, once, with phase Deleted
+    assert len(doomed_sent) == 2
+    assert doomed_sent[1]["status"]["phase"] == "Deleted"
+    assert doomed_sent[1]["metadata"] == doomed_sent[0]["metadata"]
+    assert service.stop() == 0
+
+
+def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, start,
+                                            receivers):
+    pod = make_pod("default", "web", init_container=True)
+    put(kubeapi, pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 0
+    printed = subprocess.run(
+        [kubectl_path, "get", "pod", "web", "-n", "default", "-o", "json"],
+        env=service_env(kubeconfig), capture_output=True, check=True).stdout
+    (received,) = receiver.received
+    assert json.loads(received.body) == {"pod": json.loads(printed)}
+    assert received.headers["content-type"] == "application/json"
+    assert received.headers["user-agent"].startswith("k8svent/")
+
+
+def test_signatures_verify(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
+    assert service.wait() == 0
+    (received,) = receiver.received
+    body = received.body
+    assert received.headers["x-atomist-signature"] == \
+        "sha1=" + hmac.new(b"s3cr3t", body, hashlib.sha1).hexdigest()
+    assert received.headers["x-hub-signature-256"] == \
+        "sha256=" + hmac.new(b"s3cr3t", body, hashlib.sha256).hexdigest()
+    assert "s3cr3t" not in service.log()
+    assert received.headers["x-atomist-signature"][5:] not in service.log()
+
+
+def test_503_then_200_gets_the_newest_state(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    put(kubeapi, pod)
+    receiver = receivers([503, 503, 503])
+    service = start(f"--url={receiver.url}")
+    receiver.wait_attempts(1)
+    kubeapi.put_pod(relabel(pod, "newest"))
+    receiver.wait_for(1)
+    service.wait_polls(service.polls() + 2)
+    pods = receiver.pods()
+    assert len(pods) == 1, "a stale state was delivered besides the newest"
+    assert pods[0]["metadata"]["labels"]["change"] == "newest"
+    assert service.count(r"attempt \d+ to POST default/web to http://127\.0\.0\.1:\d+ "
+                         r"failed \(503\); retrying in") >= 1
+    assert service.stop() == 0
+
+
+def test_receiver_down_for_three_polls_gets_every_missed_change_once(
+        kubeapi, start, receivers):
+    steady, changing, doomed = (make_pod("default", n) for n in ("steady", "changing", "doomed"))
+    put(kubeapi, steady, changing, doomed)
+    up, flaky = receivers(), receivers()
+    service = start(f"--url={up.url}", f"--url={flaky.url}")
+    flaky.wait_for(3)
+    up.wait_for(3)
+    flaky.down()
+    born = make_pod("default", "born")
+    for step in range(3):
+        kubeapi.put_pod(relabel(changing, f"v{step}"))
+        if step == 1:
+            kubeapi.delete_pod("default", "doomed")
+            kubeapi.put_pod(born)
+        service.wait_polls(service.polls() + 1)
+    service.wait_polls(service.polls() + 1)
+    flaky.up()
+    flaky.wait_for(6, timeout=30)
+    service.wait_polls(service.polls() + 3)
+    missed = flaky.pods()[3:]
+    assert sorted(key(p) for p in missed) == ["default/born", "default/changing", "default/doomed"]
+    latest = {key(p): p for p in missed}
+    assert latest["default/changing"]["metadata"]["labels"]["change"] == "v2"
+    assert latest["default/doomed"]["status"]["phase"] == "Deleted"
+    # the endpoint that stayed up saw every change, and was not held back
+    assert up.keys().count("default/changing") == 4
+    assert service.stop() == 0
+
+
+def test_400_is_not_retried(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([400])
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 1
+    assert receiver.statuses == [400]
+    assert "rejected (400); not retrying" in service.log()
+
+
+def test_4xx_stays_owed_to_the_next_poll(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([404])
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(1)
+    assert receiver.statuses == [404, 200]
+    assert service.stop() == 0
+
+
+@pytest.mark.parametrize("failure", ["500 on a later page", "truncated body",
+                                     "expired continue", "kubectl hangs"])
+def test_failing_polls_send_no_deletions(kubeapi, start, receivers, failure):
+    put(kubeapi, *(make_pod("default", f"web-{i}") for i in range(5)))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--chunk-size=2", "--kubectl-timeout=2")
+    receiver.wait_for(5)
+    polls = service.polls()
+    if failure == "500 on a later page":
+        kubeapi.fail(500, page=1)
+    elif failure == "truncated body":
+        kubeapi.truncate(page=1)
+    elif failure == "expired continue":
+        kubeapi.expire_continue()
+    else:
+        kubeapi.hang(10)
+    if failure == "expired continue":
+        service.wait_log("continue token expired; listing pods again")
+    else:
+        service.wait_log("poll failed, nothing changed", timeout=30)
+    service.wait_polls(polls + 2)
+    assert "Deleted" not in [p["status"]["phase"] for p in receiver.pods()]
+    assert len(receiver.received) == 5
+    assert service.stop() == 0
+
+
+def test_kubectl_missing_sends_nothing_and_keeps_going(kubeapi, start, receivers, kubectl_path,
+                                                        tmp_path):
+    put(kubeapi, make_pod("default", "web"))
+    link = tmp_path / "kubectl"
+    link.symlink_to(kubectl_path)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", kubectl=str(link))
+    receiver.wait_for(1)
+    link.unlink()
+    service.wait_log("poll failed, nothing changed; retrying in 0.3 s: kubectl not found", 2)
+    assert receiver.keys() == ["default/web"]
+    link.symlink_to(kubectl_path)
+    service.wait_polls(service.polls() + 2)
+    assert receiver.keys() == ["default/web"]
+    assert service.stop() == 0
+
+
+def test_sigterm_exits_0_promptly(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", fast=False)
+    receiver.wait_for(1)
+    began = time.monotonic()
+    assert service.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - began < 5
+    assert "received SIGTERM; stopping" in service.log()
+
+
+def test_sigterm_does_not_wait_for_a_dead_endpoint_beyond_the_drain(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([503] * 1000)
+    service = start(f"--url={receiver.url}")
+    receiver.wait_attempts(2)
+    began = time.monotonic()
+    assert service.stop(signal.SIGINT) == 0
+    assert time.monotonic() - began < 12
+
+
+def test_dry_run_once_prints_the_payloads(kubeapi, start):
+    put(kubeapi, make_pod("default", "a"), make_pod("default", "b"))
+    service = start("--dry-run", "--once")
+    assert service.wait() == 0
+    lines = service.stdout().splitlines()
+    assert [json.loads(line)["pod"]["metadata"]["name"] for line in sorted(lines)] == ["a", "b"]
+
+
+def test_url_password_never_logged(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([503])
+    url = receiver.url.replace("http://", "http://user:hunter2@")
+    service = start(f"--url={url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
+    assert service.wait() == 0
+    (received,) = receiver.received
+    assert received.headers["authorization"] == \
+        "Basic " + base64.b64encode(b"user:hunter2").decode()
+    log = service.log()
+    assert "failed (503)" in log
+    assert "hunter2" not in log and "s3cr3t" not in log
+    assert "user:***@127.0.0.1" in log
+
+
+def test_redirect_is_not_followed(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    target = receivers()
+    receiver = receivers([(307, {"Location": target.url}, b"")])
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 1
+    assert target.received == []
+
+
+def test_retry_after_is_honoured_and_correlation_id_logged(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([(429, {"Retry-After": "2"}, b""),
+                          (200, {"Content-Type": "application/json"},
+                           b'{"correlation_id": "abc-123"}')])
+    service = start(f"--url={receiver.url}", "--once")
+    began = time.monotonic()
+    assert service.wait() == 0
+    assert time.monotonic() - began >= 2
+    assert "correlation_id abc-123" in service.log()
