@@ -53,6 +53,18 @@ def test_version_from_git(tag, commits_since, expected):
     assert version.version_from_git(tag, commits_since) == expected
 
 
+@pytest.mark.parametrize(
+    "tag, commits_since, expected",
+    [
+        ("v1.2.3", 0, "1.2.4-next.0"),
+        ("v1.2.3", 3, "1.2.4-next.3"),
+        (None, 3, "0.0.1-next.3"),
+    ],
+)
+def test_version_from_git_for_the_next_channel(tag, commits_since, expected):
+    assert version.version_from_git(tag, commits_since, prerelease=True) == expected
+
+
 @pytest.mark.parametrize("tag, commits_since", [(None, 0), ("v1.2.3", -1)])
 def test_version_from_git_rejects_impossible_counts(tag, commits_since):
     with pytest.raises(ValueError):
@@ -106,6 +118,7 @@ def test_prereleases_sort_between_the_release_they_follow_and_the_next():
         version.version_from_git(None, 2),
         version.version_from_git(None, 10),
         version.version_from_git("v0.0.1", 0),
+        version.version_from_git("v0.0.1", 0, prerelease=True),
         version.version_from_git("v0.0.1", 1),
         version.version_from_git("v0.0.1", 9),
         version.version_from_git("v0.0.1", 10),
@@ -155,11 +168,12 @@ class Repo:
         """Tag HEAD, lightweight or annotated."""
         self.git("tag", *(["-a", "-m", name] if annotated else []), name)
 
-    def version(self, script=None):
+    def version(self, *args, script=None):
         """Run .ci/version in the repository and return the completed process."""
         command = [script] if script else [sys.executable, str(VERSION_SCRIPT)]
         return subprocess.run(
-            command, cwd=self.path, env=self.env, capture_output=True, text=True,
+            [*command, *args], cwd=self.path, env=self.env,
+            capture_output=True, text=True,
         )
 
 
@@ -168,8 +182,8 @@ def repo(tmp_path):
     return Repo(tmp_path / "repo")
 
 
-def _version(repo):
-    result = repo.version()
+def _version(repo, *args):
+    result = repo.version(*args)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return result.stdout.strip()
@@ -186,6 +200,22 @@ def test_on_a_release_tag_the_version_is_the_tag(repo):
     repo.commit(3)
     repo.tag("v1.2.3")
     assert _version(repo) == "1.2.3"
+
+
+def test_the_next_channel_stays_a_prerelease_on_a_release_tag(repo):
+    repo.commit()
+    repo.tag("v1.2.3")
+    assert _version(repo, "--next") == "1.2.4-next.0"
+    repo.commit()
+    assert _version(repo, "--next") == _version(repo) == "1.2.4-next.1"
+
+
+def test_an_unknown_argument_is_a_usage_error(repo):
+    repo.commit()
+    result = repo.version("--bogus")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: ")
 
 
 def test_on_an_annotated_release_tag_the_version_is_the_tag(repo):
