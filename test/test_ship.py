@@ -321,6 +321,35 @@ def test_probes_and_metrics_on_the_http_port():
     assert policy["ingress"] == [{"ports": [{"port": HTTP_PORT, "protocol": "TCP"}]}]
 
 
+def namespaced_variant():
+    """deploy.yaml edited as the README's "Watching one namespace only" says."""
+    docs = load_deploy()
+    for doc in docs:
+        if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            doc["kind"] = doc["kind"].replace("Cluster", "")
+            doc["metadata"]["namespace"] = "k8svent"
+        if doc["kind"] == "RoleBinding":
+            doc["roleRef"]["kind"] = "Role"
+        if doc["kind"] == "Deployment":
+            doc["spec"]["template"]["spec"]["containers"][0]["env"].append({
+                "name": "K8SVENT_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            })
+    return docs
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_namespaced_variant_validates_strictly(version, tmp_path):
+    validate = find_tool("kubernetes-validate")
+    variant = tmp_path / "deploy-namespaced.yaml"
+    variant.write_text(yaml.safe_dump_all(namespaced_variant()))
+    result = run_tool([validate, "--strict", "--no-warn", "-k", version, str(variant)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {doc["kind"] for doc in namespaced_variant()}
+    assert {"Role", "RoleBinding"} <= kinds
+    assert not {"ClusterRole", "ClusterRoleBinding"} & kinds
+
+
 # ---- Dockerfile and .dockerignore ---------------------------------------------------
 
 def test_dockerfile_lints_clean():
