@@ -56,7 +56,7 @@ SAFE_SYSCTLS = {
 
 # ---- helpers -----------------------------------------------------------------
 
-def find_tool(name, env_var=None):
+def find_tool(name, env_var=None, requirements="requirements-dev.txt"):
     """Path of an executable: $env_var, then beside sys.executable, then PATH."""
     if env_var and os.environ.get(env_var):
         return os.environ[env_var]
@@ -67,7 +67,7 @@ def find_tool(name, env_var=None):
     if found:
         return found
     how = f"set {env_var} or " if env_var else ""
-    message = f"{name} not found: {how}install requirements-dev.txt"
+    message = f"{name} not found: {how}install {requirements}"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
@@ -416,7 +416,7 @@ def test_dockerignore_lets_in_only_what_the_image_copies():
 # ---- checkov on both files -----------------------------------------------------------
 
 def test_checkov_finds_nothing_unsuppressed():
-    checkov = find_tool("checkov", env_var="K8SVENT_CHECKOV")
+    checkov = find_tool("checkov", env_var="K8SVENT_CHECKOV", requirements="requirements-checkov.txt")
     result = run_tool([
         checkov, "--skip-download", "--output", "json",
         "--file", str(DOCKERFILE), "--file", str(DEPLOY),
