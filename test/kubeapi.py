@@ -63,6 +63,7 @@ FIRST_RESOURCE_VERSION = 1000
 SNAPSHOTS_KEPT = 16
 WRITE_CHUNK_ITEMS = 256
 TOKEN = "fake-token"
+BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
 
 EXPIRED_MESSAGE = (
     "The provided continue parameter is too old to display a consistent list "
@@ -305,6 +306,7 @@ class FakeKubeAPI:
                 key, data, _ = self._encode(pod, bump_resource_version)
                 self._pods[key] = data
             self._keys = sorted(self._pods)
+            self._last_resource_version = next(self._resource_version)
             self._current = None
 
     def load_items(self, items):
@@ -498,7 +500,9 @@ class _Handler(BaseHTTPRequestHandler):
                 request.page = self._page_of(query)
         if self._inject(url.path, request, pod_request is not None):
             return
-        if pod_request is None:
+        if pod_request is None and len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
+            self._namespace(parts[3])
+        elif pod_request is None:
             self._discovery(url.path)
         elif pod_request[0] == "list":
             self._list(pod_request[1], query, request)
@@ -578,6 +582,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, POD_RESOURCES)
         else:
             self._send_status(404, "the server could not find the requested resource")
+
+    def _namespace(self, namespace):
+        """A Namespace exists when it is a built-in one or holds a pod."""
+        api = self.server.api
+        with api._lock:
+            index = bisect.bisect_left(api._keys, (namespace,))
+            holds_pods = index < len(api._keys) and api._keys[index][0] == namespace
+        if not holds_pods and namespace not in BUILTIN_NAMESPACES:
+            self._send_status(
+                404, f'namespaces "{namespace}" not found',
+                details={"name": namespace, "kind": "namespaces"},
+            )
+            return
+        self._send_json(200, {
+            "kind": "Namespace",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": namespace,
+                "labels": {"kubernetes.io/metadata.name": namespace},
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        })
 
     def _get(self, namespace, name):
         api = self.server.api
