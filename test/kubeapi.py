@@ -1,0 +1,712 @@
+"""A fake Kubernetes API server that the real kubectl talks to.
+
+Tests start one (see the ``kubeapi`` fixture in conftest.py), write a
+kubeconfig for it with ``kubeconfig(path)`` and set ``KUBECONFIG`` to that
+path; from then on ``kubectl get pods -A -o json`` lists the pods the test put
+here. It serves plain http on 127.0.0.1, port 0, from a daemon thread.
+
+What it speaks (enough for kubectl 1.37):
+
+- ``GET /version``, legacy discovery (``/api``, ``/apis``, ``/api/v1``). kubectl
+  asks for aggregated discovery in its Accept header and takes the legacy
+  documents when the answer is plain ``application/json``. No OpenAPI:
+  ``kubectl get`` never asks for it.
+- ``GET /api/v1/pods`` and ``/api/v1/namespaces/NS/pods``: a PodList whose
+  items carry no ``apiVersion``/``kind`` (as the real server sends them), in
+  (namespace, name) order, honouring ``limit`` and ``continue``. Paged lists
+  are consistent: every page after the first is cut from the snapshot the first
+  page came from, as etcd does; a continue token that names an unknown or
+  evicted snapshot gets ``410 Expired``, like a compacted resource version.
+  ``labelSelector``, ``fieldSelector``, ``watch`` and ``resourceVersion`` are
+  ignored.
+- ``GET /api/v1/namespaces/NS/pods/NAME``: the Pod, with ``apiVersion``/``kind``.
+- Every error is a ``Status`` object, as the real server sends it.
+- No authentication: the kubeconfig has a user with a token, but client-go
+  only sends credentials over TLS, so kubectl sends no Authorization header to
+  an http:// server (kubernetes/kubectl#744). Use ``fail(401, path_prefix="/")``
+  to see how a client takes a rejection.
+
+Pods are held as compact JSON bytes, each page is joined from them and large
+bodies are written in pieces with a Content-Length, so 150,000 pods of 6 KB
+(about 900 MB unpaged) cost little more than their bytes.
+
+Failure injection (``fail``, ``truncate``, ``hang``, ``expire_continue``)
+applies to the next ``count`` matching pod requests; discovery is never
+affected unless ``fail`` is given a ``path_prefix`` that covers it.
+"""
+
+import base64
+import binascii
+import bisect
+import collections
+import itertools
+import json
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+SERVER_VERSION = {
+    "major": "1",
+    "minor": "37",
+    "gitVersion": "v1.37.0",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.25.0",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+FIRST_RESOURCE_VERSION = 1000
+SNAPSHOTS_KEPT = 16
+WRITE_CHUNK_ITEMS = 256
+TOKEN = "fake-token"
+BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
+
+EXPIRED_MESSAGE = (
+    "The provided continue parameter is too old to display a consistent list "
+    "result. You can start a new list without the continue parameter, or use "
+    "the continue token in this response to retrieve the remainder of the "
+    "results. Continuing with the provided token results in an inconsistent "
+    "list - objects that were created, modified, or deleted between the time "
+    "the first chunk was returned and now may show up in the list."
+)
+REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    410: "Expired",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+POD_RESOURCES = {
+    "kind": "APIResourceList",
+    "groupVersion": "v1",
+    "resources": [
+        {
+            "name": "namespaces",
+            "singularName": "namespace",
+            "namespaced": False,
+            "kind": "Namespace",
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "shortNames": ["ns"],
+            "storageVersionHash": "Q3oi5N2YM8M=",
+        },
+        {
+            "name": "pods",
+            "singularName": "pod",
+            "namespaced": True,
+            "kind": "Pod",
+            "verbs": [
+                "create", "delete", "deletecollection", "get", "list", "patch",
+                "update", "watch",
+            ],
+            "shortNames": ["po"],
+            "categories": ["all"],
+            "storageVersionHash": "xPOwRZ+Yhw8=",
+        },
+        {
+            "name": "pods/status",
+            "singularName": "",
+            "namespaced": True,
+            "kind": "Pod",
+            "verbs": ["get", "patch", "update"],
+        },
+    ],
+}
+
+
+def status_object(code, message, reason=None, details=None):
+    """A metav1.Status for an error, as the API server sends it."""
+    status = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason or REASONS.get(code, HTTPStatus(code).phrase.replace(" ", "")),
+    }
+    if details is not None:
+        status["details"] = details
+    status["code"] = code
+    return status
+
+
+def _compact(obj):
+    """Compact JSON bytes, non-ASCII kept as UTF-8 like Go's encoder."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class _Rule:
+    """One injected failure: what it does, how often, and what it matches."""
+
+    kind: str  # "fail", "truncate", "hang" or "expire"
+    count: int
+    status: int = 500
+    page: int | None = None
+    path_prefix: str | None = None
+    seconds: float = 0.0
+    message: str | None = None
+    retry_after: int | None = None
+
+    def matches(self, path, page, has_continue, is_pod_request):
+        """Whether this rule applies to a request."""
+        if self.kind == "expire":
+            return has_continue
+        if self.path_prefix is not None:
+            if not path.startswith(self.path_prefix):
+                return False
+        elif not is_pod_request:
+            return False
+        return self.page is None or self.page == page
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The pods at one resource version, for consistent paged lists."""
+
+    ident: int
+    resource_version: int
+    keys: list  # sorted (namespace, name)
+    items: list  # compact JSON bytes, aligned with keys
+
+
+class _Request:
+    """What the handler learned about a pod request before answering."""
+
+    def __init__(self):
+        self.page = None
+        self.has_continue = False
+
+
+class FakeKubeAPI:
+    """A Kubernetes API server for pods, good enough for the real kubectl."""
+
+    def __init__(self, host="127.0.0.1", port=0, token=TOKEN):
+        self.host = host
+        self.token = token
+        self._requested_port = port
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._server = None
+        self._thread = None
+        self._resource_version = itertools.count(FIRST_RESOURCE_VERSION + 1)
+        self._last_resource_version = FIRST_RESOURCE_VERSION
+        self._pods = {}  # (namespace, name) -> compact JSON bytes, no apiVersion/kind
+        self._keys = []  # sorted keys of _pods
+        self._current = None  # _Snapshot of the current state, built on demand
+        self._snapshots = collections.OrderedDict()  # ident -> _Snapshot
+        self._snapshot_ids = itertools.count(1)
+        self._rules = []
+        self.requests = []  # (method, path with query), in arrival order
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self):
+        """Bind 127.0.0.1:port and serve from a daemon thread."""
+        self._stopping.clear()
+        self._server = _Server((self.host, self._requested_port), _Handler)
+        self._server.api = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"FakeKubeAPI:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop serving, wake hanging requests and close the socket."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def port(self):
+        """The port the server listens on."""
+        return self._server.server_address[1]
+
+    @property
+    def url(self):
+        """The server's base URL, http://127.0.0.1:PORT."""
+        return f"http://{self.host}:{self.port}"
+
+    def kubeconfig(self, path):
+        """Write a kubeconfig for this server (context "fake") and return its path.
+
+        Tests point kubectl at it with ``KUBECONFIG=<path>``; the
+        ``kubeconfig`` fixture does that through monkeypatch.
+        """
+        path = Path(path)
+        path.write_text(
+            "apiVersion: v1\n"
+            "kind: Config\n"
+            "clusters:\n"
+            "- name: fake\n"
+            "  cluster:\n"
+            f"    server: {self.url}\n"
+            "users:\n"
+            "- name: fake\n"
+            "  user:\n"
+            f"    token: {self.token}\n"
+            "contexts:\n"
+            "- name: fake\n"
+            "  context:\n"
+            "    cluster: fake\n"
+            "    user: fake\n"
+            "    namespace: default\n"
+            "current-context: fake\n"
+        )
+        return path
+
+    # -- state ------------------------------------------------------------
+
+    def put_pod(self, pod, *, bump_resource_version=True):
+        """Add or replace a pod; return its resourceVersion.
+
+        With ``bump_resource_version`` the pod gets the next resourceVersion of
+        the server's counter, as every write to a real server does; without it
+        the pod's own ``metadata.resourceVersion`` is kept.
+        """
+        with self._lock:
+            key, data, version = self._encode(pod, bump_resource_version)
+            if key not in self._pods:
+                bisect.insort(self._keys, key)
+            self._pods[key] = data
+            self._current = None
+            return version
+
+    def set_pods(self, pods, *, bump_resource_version=True):
+        """Replace every pod with these."""
+        with self._lock:
+            self._pods = {}
+            for pod in pods:
+                key, data, _ = self._encode(pod, bump_resource_version)
+                self._pods[key] = data
+            self._keys = sorted(self._pods)
+            self._last_resource_version = next(self._resource_version)
+            self._current = None
+
+    def load_items(self, items):
+        """Replace every pod with ready-made list items: ``(namespace, name, bytes)``.
+
+        The bytes are compact JSON of the pod without ``apiVersion``/``kind``
+        (``pods.generate_items`` makes them) and are served as they are; their
+        resourceVersions are the caller's. The fast way to hold 150,000 pods.
+        """
+        with self._lock:
+            self._pods = {(namespace, name): data for namespace, name, data in items}
+            self._keys = sorted(self._pods)
+            self._last_resource_version = next(self._resource_version)
+            self._current = None
+
+    def delete_pod(self, namespace, name):
+        """Remove a pod; return whether it was there."""
+        with self._lock:
+            if self._pods.pop((namespace, name), None) is None:
+                return False
+            del self._keys[bisect.bisect_left(self._keys, (namespace, name))]
+            self._last_resource_version = next(self._resource_version)
+            self._current = None
+            return True
+
+    def get_pod(self, namespace, name):
+        """The stored pod as a GET returns it (with apiVersion/kind), or None."""
+        with self._lock:
+            data = self._pods.get((namespace, name))
+        if data is None:
+            return None
+        return {"apiVersion": "v1", "kind": "Pod", **json.loads(data)}
+
+    def pod_keys(self):
+        """The stored pods' keys, "namespace/name", in list order."""
+        with self._lock:
+            return [f"{ns}/{name}" for ns, name in self._keys]
+
+    def clear(self):
+        """Forget every pod, snapshot, injected failure and recorded request."""
+        with self._lock:
+            self._pods = {}
+            self._keys = []
+            self._current = None
+            self._snapshots.clear()
+            self._rules = []
+            self.requests = []
+
+    def _encode(self, pod, bump_resource_version):
+        """Key, list-item bytes and resourceVersion of a pod dict."""
+        metadata = dict(pod["metadata"])
+        if bump_resource_version or "resourceVersion" not in metadata:
+            self._last_resource_version = next(self._resource_version)
+            metadata["resourceVersion"] = str(self._last_resource_version)
+        item = {"metadata": metadata}
+        item.update((k, v) for k, v in pod.items() if k not in ("apiVersion", "kind", "metadata"))
+        key = (metadata.get("namespace", "default"), metadata["name"])
+        return key, _compact(item), metadata["resourceVersion"]
+
+    def _snapshot(self):
+        """The current state as an immutable snapshot (built once per change)."""
+        with self._lock:
+            if self._current is None:
+                keys = list(self._keys)
+                self._current = _Snapshot(
+                    ident=next(self._snapshot_ids),
+                    resource_version=self._last_resource_version,
+                    keys=keys,
+                    items=[self._pods[k] for k in keys],
+                )
+            return self._current
+
+    def _remember(self, snapshot):
+        """Keep a snapshot for continue tokens, evicting the oldest."""
+        with self._lock:
+            self._snapshots[snapshot.ident] = snapshot
+            self._snapshots.move_to_end(snapshot.ident)
+            while len(self._snapshots) > SNAPSHOTS_KEPT:
+                self._snapshots.popitem(last=False)
+
+    def _recall(self, ident):
+        """A remembered snapshot, or None when it expired."""
+        with self._lock:
+            return self._snapshots.get(ident)
+
+    # -- failure injection ------------------------------------------------
+
+    def fail(self, status, count=1, page=None, path_prefix=None, *, message=None,
+             retry_after=None):
+        """Answer the next ``count`` matching requests with a Status ``status``.
+
+        ``page`` limits it to that 0-based page of a list; ``path_prefix`` to
+        paths starting with it (give "/" to include discovery). ``retry_after``
+        adds a Retry-After header (client-go then retries 429 and 5xx itself).
+        """
+        self._add(_Rule("fail", count, status=status, page=page, path_prefix=path_prefix,
+                        message=message, retry_after=retry_after))
+
+    def truncate(self, count=1, page=None):
+        """Send the next ``count`` matching bodies half-way, then close the connection.
+
+        The status line and Content-Length are those of the whole body.
+        """
+        self._add(_Rule("truncate", count, page=page))
+
+    def hang(self, seconds, count=1):
+        """Sleep ``seconds`` before answering the next ``count`` pod requests."""
+        self._add(_Rule("hang", count, seconds=seconds))
+
+    def expire_continue(self, count=1):
+        """Answer the next ``count`` requests carrying a continue token with 410."""
+        self._add(_Rule("expire", count))
+
+    def _add(self, rule):
+        with self._lock:
+            self._rules.append(rule)
+
+    def _take(self, kind, path, request, is_pod_request):
+        """Consume and return the first matching rule of this kind, or None."""
+        with self._lock:
+            for rule in self._rules:
+                if rule.kind == kind and rule.matches(
+                    path, request.page, request.has_continue, is_pod_request
+                ):
+                    rule.count -= 1
+                    if rule.count <= 0:
+                        self._rules.remove(rule)
+                    return rule
+        return None
+
+    def _record(self, method, path):
+        with self._lock:
+            self.requests.append((method, path))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = False
+    api: FakeKubeAPI
+
+
+def _encode_continue(snapshot, index, page, namespace):
+    """An opaque continue token, shaped like the real server's base64 JSON."""
+    token = {
+        "v": "meta.k8s.io/v1",
+        "rv": snapshot.resource_version,
+        "start": "/".join(snapshot.keys[index]) + "\x00",
+        "snap": snapshot.ident,
+        "index": index,
+        "page": page,
+        "ns": namespace,
+    }
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+
+
+def _decode_continue(token):
+    """The dict in a continue token, or None when it is not one of ours."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error, UnicodeError):
+        return None
+    if not isinstance(value, dict) or not {"snap", "index", "page"} <= value.keys():
+        return None
+    return value
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeKubeAPI"
+    sys_version = ""
+    server: _Server
+    _truncating = False
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        """Stay quiet: tests read FakeKubeAPI.requests instead."""
+
+    # -- dispatch ---------------------------------------------------------
+
+    def do_GET(self):
+        api = self.server.api
+        api._record("GET", self.path)
+        self._truncating = False
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        parts = [p for p in url.path.split("/") if p]
+        request = _Request()
+        pod_request = self._pod_route(parts)
+        if pod_request is not None:
+            request.has_continue = bool(query.get("continue"))
+            if pod_request[0] == "list":
+                request.page = self._page_of(query)
+        if self._inject(url.path, request, pod_request is not None):
+            return
+        if pod_request is None and len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
+            self._namespace(parts[3])
+        elif pod_request is None:
+            self._discovery(url.path)
+        elif pod_request[0] == "list":
+            self._list(pod_request[1], query, request)
+        else:
+            self._get(*pod_request[1:])
+
+    def _other(self):
+        self.server.api._record(self.command, self.path)
+        self._drain()
+        self._send_status(
+            405, f"the server does not allow this method on the requested resource ({self.command})"
+        )
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _other
+
+    def _drain(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+
+    @staticmethod
+    def _pod_route(parts):
+        """("list", ns|None), ("get", ns, name) or None for a non-pod path."""
+        if parts == ["api", "v1", "pods"]:
+            return ("list", None)
+        if len(parts) in (5, 6) and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+            if len(parts) == 5:
+                return ("list", parts[3])
+            return ("get", parts[3], parts[5])
+        return None
+
+    @staticmethod
+    def _page_of(query):
+        """The 0-based page index a list request asks for (None if its token is bad)."""
+        if not query.get("continue"):
+            return 0
+        token = _decode_continue(query["continue"])
+        return None if token is None else token["page"]
+
+    def _inject(self, path, request, is_pod_request):
+        """Apply injected failures; return True when the request was answered."""
+        api = self.server.api
+        rule = api._take("hang", path, request, is_pod_request)
+        if rule is not None:
+            api._stopping.wait(rule.seconds)
+        rule = api._take("expire", path, request, is_pod_request)
+        if rule is not None:
+            self._send_status(410, EXPIRED_MESSAGE)
+            return True
+        rule = api._take("fail", path, request, is_pod_request)
+        if rule is not None:
+            headers = {}
+            if rule.retry_after is not None:
+                headers["Retry-After"] = str(rule.retry_after)
+            message = rule.message or _failure_message(rule.status)
+            self._send_status(rule.status, message, headers=headers)
+            return True
+        self._truncating = api._take("truncate", path, request, is_pod_request) is not None
+        return False
+
+    # -- answers ----------------------------------------------------------
+
+    def _discovery(self, path):
+        if path == "/version":
+            self._send_json(200, SERVER_VERSION)
+        elif path == "/api":
+            self._send_json(200, {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.server.api.host}:{self.server.api.port}"}
+                ],
+            })
+        elif path == "/apis":
+            self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        elif path == "/api/v1":
+            self._send_json(200, POD_RESOURCES)
+        else:
+            self._send_status(404, "the server could not find the requested resource")
+
+    def _namespace(self, namespace):
+        """A Namespace exists when it is a built-in one or holds a pod."""
+        api = self.server.api
+        with api._lock:
+            index = bisect.bisect_left(api._keys, (namespace,))
+            holds_pods = index < len(api._keys) and api._keys[index][0] == namespace
+        if not holds_pods and namespace not in BUILTIN_NAMESPACES:
+            self._send_status(
+                404, f'namespaces "{namespace}" not found',
+                details={"name": namespace, "kind": "namespaces"},
+            )
+            return
+        self._send_json(200, {
+            "kind": "Namespace",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": namespace,
+                "labels": {"kubernetes.io/metadata.name": namespace},
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        })
+
+    def _get(self, namespace, name):
+        api = self.server.api
+        with api._lock:
+            data = api._pods.get((namespace, name))
+        if data is None:
+            self._send_status(
+                404, f'pods "{name}" not found', details={"name": name, "kind": "pods"}
+            )
+            return
+        # The stored item starts with '{"metadata":'; put apiVersion/kind in front.
+        self._send_bytes(200, b'{"kind":"Pod","apiVersion":"v1",' + data[1:])
+
+    def _list(self, namespace, query, request):
+        api = self.server.api
+        try:
+            limit = max(0, int(query.get("limit") or 0))
+        except ValueError:
+            limit = 0
+        if request.has_continue:
+            token = _decode_continue(query["continue"])
+            snapshot = None if token is None else api._recall(token["snap"])
+            if snapshot is None:
+                self._send_status(410, EXPIRED_MESSAGE)
+                return
+            start, page = token["index"], token["page"]
+        else:
+            snapshot = api._snapshot()
+            start, page = None, 0
+        low, high = 0, len(snapshot.keys)
+        if namespace is not None:
+            low = bisect.bisect_left(snapshot.keys, (namespace,))
+            high = bisect.bisect_left(snapshot.keys, (namespace + "\x00",))
+        if start is not None:
+            low = max(low, start)
+        end = min(high, low + limit) if limit else high
+        metadata = {"resourceVersion": str(snapshot.resource_version)}
+        if end < high:
+            api._remember(snapshot)
+            metadata["continue"] = _encode_continue(snapshot, end, page + 1, namespace)
+            metadata["remainingItemCount"] = high - end
+        head = b'{"kind":"PodList","apiVersion":"v1","metadata":' + _compact(metadata) + b',"items":['
+        tail = b"]}\n"
+        items = snapshot.items
+        length = len(head) + len(tail) + max(0, end - low - 1)
+        for i in range(low, end):
+            length += len(items[i])
+        pieces = self._list_pieces(head, items, low, end, tail)
+        self._send_stream(200, length, pieces)
+
+    @staticmethod
+    def _list_pieces(head, items, low, end, tail):
+        yield head
+        for chunk_start in range(low, end, WRITE_CHUNK_ITEMS):
+            chunk = b",".join(items[chunk_start:min(end, chunk_start + WRITE_CHUNK_ITEMS)])
+            yield (b"," + chunk) if chunk_start > low else chunk
+        yield tail
+
+    # -- writing ----------------------------------------------------------
+
+    def _send_status(self, code, message, *, details=None, headers=None):
+        self._send_json(code, status_object(code, message, details=details), headers=headers)
+
+    def _send_json(self, code, obj, headers=None):
+        self._send_bytes(code, _compact(obj) + b"\n", headers=headers)
+
+    def _send_bytes(self, code, body, headers=None):
+        self._send_stream(code, len(body), [body], headers=headers)
+
+    def _send_stream(self, code, length, pieces, headers=None):
+        """Send a body of known length piece by piece, or cut it if truncating."""
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-cache, private")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        budget = length // 2 if self._truncating else length
+        try:
+            for piece in pieces:
+                if len(piece) >= budget:
+                    self.wfile.write(piece[:budget])
+                    break
+                self.wfile.write(piece)
+                budget -= len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if self._truncating:
+            self._truncating = False
+            self.close_connection = True
+
+
+def _failure_message(code):
+    """The message the real server would give for a status it made up."""
+    if code == 500:
+        return "Internal error occurred: injected failure"
+    if code == 429:
+        return "Too many requests, please try again later."
+    if code == 503:
+        return "the server is currently unable to handle the request"
+    if code == 504:
+        return "the server was unable to return a response in the time allotted, but may still be processing the request"
+    return f"injected failure ({code})"
