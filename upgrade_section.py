@@ -191,23 +191,31 @@ def own_image(pod, image_repo):
     return None
 
 
-def upgrade_wanted(mode, version_env_set, own_image_ref):
-    """Decide whether to check the registry: never, always, or auto.
+def upgrade_decision(mode, version_env_set, own_image_ref):
+    """Decide whether to check the registry, and say why, for the log.
 
-    auto checks only when running from the k8svent image (K8SVENT_VERSION
-    set) in a pod whose k8svent container follows a channel tag.
+    never: no; always: yes; auto: only when running from the k8svent image
+    (K8SVENT_VERSION set) in a pod whose k8svent container follows a channel
+    tag (latest, next or none) rather than a pinned version or a digest.
     """
     if mode == "never":
-        return False
+        return False, "--upgrade=never"
     if mode == "always":
-        return True
+        return True, "--upgrade=always"
     if mode != "auto":
         raise ValueError(f"unknown upgrade mode: {mode!r}")
-    return (
-        version_env_set
-        and own_image_ref is not None
-        and image_channel(own_image_ref) == "channel"
-    )
+    if not version_env_set:
+        return False, "not running from the k8svent image (K8SVENT_VERSION is not set)"
+    if own_image_ref is None:
+        return False, "own pod or its k8svent container not found"
+    if image_channel(own_image_ref) != "channel":
+        return False, f"image {own_image_ref} is pinned"
+    return True, f"image {own_image_ref} follows a channel"
+
+
+def upgrade_wanted(mode, version_env_set, own_image_ref):
+    """Tell whether to check the registry for newer versions (see upgrade_decision)."""
+    return upgrade_decision(mode, version_env_set, own_image_ref)[0]
 
 
 def upgrade_interval_seconds(version, configured):
@@ -523,6 +531,8 @@ class Upgrader:
 
     def run(self):
         """Check, then wait, until stopped or a newer version is found."""
+        self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)",
+                      self.client.image, self.current_version, self.interval_seconds)
         delay = self.first_delay_seconds
         while not self._stop.wait(delay):
             delay = self.check_once()

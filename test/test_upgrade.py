@@ -10,7 +10,6 @@ import random
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -164,6 +163,15 @@ def test_image_channel(image_ref, expected):
 ])
 def test_upgrade_wanted(mode, version_env_set, own_image, expected):
     assert k8svent.upgrade_wanted(mode, version_env_set, own_image) is expected
+
+
+@pytest.mark.parametrize("own_image, words", [
+    ("atomist/k8svent:1.0.0", "image atomist/k8svent:1.0.0 is pinned"),
+    (None, "not found"),
+    ("atomist/k8svent:next", "follows a channel"),
+])
+def test_upgrade_decision_says_why(own_image, words):
+    assert words in k8svent.upgrade_decision("auto", True, own_image)[1]
 
 
 def test_upgrade_wanted_rejects_unknown_mode():
