@@ -568,6 +568,8 @@ class Upgrader:
 
     def _after_error(self, reason, retry_after_seconds):
         """Log a failed check in one line and return the delay before the next."""
-        delay = self.error_seconds if retry_after_seconds is None else max(1.0, retry_after_seconds)
+        delay = self.error_seconds
+        if retry_after_seconds is not None:
+            delay = max(1.0, retry_after_seconds)
         self.log.warning("upgrade check failed: %s; retrying in %.0f s", reason, delay)
         return delay

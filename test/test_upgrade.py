@@ -57,7 +57,8 @@ def test_parse_version_rejects(tag):
 
 
 @pytest.mark.parametrize("tag, expected", [
-    ("1.2.3", "1.2.3"), ("v0.15.0", "0.15.0"), ("2.12.23-dark-side.2017", "2.12.23-dark-side.2017"),
+    ("1.2.3", "1.2.3"), ("v0.15.0", "0.15.0"),
+    ("2.12.23-dark-side.2017", "2.12.23-dark-side.2017"),
     ("1.0.0-alpha+001", "1.0.0-alpha+001"), ("0.0.0", "0.0.0"),
 ])
 def test_parse_version(tag, expected):
@@ -235,7 +236,8 @@ BASE = "https://r.example/v2/a/b/tags/list?n=2"
 
 
 @pytest.mark.parametrize("header, expected", [
-    ('</v2/a/b/tags/list?n=2&last=b>; rel="next"', "https://r.example/v2/a/b/tags/list?n=2&last=b"),
+    ('</v2/a/b/tags/list?n=2&last=b>; rel="next"',
+     "https://r.example/v2/a/b/tags/list?n=2&last=b"),
     ("<https://other.example/v2/a/b/tags/list?last=c>; rel=next",
      "https://other.example/v2/a/b/tags/list?last=c"),
     ('<https://r.example/prev>; rel="prev", <?last=z>; type="x"; rel="last next"',
