@@ -118,16 +118,6 @@ def test_backoff_delays_grow_with_jitter_and_cap():
     assert all(0.25 <= next(jittered) <= 90 for _ in range(30))
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("7", 7.0), (None, None), ("", None), ("soon", None),
-    ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),
-])
-def test_retry_after(value, expected):
-    from email.utils import parsedate_to_datetime
-    now = parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
-    assert k8svent.retry_after_seconds(value, now) == expected
-
-
 # --- Selection and deletion, against the store ---------------------------------
 
 def entries(*pods):

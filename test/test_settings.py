@@ -45,6 +45,15 @@ def settings(argv, environ=None):
     (["-u", "http://a"], {}, "retry_budget", 900.0),
     (["-u", "http://a"], {"K8SVENT_STATE": "/s.db"}, "state", "/s.db"),
     (["-u", "http://a", "--once"], {}, "once", True),
+    (["-u", "http://a"], {}, "image", "docker.io/atomist/k8svent"),
+    (["-u", "http://a", "--image=ghcr.io/me/k8svent"], {"K8SVENT_IMAGE": "quay.io/x/y"},
+     "image", "ghcr.io/me/k8svent"),
+    (["-u", "http://a"], {"K8SVENT_IMAGE": "quay.io/x/y"}, "image", "quay.io/x/y"),
+    (["-u", "http://a"], {}, "upgrade", "auto"),
+    (["-u", "http://a", "--upgrade=never"], {"K8SVENT_UPGRADE": "always"}, "upgrade", "never"),
+    (["-u", "http://a"], {"K8SVENT_UPGRADE": "always"}, "upgrade", "always"),
+    (["-u", "http://a"], {}, "upgrade_interval", None),
+    (["-u", "http://a"], {"K8SVENT_UPGRADE_INTERVAL": "600"}, "upgrade_interval", 600.0),
 ])
 def test_settings(argv, environ, field, expected):
     assert getattr(settings(argv, environ), field) == expected
@@ -74,6 +83,11 @@ def test_secret_file(tmp_path):
     (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "trace"}, "log level must be one of"),
     (["-u", "http://a", "--log-format=xml"], {}, "log format must be"),
     (["--bogus"], {}, "unexpected argument --bogus"),
+    (["-u", "http://a", "--image=atomist/k8svent:latest"], {}, "without tag or digest"),
+    (["-u", "http://a", "--image=Bad Name"], {}, "invalid"),
+    (["-u", "http://a", "--upgrade=sometimes"], {}, "upgrade must be auto, always or never"),
+    (["-u", "http://a", "--upgrade-interval=0"], {}, "--upgrade-interval must be at least 1"),
+    (["-u", "http://a"], {"K8SVENT_VERSION": "latest"}, "is not a semantic version"),
 ])
 def test_bad_input(argv, environ, message):
     with pytest.raises(k8svent.SettingsError, match=re.escape(message)):
