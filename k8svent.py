@@ -979,7 +979,9 @@ class Endpoint:
         parts = urllib.parse.urlsplit(url)
         self.id = endpoint_id(url)
         self.label = endpoint_label(url)
-        self.shown = redact_url(url)
+        # For logs: no path or query (tokens often live there), no password.
+        self.shown = self.label if parts.username is None else \
+            self.label.replace("://", f"://{parts.username}:***@", 1)
         self.auth = None
         if parts.username is not None:
             self.auth = (urllib.parse.unquote(parts.username),
@@ -1131,7 +1133,7 @@ class Sender:
 
     def _deliver(self, key, force):
         """Send the newest state of one pod; True, False (failed) or None."""
-        label = self.endpoint.label
+        label = self.endpoint.shown
         deadline = time.monotonic() + self._settings.retry_budget
         delays = backoff_delays(self._rng)
         attempt = 0
@@ -1160,7 +1162,7 @@ class Sender:
                         else None
                     log.debug("delivered %s to %s%s", key, label,
                               f" (correlation_id {cid})" if cid else "",
-                              extra={"pod": key, "endpoint": label,
+                              extra={"pod": key, "endpoint": self.endpoint.label,
                                      "status": getattr(response, "status_code", None),
                                      "correlation_id": cid})
                     return True
@@ -1173,7 +1175,7 @@ class Sender:
                     log.error("POST of %s to %s rejected (%s%s); not retrying: "
                               "it stays owed to the next poll", key, label,
                               status, f", correlation_id {cid}" if cid else "",
-                              extra={"pod": key, "endpoint": label,
+                              extra={"pod": key, "endpoint": self.endpoint.label,
                                      "status": status, "correlation_id": cid})
                     return False
             delay = next(delays)
@@ -1183,12 +1185,12 @@ class Sender:
             if delay > remaining or self._stop.is_set():
                 log.error("giving up on POST of %s to %s after %d attempts (%s); "
                           "it stays owed to the next poll", key, label, attempt,
-                          reason, extra={"pod": key, "endpoint": label,
+                          reason, extra={"pod": key, "endpoint": self.endpoint.label,
                                          "status": status})
                 return False
             log.warning("attempt %d to POST %s to %s failed (%s); retrying "
                         "in %.1f s", attempt, key, label, reason, delay,
-                        extra={"pod": key, "endpoint": label, "status": status})
+                        extra={"pod": key, "endpoint": self.endpoint.label, "status": status})
             if self._stop.wait(delay):
                 return False
 
@@ -1641,6 +1643,8 @@ def main(argv=None, environ=None):
     def on_signal(signum, frame):
         log.info("received %s; stopping", signal.Signals(signum).name)
         poller.stop()
+        if settings.once:
+            stop.set()  # give up retries now rather than after their budget
 
     def on_newer(newer):
         # Runs in the upgrader's thread: it only asks main to stop.
