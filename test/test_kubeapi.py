@@ -197,7 +197,9 @@ def test_hang_meets_the_request_timeout(kubeapi, kubeconfig, kubectl_path, five_
     assert time.monotonic() - started < 5
     assert result.returncode == 1
     assert result.stdout == EMPTY_LIST_OUTPUT
-    assert "Client.Timeout exceeded while awaiting headers" in result.stderr
+    # The cause varies with timing: "Client.Timeout exceeded while awaiting
+    # headers" or "context deadline exceeded".
+    assert result.stderr.startswith("Unable to connect to the server: ")
 
 
 # -- the server on its own ------------------------------------------------------
