@@ -1368,7 +1368,6 @@ def main(argv=None, environ=None):
         print(f"k8svent: error: {exc}", file=sys.stderr)
         return 2
 
-    configure_logging(settings)
     status_server = None
     if settings.listen and not settings.once:
         try:
@@ -1377,9 +1376,14 @@ def main(argv=None, environ=None):
             print(f"k8svent: error: cannot listen on {settings.listen[0]}:"
                   f"{settings.listen[1]}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+    configure_logging(settings)
+    if settings.listen and settings.once:
+        log.warning("--listen is not served with --once")
     try:
         store = Store(settings.state)
     except (OSError, sqlite3.Error) as exc:
+        if status_server:
+            status_server.stop()
         print(f"k8svent: error: cannot open state file {settings.state!r}: {exc}",
               file=sys.stderr)
         return 2
