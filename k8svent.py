@@ -769,7 +769,7 @@ class Endpoint:
                 allow_redirects=False,
                 timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
         finally:
-            metrics.latency.labels(self.label).observe(time.monotonic() - started)
+            metrics.posted(self.label, time.monotonic() - started)
 
     def close(self):
         self.session.close()
@@ -1149,6 +1149,10 @@ class Metrics:
     def delivered(self, endpoint, outcome):
         """Count one delivery outcome (or retried attempt) for an endpoint."""
         self.deliveries.labels(endpoint, outcome).inc()
+
+    def posted(self, endpoint, seconds):
+        """Observe how long one POST to an endpoint took."""
+        self.latency.labels(endpoint).observe(seconds)
 
     def set_newer_version(self, newer):
         """Say which newer version the registry has, or None for none."""
