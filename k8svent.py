@@ -19,6 +19,9 @@ Options:
                                Env: K8SVENT_LOG_LEVEL [default: info].
   --log-format=FORMAT          text, or json for one object per line.
                                Env: K8SVENT_LOG_FORMAT [default: text].
+  --listen=ADDR:PORT           Serve /healthz, /readyz and /metrics on this
+                               address, such as 0.0.0.0:8080 (default: off).
+                               Env: K8SVENT_LISTEN.
   --interval=SECONDS           Seconds between successful polls.
                                Env: K8SVENT_INTERVAL [default: 120].
   --retry-interval=SECONDS     Seconds before polling again after a failure.
@@ -63,6 +66,8 @@ import dataclasses
 import email.utils
 import hashlib
 import hmac
+import http.server
+import ipaddress
 import json
 import logging
 import os
@@ -80,6 +85,9 @@ import zlib
 from pathlib import Path
 
 import docopt
+import prometheus_client
+import prometheus_client.core
+import prometheus_client.exposition
 import requests
 import requests.adapters
 import semver
@@ -166,6 +174,7 @@ class Settings:
     namespace: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    listen: tuple | None = None
     interval: float = 120.0
     retry_interval: float = 30.0
     context: str | None = None
@@ -250,6 +259,27 @@ def _check_url(url):
     return url
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def parse_listen(text):
+    """(host, port) from ADDR:PORT ([ADDR]:PORT for IPv6), or raise."""
+    bad = SettingsError(f"--listen must be ADDR:PORT, such as 0.0.0.0:8080, "
+                        f"not {text!r}")
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    elif not _HOSTNAME_RE.fullmatch(host):
+        raise bad
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise bad
+    return host, int(port)
+
+
 def settings_from(args, environ):
     """Build the Settings from docopt's arguments and the environment."""
 
@@ -305,6 +335,8 @@ def settings_from(args, environ):
     if upgrade != "never" and parse_version(running) is None:
         raise SettingsError(f"version {running!r} (K8SVENT_VERSION) is not a "
                             f"semantic version; fix it or use --upgrade=never")
+    listen = pick("--listen", "K8SVENT_LISTEN")
+    listen = parse_listen(listen) if listen else None
 
     dry_run = bool(args.get("--dry-run"))
     if not urls and not dry_run:
@@ -317,6 +349,7 @@ def settings_from(args, environ):
         namespace=pick("--namespace", "K8SVENT_NAMESPACE"),
         log_level=log_level,
         log_format=log_format,
+        listen=listen,
         interval=_number("--interval", pick("--interval", "K8SVENT_INTERVAL")),
         retry_interval=_number("--retry-interval", pick(
             "--retry-interval", "K8SVENT_RETRY_INTERVAL")),
@@ -1012,10 +1045,14 @@ class Endpoint:
     def post(self, body):
         """POST one body; return the response (redirects are not followed)."""
         headers = sign(body, self._secret) if self._secret else None
-        return self.session.post(
-            self.url, data=body, headers=headers, auth=self.auth,
-            allow_redirects=False,
-            timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        started = time.monotonic()
+        try:
+            return self.session.post(
+                self.url, data=body, headers=headers, auth=self.auth,
+                allow_redirects=False,
+                timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        finally:
+            metrics.posted(self.label, time.monotonic() - started)
 
     def close(self):
         self.session.close()
@@ -1119,6 +1156,7 @@ class Sender:
         except Exception:  # a bug, not a delivery failure: log it whole
             log.exception("delivery of %s to %s crashed", key,
                           self.endpoint.label)
+            metrics.delivered(self.endpoint.label, "failed")
             ok = False
         with self._lock:
             self._futures.discard(future)
@@ -1158,6 +1196,7 @@ class Sender:
             else:
                 if response is None or 200 <= response.status_code < 300:
                     self._store.record_delivery(self.endpoint.id, key, fp)
+                    metrics.delivered(self.endpoint.label, "success")
                     cid = correlation_id(response) if response is not None \
                         else None
                     log.debug("delivered %s to %s%s", key, label,
@@ -1172,6 +1211,7 @@ class Sender:
                     response.headers.get("Retry-After"))
                 cid = correlation_id(response)
                 if not retryable(status):
+                    metrics.delivered(self.endpoint.label, "rejected")
                     log.error("POST of %s to %s rejected (%s%s); not retrying: "
                               "it stays owed to the next poll", key, label,
                               status, f", correlation_id {cid}" if cid else "",
@@ -1183,6 +1223,7 @@ class Sender:
                 delay = max(delay, retry_after)
             remaining = deadline - time.monotonic()
             if delay > remaining or self._stop.is_set():
+                metrics.delivered(self.endpoint.label, "failed")
                 log.error("giving up on POST of %s to %s after %d attempts (%s); "
                           "it stays owed to the next poll", key, label, attempt,
                           reason, extra={"pod": key, "endpoint": self.endpoint.label,
@@ -1191,8 +1232,14 @@ class Sender:
             log.warning("attempt %d to POST %s to %s failed (%s); retrying "
                         "in %.1f s", attempt, key, label, reason, delay,
                         extra={"pod": key, "endpoint": self.endpoint.label, "status": status})
+            metrics.delivered(self.endpoint.label, "retry")
             if self._stop.wait(delay):
                 return False
+
+    def owed(self):
+        """How many pods are queued or in flight to this endpoint."""
+        with self._lock:
+            return len(self._inflight | self._pending.keys())
 
     def busy(self):
         """Whether anything is queued or in flight."""
@@ -1400,6 +1447,7 @@ class Poller:
         self.polls_ok = 0
         self.polls_failed = 0
         self.last_poll_ok = None
+        self.last_progress = time.monotonic()   # for Health: is it stuck?
         self._thread = threading.Thread(target=self.run, name="poller",
                                         daemon=True)
 
@@ -1419,11 +1467,13 @@ class Poller:
                     page.append((pod_key(pod), fingerprint(pod_bytes),
                                  pod_under_duress(pod), pod_bytes))
                 del items
+                self.last_progress = time.monotonic()
                 seen += len(page)
                 for reason, n in store.apply_page(number, page).items():
                     counts[reason] += n
         except KubectlError as exc:
             self.polls_failed += 1
+            metrics.polled("failure")
             log.error("poll failed, nothing changed; retrying in %g s: %s",
                       self._settings.retry_interval, exc)
             return False
@@ -1433,6 +1483,7 @@ class Poller:
         store.prune()
         self.polls_ok += 1
         self.last_poll_ok = time.time()
+        metrics.polled("success", time.monotonic() - started, seen, counts)
         log.info("poll: %d pods seen; sending %d new, %d changed, %d unhealthy, "
                  "%d deleted (%.2f s)", seen, counts["new"], counts["changed"],
                  counts["unhealthy"], counts["deleted"],
@@ -1447,7 +1498,9 @@ class Poller:
             except Exception:  # never let the poller die silently
                 log.exception("poll crashed; retrying in %g s",
                               self._settings.retry_interval)
+                metrics.polled("error")
                 ok = False
+            self.last_progress = time.monotonic()
             wait = self._settings.interval if ok else self._settings.retry_interval
             if self.stop_event.wait(wait):
                 return
@@ -1558,6 +1611,244 @@ class Upgrader:
         return delay
 
 
+# --- Health and metrics ------------------------------------------------------
+
+# The poller counts as stuck when it has made no progress (a page listed, a
+# poll finished or failed) for this many intervals plus one kubectl timeout.
+STUCK_INTERVALS = 3
+POLL_DURATION_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                           10, 30)
+POLL_OUTCOMES = ("success", "failure", "error")
+SELECT_REASONS = ("new", "changed", "unhealthy", "deleted")
+DELIVERY_OUTCOMES = ("success", "retry", "rejected", "failed")
+
+
+class Metrics:
+    """k8svent's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self):
+        # No *_created series: they double the output and nobody graphs them.
+        prometheus_client.disable_created_metrics()
+        self.registry = registry = prometheus_client.CollectorRegistry()
+        self.polls = prometheus_client.Counter(
+            "k8svent_polls", "Polls of the pod list by outcome: success, "
+            "failure (kubectl failed; nothing changed) or error (a bug).",
+            ["outcome"], registry=registry)
+        self.poll_duration = prometheus_client.Histogram(
+            "k8svent_poll_duration_seconds",
+            "Seconds a successful poll took: list, compare, hand out.",
+            buckets=POLL_DURATION_BUCKETS_SECONDS, registry=registry)
+        self.pods_seen = prometheus_client.Gauge(
+            "k8svent_pods_seen", "Pods listed by the last successful poll.",
+            registry=registry)
+        self.pods_selected = prometheus_client.Counter(
+            "k8svent_pods_selected", "Pods chosen to send, by reason: new, "
+            "changed, unhealthy or deleted.", ["reason"], registry=registry)
+        self.deliveries = prometheus_client.Counter(
+            "k8svent_deliveries", "Deliveries by endpoint and outcome: success, "
+            "retry (an attempt failed, another follows), rejected (a 3xx or "
+            "4xx, not retried) or failed (retry budget spent).",
+            ["endpoint", "outcome"], registry=registry)
+        self.latency = prometheus_client.Histogram(
+            "k8svent_delivery_latency_seconds",
+            "Seconds from sending a POST to its answer (or error), by endpoint.",
+            ["endpoint"], buckets=LATENCY_BUCKETS_SECONDS, registry=registry)
+        self.last_poll = prometheus_client.Gauge(
+            "k8svent_last_successful_poll_timestamp_seconds",
+            "Unix time at which the last successful poll finished.",
+            registry=registry)
+        self.newer_version = prometheus_client.Gauge(
+            "k8svent_newer_version_available",
+            "1 when the registry has a newer version (its label), else 0.",
+            ["version"], registry=registry)
+        self.build = prometheus_client.Info(
+            "k8svent_build", "The running version of k8svent.",
+            registry=registry)
+        registry.register(_OwedCollector(self))
+        self._lock = threading.Lock()
+        self.senders = ()
+        for outcome in POLL_OUTCOMES:
+            self.polls.labels(outcome)
+        for reason in SELECT_REASONS:
+            self.pods_selected.labels(reason)
+        self.set_newer_version(None)
+
+    def watch(self, senders, running_version):
+        """Report the build and these senders' endpoints from now on."""
+        self.build.info({"version": running_version})
+        self.senders = tuple(senders)
+        for sender in self.senders:
+            for outcome in DELIVERY_OUTCOMES:
+                self.deliveries.labels(sender.endpoint.label, outcome)
+
+    def polled(self, outcome, seconds=None, seen=None, selected=None):
+        """Count a poll; for a successful one, its duration, pods and choices."""
+        self.polls.labels(outcome).inc()
+        if outcome != "success":
+            return
+        self.poll_duration.observe(seconds)
+        self.pods_seen.set(seen)
+        for reason, count in selected.items():
+            self.pods_selected.labels(reason).inc(count)
+        self.last_poll.set_to_current_time()
+
+    def delivered(self, endpoint, outcome):
+        """Count one delivery outcome (or retried attempt) for an endpoint."""
+        self.deliveries.labels(endpoint, outcome).inc()
+
+    def posted(self, endpoint, seconds):
+        """Observe how long one POST to an endpoint took."""
+        self.latency.labels(endpoint).observe(seconds)
+
+    def set_newer_version(self, newer):
+        """Say which newer version the registry has, or None for none."""
+        with self._lock:
+            self.newer_version.clear()
+            self.newer_version.labels(newer or "").set(1 if newer else 0)
+
+
+class _OwedCollector:
+    """k8svent_deliveries_owed, read from the senders at each scrape."""
+
+    NAME = "k8svent_deliveries_owed"
+    HELP = "Pods queued or in flight to an endpoint, by endpoint."
+
+    def __init__(self, metrics):
+        self._metrics = metrics
+
+    def describe(self):
+        yield prometheus_client.core.GaugeMetricFamily(
+            self.NAME, self.HELP, labels=["endpoint"])
+
+    def collect(self):
+        family = prometheus_client.core.GaugeMetricFamily(
+            self.NAME, self.HELP, labels=["endpoint"])
+        owed = {}
+        # URLs on one scheme://host:port share a label, so they share a series.
+        for sender in self._metrics.senders:
+            label = sender.endpoint.label
+            owed[label] = owed.get(label, 0) + sender.owed()
+        for label, count in owed.items():
+            family.add_metric([label], count)
+        yield family
+
+
+metrics = Metrics()
+
+
+def stuck_after_seconds(settings):
+    """How long the poller may make no progress before it counts as stuck."""
+    return (STUCK_INTERVALS * max(settings.interval, settings.retry_interval)
+            + settings.kubectl_timeout)
+
+
+def poller_trouble(alive, idle_seconds, limit_seconds):
+    """Why the poller is not healthy, or None if it is."""
+    if not alive:
+        return "the poller thread is not running"
+    if idle_seconds > limit_seconds:
+        return (f"the poller has made no progress for {idle_seconds:.0f} s "
+                f"(limit {limit_seconds:g} s)")
+    return None
+
+
+class Health:
+    """Liveness and readiness of a Poller, for the probes."""
+
+    def __init__(self, poller, settings, clock=time.monotonic):
+        self._poller = poller
+        self._limit = stuck_after_seconds(settings)
+        self._clock = clock
+
+    def live(self):
+        """(True, text) while the poller runs and progresses, else (False, why)."""
+        trouble = poller_trouble(self._poller.is_alive(),
+                                 self._clock() - self._poller.last_progress,
+                                 self._limit)
+        return trouble is None, trouble or "ok"
+
+    def ready(self):
+        """(True, text) once a poll has succeeded, else (False, why)."""
+        if self._poller.last_poll_ok is None:
+            return False, "no successful poll yet"
+        return True, "ok"
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    """GET /healthz, /readyz and /metrics."""
+
+    def version_string(self):
+        return f"k8svent/{version()}"
+
+    def do_GET(self):
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/metrics":
+            encoder, content_type = prometheus_client.exposition.choose_encoder(
+                self.headers.get("Accept", ""))
+            self._send(200, encoder(metrics.registry), content_type)
+        elif path in ("/healthz", "/readyz"):
+            health = self.server.health
+            ok, text = health.live() if path == "/healthz" else health.ready()
+            self._send(200 if ok else 503, f"{text}\n".encode(),
+                       "text/plain; charset=utf-8")
+        else:
+            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _send(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        log.debug("status server: %s %s", self.address_string(), format % args)
+
+
+class _StatusHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Probes and scrapers hang up early; that is no reason for a traceback.
+        log.debug("status server: request from %s failed", client_address[0],
+                  exc_info=True)
+
+
+class _StatusHTTPServer6(_StatusHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class StatusServer:
+    """The --listen server: /healthz, /readyz, /metrics, in a daemon thread."""
+
+    def __init__(self, address):
+        """Bind the address at once (raises OSError), serve after start()."""
+        host, port = address
+        kind = _StatusHTTPServer6 if ":" in host else _StatusHTTPServer
+        self._server = kind((host, port), _StatusHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="status", daemon=True)
+
+    @property
+    def url(self):
+        host, port = self._server.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self, health):
+        self._server.health = health
+        self._thread.start()
+
+    def stop(self):
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+
+
 # --- Main --------------------------------------------------------------------
 
 def version():
@@ -1596,6 +1887,12 @@ def configure_logging(settings):
     log.handlers[:] = [handler]
     log.setLevel(settings.log_level.upper())
     log.propagate = False
+    # Warnings of libraries (urllib3) and of Python in the same format, so
+    # that with json every line of stderr is still one object.
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def _exit_now(code, reason):
@@ -1622,10 +1919,22 @@ def main(argv=None, environ=None):
         print(f"k8svent: error: {exc}", file=sys.stderr)
         return 2
 
+    status_server = None
+    if settings.listen and not settings.once:
+        try:
+            status_server = StatusServer(settings.listen)
+        except OSError as exc:
+            print(f"k8svent: error: cannot listen on {settings.listen[0]}:"
+                  f"{settings.listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     configure_logging(settings)
+    if settings.listen and settings.once:
+        log.warning("--listen is not served with --once")
     try:
         store = Store(settings.state)
     except (OSError, sqlite3.Error) as exc:
+        if status_server:
+            status_server.stop()
         print(f"k8svent: error: cannot open state file {settings.state!r}: {exc}",
               file=sys.stderr)
         return 2
@@ -1636,9 +1945,13 @@ def main(argv=None, environ=None):
     store.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
     poller = Poller(settings, store, senders)
+    metrics.watch(senders, version())
     log.info("k8svent %s starting: %s, webhooks %s", version(),
              f"namespace {settings.namespace}" if settings.namespace
              else "all namespaces", ", ".join(e.shown for e in endpoints))
+    if status_server:
+        status_server.start(Health(poller, settings))
+        log.info("listening on %s", status_server.url)
 
     def on_signal(signum, frame):
         log.info("received %s; stopping", signal.Signals(signum).name)
@@ -1648,6 +1961,7 @@ def main(argv=None, environ=None):
 
     def on_newer(newer):
         # Runs in the upgrader's thread: it only asks main to stop.
+        metrics.set_newer_version(newer)
         poller.stop()
 
     upgrader = None
@@ -1681,6 +1995,8 @@ def main(argv=None, environ=None):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if status_server:
+            status_server.stop()
 
 
 def upgrade_decision_here(settings, environ):
