@@ -70,6 +70,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -103,6 +104,7 @@ BACKOFF_START_SECONDS = 0.5
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
+MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 PIPE_BUFFER_BYTES = 1 << 20
 FOREIGN_TEXT_CHARS = 300
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -245,21 +247,26 @@ def _number(name, text, kind=float, minimum=0):
         value = kind(text)
     except (TypeError, ValueError):
         raise SettingsError(f"{name} must be a number, not {text!r}") from None
-    if value < minimum or value != value:
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise SettingsError(f"{name} must be a finite number of at most "
+                            f"{MAX_SECONDS}, not {text!r}")
+    if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, not {text!r}")
     return value
 
 
 def _check_url(url):
     """Return the URL if it is an absolute http(s) URL, else raise."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise SettingsError(f"invalid webhook URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(
-            f"webhook URL must be http or https: {redact_url(url)!r}")
+        # Only the scheme: the rest may hold a password or a token.
+        raise SettingsError(f"webhook URL must be http or https, not "
+                            f"{(parts.scheme or 'no scheme')!r}")
     return url
-
-
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 def parse_listen(text):

@@ -77,6 +77,13 @@ def test_secret_file(tmp_path):
     ([], {}, "no webhook URL"),
     (["-u", "ftp://host/x"], {}, "must be http or https"),
     (["-u", "not a url"], {}, "must be http or https"),
+    (["-u", "http://[::1"], {}, "invalid webhook URL"),
+    (["-u", "http://host:abc/"], {}, "invalid webhook URL"),
+    (["-u", "http://host:99999/"], {}, "invalid webhook URL"),
+    ([], {"K8SVENT_WEBHOOKS": "http://ok, http://[::1"}, "invalid webhook URL"),
+    (["-u", "http://a", "--interval=inf"], {}, "--interval must be a finite number"),
+    (["-u", "http://a", "--kubectl-timeout=1e12"], {}, "--kubectl-timeout must be a finite"),
+    (["-u", "http://a", "--upgrade-interval=nan"], {}, "--upgrade-interval must be a finite"),
     ([], {"K8SVENT_WEBHOOKS": "file:///etc/passwd"}, "must be http or https"),
     (["-u", "http://a", "--secret-file=/nonexistent/secret"], {}, "cannot read secret file"),
     (["-u", "http://a", "--interval=soon"], {}, "--interval must be a number"),
@@ -114,10 +121,10 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
     assert "Traceback" not in err
 
 
-def test_bad_url_error_hides_password(capsys):
-    assert k8svent.main(["-u", "ftp://user:hunter2@host/x"], {}) == 2
+def test_bad_url_error_hides_password_and_path(capsys):
+    assert k8svent.main(["-u", "ftp://user:hunter2@host/x?token=SEKRET"], {}) == 2
     err = capsys.readouterr().err
-    assert "hunter2" not in err and "user:***@host" in err
+    assert "hunter2" not in err and "SEKRET" not in err and "'ftp'" in err
 
 
 def test_settings_repr_hides_secrets():
