@@ -269,6 +269,9 @@ def _check_url(url):
     return url
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
 def parse_listen(text):
     """(host, port) from ADDR:PORT ([ADDR]:PORT for IPv6), or raise."""
     bad = SettingsError(f"--listen must be ADDR:PORT, such as 0.0.0.0:8080, "
