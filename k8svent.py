@@ -1940,8 +1940,12 @@ def main(argv=None, environ=None):
     configure_logging(settings)
     if settings.listen and settings.once:
         log.warning("--listen is not served with --once")
+    if settings.dry_run and settings.state:
+        # A dry run must not mark anything as delivered in the real state.
+        log.warning("--dry-run leaves the state file %s alone and starts from "
+                    "a temporary one", settings.state)
     try:
-        store = Store(settings.state)
+        store = Store(None if settings.dry_run else settings.state)
     except (OSError, sqlite3.Error) as exc:
         if status_server:
             status_server.stop()

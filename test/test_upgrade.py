@@ -679,7 +679,7 @@ def test_get_own_image_through_kubectl(kubeapi, kubeconfig, kubectl_path):
         k8svent.get_own_image(settings, "missing", "k8svent")
 
 
-def _upgrade_env(image_tag):
+def _upgrade_env():
     return {"K8SVENT_VERSION": "1.0.0", "POD_NAME": "k8svent-5d8f7c9b6-x2x4q",
             "POD_NAMESPACE": "k8svent"}
 
@@ -689,7 +689,7 @@ def test_process_exits_0_to_upgrade_on_a_channel(kubeapi, start, receivers, fake
     kubeapi.put_pod(_own_pod("atomist/k8svent:latest"))
     receiver = receivers()
     service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
-                    env=_upgrade_env("latest"))
+                    env=_upgrade_env())
     assert service.wait(timeout=30) == 0
     log = service.log()
     assert "newer version 1.1.0 found (running 1.0.0); exiting to upgrade" in log
@@ -701,7 +701,7 @@ def test_process_pinned_does_not_check(kubeapi, start, receivers, fake_registry)
     kubeapi.put_pod(_own_pod("atomist/k8svent:1.0.0"))
     receiver = receivers()
     service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
-                    env=_upgrade_env("1.0.0"))
+                    env=_upgrade_env())
     service.wait_log("not checking for newer versions: image atomist/k8svent:1.0.0 is pinned")
     service.wait_polls(3)
     assert fake_registry.tag_requests() == []
@@ -720,3 +720,34 @@ def test_process_by_hand_never_checks_unless_asked(kubeapi, start, receivers, fa
                    "--upgrade=always")
     assert always.wait(timeout=30) == 0
     assert "newer version 9.0.0 found" in always.log()
+
+
+@pytest.mark.parametrize("setup, reason", [
+    ({"mode": "status", "status": 500}, "answered 500"),
+    ({"mode": "garbage"}, "invalid JSON"),
+    ({"mode": "no-tags"}, "no tags"),
+    ({"tags": ["0.9.0", "1.0.0", "1.1.0-next.1"]}, None),  # a release ignores prereleases
+])
+def test_process_keeps_running_when_no_upgrade(kubeapi, start, receivers, fake_registry,
+                                               setup, reason):
+    for name, value in setup.items():
+        setattr(fake_registry, name, value)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
+                    "--upgrade=always", env={"K8SVENT_VERSION": "1.0.0"})
+    if reason:
+        service.wait_log(r"upgrade check failed: .*" + reason + r".*; retrying in 3600 s")
+    else:
+        service.wait_log("no version newer than 1.0.0")
+    service.wait_polls(3)
+    assert fake_registry.tag_requests()
+    assert service.stop() == 0
+
+
+def test_process_prerelease_moves_to_newer_prerelease(kubeapi, start, receivers, fake_registry):
+    fake_registry.tags = ["1.0.0", "1.0.1-next.2", "1.0.1-next.10"]
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
+                    "--upgrade=always", env={"K8SVENT_VERSION": "1.0.1-next.3"})
+    assert service.wait(timeout=30) == 0
+    assert "newer version 1.0.1-next.10 found (running 1.0.1-next.3)" in service.log()
