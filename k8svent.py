@@ -30,7 +30,7 @@ Options:
   --kubectl-timeout=SECONDS    Kill a kubectl that runs longer than this.
                                Env: K8SVENT_KUBECTL_TIMEOUT [default: 60].
   --chunk-size=N               Pods per page of the API list.
-                               Env: K8SVENT_CHUNK_SIZE [default: 500].
+                               Env: K8SVENT_CHUNK_SIZE [default: 5000].
   --workers=N                  Concurrent deliveries per webhook.
                                Env: K8SVENT_WORKERS [default: 8].
   --retry-budget=SECONDS       How long to retry one delivery before leaving
@@ -66,6 +66,7 @@ import urllib.parse
 import zlib
 
 import docopt
+import ijson
 import requests
 import requests.adapters
 import sh
@@ -81,6 +82,7 @@ BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 PIPE_BUFFER_BYTES = 1 << 20
+PIPE_CHUNK_BYTES = 1 << 16
 FOREIGN_TEXT_CHARS = 300
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -129,7 +131,7 @@ class Settings:
     context: str | None = None
     kubectl: str = "kubectl"
     kubectl_timeout: float = 60.0
-    chunk_size: int = 500
+    chunk_size: int = 5000
     workers: int = 8
     retry_budget: float = 900.0
     state: str | None = None
@@ -629,34 +631,144 @@ def pods_path(namespace):
     return "/api/v1/pods"
 
 
+def _kubectl_command(settings):
+    """The sh.Command for kubectl, or raise KubectlError."""
+    try:
+        return sh.Command(settings.kubectl)
+    except sh.CommandNotFound:
+        raise KubectlError(f"kubectl not found: {settings.kubectl!r}") from None
+
+
+def _kubectl_failure(exc, settings):
+    """The KubectlError for one of sh's exceptions."""
+    if isinstance(exc, sh.TimeoutException):
+        return KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
+                            f"without finishing")
+    if isinstance(exc, sh.ErrorReturnCode):
+        stderr = exc.stderr or b""
+        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
+            else KubectlError
+        return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}", stderr)
+    return KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
+                        f"{exc.strerror or exc}")
+
+
 def run_kubectl(settings, *args):
     """Run kubectl with args; return its stdout bytes or raise KubectlError."""
     context = ("--context", settings.context) if settings.context else ()
-    try:
-        command = sh.Command(settings.kubectl)
-    except sh.CommandNotFound:
-        raise KubectlError(f"kubectl not found: {settings.kubectl!r}") from None
+    command = _kubectl_command(settings)
     try:
         return command(*context, *args, _return_cmd=True, _timeout=settings.kubectl_timeout,
                        _out_bufsize=PIPE_BUFFER_BYTES,
                        _internal_bufsize=PIPE_BUFFER_BYTES,
                        _tty_out=False).stdout
-    except sh.TimeoutException:
-        raise KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
-                           f"without finishing") from None
+    except (sh.TimeoutException, sh.ErrorReturnCode, OSError) as exc:
+        raise _kubectl_failure(exc, settings) from None
+
+
+class _PageHead:
+    """kubectl's output as a file, watched for the continue token on the way.
+
+    Kubernetes sends a PodList's metadata before its items, so the (slow)
+    event parser that looks for the token is fed only the first chunks.
+    """
+
+    def __init__(self, fd):
+        self._stream = os.fdopen(fd, "rb", buffering=0)
+        self._events = ijson.parse_coro(self)
+        self.token = None
+        self.has_items = False
+        self.has_metadata = False
+        self.at_eof = False
+
+    def read(self, size):
+        chunk = self._stream.read(size)
+        self.at_eof = not chunk
+        if chunk and not (self.has_items and self.has_metadata):
+            self._events.send(chunk)
+        return chunk
+
+    def close(self):
+        self._stream.close()
+
+    def send(self, event):
+        prefix, kind, value = event
+        if prefix == "metadata.continue" and kind == "string":
+            self.token = value
+        elif prefix == "metadata" and kind == "end_map":
+            self.has_metadata = True
+        elif prefix == "" and kind == "map_key" and value == "items":
+            self.has_items = True
+
+
+def _stop_quietly(process, kill):
+    """Reap a kubectl (killing it first if asked), ignoring how it ended."""
+    try:
+        if kill:
+            process.kill()
+    except (OSError, sh.SignalException):
+        pass
+    try:
+        process.wait()
+    except (sh.ErrorReturnCode, sh.TimeoutException):
+        pass
+
+
+def stream_pod_page(settings, path):
+    """Yield the items of one page as kubectl prints them; return its continue token.
+
+    kubectl writes into a pipe that is parsed as it arrives (ijson), so only
+    the pod being read is in memory, whatever the size of the page.
+    """
+    context = ("--context", settings.context) if settings.context else ()
+    command = _kubectl_command(settings)
+    read_fd, write_fd = os.pipe()
+    try:
+        process = command(*context, "get", "--raw", path, _out=write_fd, _bg=True,
+                          _bg_exc=False, _tty_out=False)
+    except (sh.ErrorReturnCode, OSError) as exc:
+        os.close(read_fd)
+        raise _kubectl_failure(exc, settings) from None
+    finally:
+        os.close(write_fd)      # kubectl has its own copy: EOF when it exits
+    # Our own timer rather than sh's _timeout, whose watcher notices the end
+    # of a process only every 0.1 s: a poll runs kubectl once per page.
+    timer = threading.Timer(settings.kubectl_timeout, _stop_quietly,
+                            (process, True))
+    timer.daemon = True
+    timer.start()
+    head = _PageHead(read_fd)
+    try:
+        try:
+            yield from ijson.items(head, "items.item", use_float=True)
+        except ijson.JSONError as exc:
+            if head.at_eof:     # a kubectl that failed explains it better
+                _wait_kubectl(process, timer, settings)
+            raise KubectlError(f"kubectl printed no valid pod list "
+                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
+        _wait_kubectl(process, timer, settings)
+        if not head.has_items:
+            raise KubectlError("kubectl printed no valid pod list (no items)")
+        return head.token
+    finally:
+        timer.cancel()
+        head.close()
+        if process.is_alive():
+            _stop_quietly(process, kill=True)
+
+
+def _wait_kubectl(process, timer, settings):
+    """Wait for a kubectl to exit; raise KubectlError unless it succeeded."""
+    try:
+        process.wait()
     except sh.ErrorReturnCode as exc:
-        stderr = exc.stderr or b""
-        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
-            else KubectlError
-        raise kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}",
-                   stderr) from None
-    except OSError as exc:
-        raise KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
-                           f"{exc.strerror or exc}") from None
+        if timer.finished.is_set():
+            exc = sh.TimeoutException(exc.exit_code, exc.full_cmd)
+        raise _kubectl_failure(exc, settings) from None
 
 
-def list_pod_pages(settings):
-    """Yield the pods of the cluster a page at a time, as PodList items."""
+def list_pods(settings):
+    """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run."""
     path = pods_path(settings.namespace)
     token, restarts = None, 0
     while True:
@@ -664,8 +776,8 @@ def list_pod_pages(settings):
         if token:
             query["continue"] = token
         try:
-            out = run_kubectl(settings, "get", "--raw",
-                              f"{path}?{urllib.parse.urlencode(query)}")
+            token = yield from stream_pod_page(
+                settings, f"{path}?{urllib.parse.urlencode(query)}")
         except ContinueExpired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
@@ -675,14 +787,6 @@ def list_pod_pages(settings):
             log.warning("continue token expired; listing pods again")
             token = None
             continue
-        try:
-            page = json.loads(out)
-            items = page["items"]
-            token = (page.get("metadata") or {}).get("continue")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KubectlError(f"kubectl printed no valid pod list "
-                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
-        yield items or []
         if not token:
             return
 
@@ -955,17 +1059,18 @@ class Poller:
         counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
         seen = 0
         try:
-            for items in list_pod_pages(self._settings):
-                page = []
-                for item in items:
-                    pod = pod_from_item(item)
-                    pod_bytes = encode_pod(pod)
-                    page.append((pod_key(pod), fingerprint(pod_bytes),
-                                 pod_under_duress(pod), pod_bytes))
-                del items
-                seen += len(page)
-                for reason, n in store.apply_page(number, page).items():
-                    counts[reason] += n
+            batch = []
+            for item in list_pods(self._settings):
+                pod = pod_from_item(item)
+                pod_bytes = encode_pod(pod)
+                batch.append((pod_key(pod), fingerprint(pod_bytes),
+                              pod_under_duress(pod), pod_bytes))
+                if len(batch) >= _SQL_BATCH:
+                    self._apply(number, batch, counts)
+                    seen += len(batch)
+                    batch = []
+            self._apply(number, batch, counts)
+            seen += len(batch)
         except KubectlError as exc:
             self.polls_failed += 1
             log.error("poll failed, nothing changed; retrying in %g s: %s",
@@ -982,6 +1087,11 @@ class Poller:
                  counts["unhealthy"], counts["deleted"],
                  time.monotonic() - started)
         return True
+
+    def _apply(self, number, batch, counts):
+        """Merge a batch of pods into the store and add up the reasons."""
+        for reason, n in self._store.apply_page(number, batch).items():
+            counts[reason] += n
 
     def run(self):
         """Poll at once, then every interval (retry interval after a failure)."""
