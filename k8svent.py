@@ -47,16 +47,19 @@ Options:
   -h, --help                   Print this help and exit.
 """
 
+import base64
 import concurrent.futures
 import dataclasses
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import re
 import signal
 import sqlite3
+import ssl
 import sys
 import tempfile
 import threading
@@ -65,10 +68,11 @@ import random
 import urllib.parse
 import zlib
 
+import certifi
 import docopt
 import ijson
 import requests
-import requests.adapters
+import requests.utils
 import sh
 
 __version__ = "0.1.0"
@@ -84,6 +88,7 @@ DRAIN_SECONDS = 10
 PIPE_BUFFER_BYTES = 1 << 20
 PIPE_CHUNK_BYTES = 1 << 16
 FOREIGN_TEXT_CHARS = 300
+RESPONSE_BODY_BYTES = 1 << 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
@@ -434,6 +439,7 @@ CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _SCHEMA_VERSION = 1
 _SQL_BATCH = 500
+OWED_BATCH = 256
 
 
 def endpoint_id(url):
@@ -561,14 +567,17 @@ class Store:
                            "WHERE key=?", rows)
         return len(rows)
 
-    def owed(self, endpoint):
-        """Keys owed to an endpoint: (key, force), force for pods under duress."""
+    def owed(self, endpoint, after="", limit=-1):
+        """Keys owed to an endpoint: (key, force), force for pods under duress.
+
+        In key order, from the first key after `after`, at most `limit`.
+        """
         with self._lock:
             return self._db.execute(
                 "SELECT p.key, p.duress FROM pods p LEFT JOIN delivered d "
                 "ON d.endpoint = ? AND d.key = p.key "
-                "WHERE d.fp IS NULL OR d.fp != p.fp OR p.duress = 1",
-                (endpoint,)).fetchall()
+                "WHERE p.key > ? AND (d.fp IS NULL OR d.fp != p.fp OR p.duress = 1) "
+                "ORDER BY p.key LIMIT ?", (endpoint, after, limit)).fetchall()
 
     def latest(self, endpoint, key):
         """(fp, pod_bytes, duress, delivered_fp) of a pod, or None if gone."""
@@ -583,9 +592,9 @@ class Store:
 
     def record_delivery(self, endpoint, key, fp):
         """Remember that an endpoint has received this state of a pod."""
-        with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
-                       (endpoint, key, fp))
+        with self._lock:   # one statement: a transaction of its own
+            self._db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
+                             (endpoint, key, fp))
 
     def prune(self):
         """Forget deleted pods once every endpoint has been told."""
@@ -793,51 +802,155 @@ def list_pods(settings):
 
 # --- Webhooks ----------------------------------------------------------------
 
+class Response:
+    """What a webhook answered: status, headers and (a bounded part of) the body."""
+
+    def __init__(self, status_code, headers, body):
+        self.status_code, self.headers, self.body = status_code, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
 class Endpoint:
-    """One webhook URL: its label for logs and how to POST to it."""
+    """One webhook URL: its label for logs and how to POST to it.
+
+    Each delivery worker keeps one keep-alive http.client connection, to the
+    webhook or to its proxy: requests costs several times more per POST. The
+    proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and CA bundle are looked up
+    once, as requests would.
+    """
 
     def __init__(self, url, settings):
         parts = urllib.parse.urlsplit(url)
         self.id = endpoint_id(url)
         self.label = endpoint_label(url)
         self.shown = redact_url(url)
-        self.auth = None
-        if parts.username is not None:
-            self.auth = (urllib.parse.unquote(parts.username),
-                         urllib.parse.unquote(parts.password or ""))
-            host = parts.hostname if ":" not in parts.hostname \
-                else f"[{parts.hostname}]"
-            netloc = host + (f":{parts.port}" if parts.port else "")
-            url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        self.url = url
         self._secret = settings.secret
-        self.session = requests.Session()
-        # Proxies come from the environment once, not on every request.
-        self.session.trust_env = False
-        self.session.proxies = requests.utils.get_environ_proxies(url)
-        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
-            os.environ.get("CURL_CA_BUNDLE")
-        if ca_bundle:
-            self.session.verify = ca_bundle
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=1, pool_maxsize=settings.workers, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers.update({
-            "Content-Type": "application/json",
-            "User-Agent": f"k8svent/{version()}",
-        })
+        self._headers = {"Content-Type": "application/json",
+                         "User-Agent": f"k8svent/{version()}"}
+        if parts.username is not None:
+            self._headers["Authorization"] = _basic_auth(
+                parts.username, parts.password)
+        self._host, self._port = parts.hostname, parts.port or \
+            {"http": 80, "https": 443}[parts.scheme]
+        self._tls = parts.scheme == "https"
+        self._target = urllib.parse.urlunsplit(
+            ("", "", parts.path or "/", parts.query, ""))
+        self._proxy = None
+        proxies = requests.utils.get_environ_proxies(url)
+        proxy = proxies.get(parts.scheme) or proxies.get("all")
+        if proxy:
+            if "://" not in proxy:
+                proxy = "http://" + proxy
+            self._proxy = urllib.parse.urlsplit(proxy)
+            if not self._tls:   # plain http goes to the proxy as a full URL
+                host = f"[{self._host}]" if ":" in self._host else self._host
+                self._target = urllib.parse.urlunsplit(
+                    ("http", f"{host}:{self._port}", parts.path or "/",
+                     parts.query, ""))
+        self._context = None
+        if self._tls or (self._proxy and self._proxy.scheme == "https"):
+            ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
+                os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+            self._context = ssl.create_default_context(
+                cafile=None if os.path.isdir(ca_bundle) else ca_bundle,
+                capath=ca_bundle if os.path.isdir(ca_bundle) else None)
+        self._local = threading.local()
+        self._connections = set()
+        self._lock = threading.Lock()
+
+    def _connect(self):
+        """A new connection (not yet opened) to the webhook or its proxy."""
+        host, port, tls = self._host, self._port, self._tls
+        tunnel = None
+        if self._proxy is not None:
+            tunnel = (host, port) if tls else None
+            host = self._proxy.hostname
+            port = self._proxy.port or (443 if self._proxy.scheme == "https" else 80)
+            tls = self._proxy.scheme == "https"
+            if tunnel and tls:
+                raise OSError("an https:// proxy for an https:// webhook is "
+                              "not supported; use an http:// proxy")
+        if tls or tunnel:
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=CONNECT_TIMEOUT_SECONDS,
+                context=self._context)
+        else:
+            connection = http.client.HTTPConnection(
+                host, port, timeout=CONNECT_TIMEOUT_SECONDS)
+        if tunnel:
+            headers = self._proxy_headers()
+            connection.set_tunnel(*tunnel, headers=headers)
+        return connection
+
+    def _proxy_headers(self):
+        """Proxy-Authorization, when the proxy URL has credentials."""
+        if self._proxy is None or self._proxy.username is None:
+            return {}
+        return {"Proxy-Authorization": _basic_auth(self._proxy.username,
+                                                   self._proxy.password)}
 
     def post(self, body):
-        """POST one body; return the response (redirects are not followed)."""
-        headers = sign(body, self._secret) if self._secret else None
-        return self.session.post(
-            self.url, data=body, headers=headers, auth=self.auth,
-            allow_redirects=False,
-            timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        """POST one body; return the Response (redirects are not followed)."""
+        headers = dict(self._headers)
+        if self._proxy is not None and not self._tls:
+            headers.update(self._proxy_headers())
+        if self._secret:
+            headers.update(sign(body, self._secret))
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            try:
+                return self._exchange(connection, body, headers)
+            except (ConnectionError, http.client.HTTPException):
+                # The server may close an idle keep-alive connection at any
+                # time: try once more on a new one.
+                self._drop(connection)
+        connection = self._connect()
+        with self._lock:
+            self._connections.add(connection)
+        self._local.connection = connection
+        try:
+            return self._exchange(connection, body, headers)
+        except BaseException:
+            self._drop(connection)
+            raise
+
+    def _exchange(self, connection, body, headers):
+        """Send one request on a connection and read the whole answer."""
+        if connection.sock is None:
+            connection.connect()
+            connection.sock.settimeout(READ_TIMEOUT_SECONDS)
+        connection.request("POST", self._target, body, headers)
+        response = connection.getresponse()
+        data = response.read(RESPONSE_BODY_BYTES)
+        if not response.isclosed():     # a body too long to keep: hang up
+            self._drop(connection)
+        return Response(response.status, response.headers, data)
+
+    def _drop(self, connection):
+        connection.close()
+        with self._lock:
+            self._connections.discard(connection)
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
 
     def close(self):
-        self.session.close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            connection.close()
+
+
+def _basic_auth(username, password):
+    """The value of a Basic Authorization header for URL-quoted credentials."""
+    credentials = (f"{urllib.parse.unquote(username)}:"
+                   f"{urllib.parse.unquote(password or '')}")
+    try:
+        raw = credentials.encode("latin-1")     # as requests does
+    except UnicodeEncodeError:
+        raw = credentials.encode()
+    return "Basic " + base64.b64encode(raw).decode()
 
 
 class StdoutEndpoint:
@@ -888,7 +1001,9 @@ class Sender:
         # Reentrant: a future that is already done runs its callback at once,
         # inside _pump, which holds the lock.
         self._lock = threading.RLock()
-        self._pending = {}        # key -> force, in arrival order
+        self._pending = {}        # key -> force, in key order
+        self._after = ""          # the last key taken from the store
+        self._scanning = False    # whether the store may owe more
         self._inflight = set()
         self._futures = set()
         self._idle = threading.Condition(self._lock)
@@ -898,9 +1013,24 @@ class Sender:
             max_workers=settings.workers,
             thread_name_prefix=f"deliver-{endpoint.label}")
 
-    def offer(self, owed):
-        """Queue (key, force) pairs; a key already queued is not doubled."""
+    def offer(self):
+        """A poll has finished: go through what the store says is owed."""
         with self._lock:
+            # From the first key again: a pod under duress is sent once per
+            # poll, and what the last scan has not reached yet only once.
+            self._after, self._scanning = "", True
+            self._pump()
+
+    def _refill(self):
+        """Queue the next owed keys from the store, a batch at a time (lock held)."""
+        # The queue stays short however much is owed (every pod, on a first
+        # poll): the keys wait in the store, not in memory.
+        while self._scanning and len(self._pending) < self._settings.workers:
+            owed = self._store.owed(self.endpoint.id, self._after, OWED_BATCH)
+            if len(owed) < OWED_BATCH:
+                self._scanning = False
+            if owed:
+                self._after = owed[-1][0]
             for key, force in owed:
                 if key in self._pending:
                     self._pending[key] = self._pending[key] or bool(force)
@@ -911,12 +1041,13 @@ class Sender:
                         self._pending[key] = True
                 else:
                     self._pending[key] = bool(force)
-            self._pump()
 
     def _pump(self):
         """Start deliveries while workers are free (lock held)."""
-        while (self._pending and not self._stop.is_set()
-               and len(self._futures) < self._settings.workers):
+        while not self._stop.is_set() and len(self._futures) < self._settings.workers:
+            self._refill()
+            if not self._pending:
+                return
             key = next(iter(self._pending))
             if key in self._inflight:
                 # Wait for the running delivery of this key to end first.
@@ -947,8 +1078,12 @@ class Sender:
             elif ok is False:
                 self.failed += 1
             self._pump()
-            if not self._futures and (not self._pending or self._stop.is_set()):
+            if not self._futures and (not self._owes() or self._stop.is_set()):
                 self._idle.notify_all()
+
+    def _owes(self):
+        """Whether keys are queued or may still come from the store (lock held)."""
+        return bool(self._pending) or self._scanning
 
     def _deliver(self, key, force):
         """Send the newest state of one pod; True, False (failed) or None."""
@@ -968,12 +1103,10 @@ class Sender:
             status, reason, retry_after = None, None, None
             try:
                 response = self.endpoint.post(body)
-            except requests.Timeout:
+            except TimeoutError:
                 reason = "timed out"
-            except requests.ConnectionError:
+            except (OSError, http.client.HTTPException):
                 reason = "connection failed"
-            except requests.RequestException as exc:
-                reason = type(exc).__name__
             else:
                 if response is None or 200 <= response.status_code < 300:
                     self._store.record_delivery(self.endpoint.id, key, fp)
@@ -1016,13 +1149,13 @@ class Sender:
     def busy(self):
         """Whether anything is queued or in flight."""
         with self._lock:
-            return bool(self._pending or self._futures)
+            return bool(self._owes() or self._futures)
 
     def wait_idle(self, timeout=None):
         """Wait until nothing is queued or in flight; True if so."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._futures or (self._pending and not self._stop.is_set()):
+            while self._futures or (self._owes() and not self._stop.is_set()):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -1078,7 +1211,7 @@ class Poller:
             return False
         counts["deleted"] = store.finish_poll(number)
         for sender in self._senders:
-            sender.offer(store.owed(sender.endpoint.id))
+            sender.offer()
         store.prune()
         self.polls_ok += 1
         self.last_poll_ok = time.time()
