@@ -462,6 +462,10 @@ class Store:
         except sqlite3.DatabaseError as exc:
             aside = f"{path}.corrupt-{int(time.time())}"
             os.replace(path, aside)
+            # A journal left beside it belongs to the old file, not the new one.
+            for suffix in ("-wal", "-shm", "-journal"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
             log.error("state file %s is unreadable (%s); moved it to %s and "
                       "starting fresh: every pod will be sent again",
                       path, exc, aside)
