@@ -1002,7 +1002,7 @@ class Sender:
         self._settings = settings
         self._stop = stop
         self._rng = rng
-        # Reentrant: a future that is already done runs its callback at once,
+        # Reentrant: a worker that is already done runs its callback at once,
         # inside _pump, which holds the lock.
         self._lock = threading.RLock()
         self._pending = {}        # key -> force, in key order
@@ -1047,40 +1047,57 @@ class Sender:
                     self._pending[key] = bool(force)
 
     def _pump(self):
-        """Start deliveries while workers are free (lock held)."""
-        while not self._stop.is_set() and len(self._futures) < self._settings.workers:
-            self._refill()
-            if not self._pending:
-                return
-            key = next(iter(self._pending))
-            if key in self._inflight:
-                # Wait for the running delivery of this key to end first.
-                movable = [k for k in self._pending if k not in self._inflight]
-                if not movable:
-                    return
-                key = movable[0]
-            force = self._pending.pop(key)
-            self._inflight.add(key)
-            future = self._pool.submit(self._deliver, key, force)
+        """Start worker loops while there is work and room for them (lock held)."""
+        # A worker takes key after key until none is left: no future, queue
+        # hand-off and callback per delivery, which would cost more than the
+        # POST itself to a fast receiver.
+        self._refill()
+        while (self._pending and not self._stop.is_set()
+               and len(self._futures) < self._settings.workers):
+            future = self._pool.submit(self._work)
             self._futures.add(future)
-            future.add_done_callback(
-                lambda f, key=key: self._finished(f, key))
+            future.add_done_callback(self._finished)
 
-    def _finished(self, future, key):
-        """Account for a delivery and start the next one."""
-        try:
-            ok = future.result()
-        except Exception:  # a bug, not a delivery failure: log it whole
-            log.exception("delivery of %s to %s crashed", key,
-                          self.endpoint.label)
-            ok = False
+    def _take(self):
+        """The next key to deliver and its force flag, or None (lock held)."""
+        if self._stop.is_set():
+            return None
+        self._refill()
+        for key in self._pending:
+            # A key in flight waits for its running delivery to end first.
+            if key not in self._inflight:
+                self._inflight.add(key)
+                return key, self._pending.pop(key)
+        return None
+
+    def _work(self):
+        """A worker: deliver owed keys one after another while there are any."""
+        while True:
+            with self._lock:
+                taken = self._take()
+            if taken is None:
+                return
+            key, force = taken
+            try:
+                ok = self._deliver(key, force)
+            except Exception:  # a bug, not a delivery failure: log it whole
+                log.exception("delivery of %s to %s crashed", key,
+                              self.endpoint.label)
+                ok = False
+            with self._lock:
+                self._inflight.discard(key)
+                if ok:
+                    self.succeeded += 1
+                elif ok is False:
+                    self.failed += 1
+
+    def _finished(self, future):
+        """A worker ended: start another if work came meanwhile; wake waiters."""
+        if future.exception() is not None:   # a bug: log it whole
+            log.error("delivery worker for %s crashed", self.endpoint.label,
+                      exc_info=future.exception())
         with self._lock:
             self._futures.discard(future)
-            self._inflight.discard(key)
-            if ok:
-                self.succeeded += 1
-            elif ok is False:
-                self.failed += 1
             self._pump()
             if not self._futures and (not self._owes() or self._stop.is_set()):
                 self._idle.notify_all()

@@ -266,7 +266,8 @@ def k8svent_rate(url, store, workers, count):
     """Deliveries per second of one k8svent Sender, signed, from the store."""
     settings = k8svent.Settings(urls=(url,), secret=SECRET, workers=workers)
     endpoint = k8svent.Endpoint(url, settings)
-    store.set_endpoints([endpoint.id])          # forget earlier deliveries
+    store.set_endpoints([])                     # forget earlier runs' deliveries
+    store.set_endpoints([endpoint.id])
     stop = threading.Event()
     sender = k8svent.Sender(endpoint, store, settings, stop)
     began = time.perf_counter()
