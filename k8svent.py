@@ -33,7 +33,7 @@ Options:
   --kubectl-timeout=SECONDS    Kill a kubectl that runs longer than this.
                                Env: K8SVENT_KUBECTL_TIMEOUT [default: 60].
   --chunk-size=N               Pods per page of the API list.
-                               Env: K8SVENT_CHUNK_SIZE [default: 500].
+                               Env: K8SVENT_CHUNK_SIZE [default: 5000].
   --workers=N                  Concurrent deliveries per webhook.
                                Env: K8SVENT_WORKERS [default: 8].
   --retry-budget=SECONDS       How long to retry one delivery before leaving
@@ -61,11 +61,13 @@ Options:
   -h, --help                   Print this help and exit.
 """
 
+import base64
 import concurrent.futures
 import dataclasses
 import email.utils
 import hashlib
 import hmac
+import http.client
 import http.server
 import ipaddress
 import json
@@ -77,6 +79,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import tempfile
 import threading
@@ -85,12 +88,14 @@ import urllib.parse
 import zlib
 from pathlib import Path
 
+import certifi
 import docopt
+import ijson
 import prometheus_client
 import prometheus_client.core
 import prometheus_client.exposition
 import requests
-import requests.adapters
+import requests.utils
 import semver
 import sh
 
@@ -106,7 +111,9 @@ BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 PIPE_BUFFER_BYTES = 1 << 20
+PIPE_CHUNK_BYTES = 1 << 16
 FOREIGN_TEXT_CHARS = 300
+RESPONSE_BODY_BYTES = 1 << 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
@@ -182,7 +189,7 @@ class Settings:
     context: str | None = None
     kubectl: str = "kubectl"
     kubectl_timeout: float = 60.0
-    chunk_size: int = 500
+    chunk_size: int = 5000
     workers: int = 8
     retry_budget: float = 900.0
     state: str | None = None
@@ -758,6 +765,7 @@ CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _SCHEMA_VERSION = 1
 _SQL_BATCH = 500
+OWED_BATCH = 256
 
 
 def endpoint_id(url):
@@ -780,6 +788,10 @@ class Store:
         except sqlite3.DatabaseError as exc:
             aside = f"{path}.corrupt-{int(time.time())}"
             os.replace(path, aside)
+            # A journal left beside it belongs to the old file, not the new one.
+            for suffix in ("-wal", "-shm", "-journal"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
             log.error("state file %s is unreadable (%s); moved it to %s and "
                       "starting fresh: every pod will be sent again",
                       path, exc, aside)
@@ -885,14 +897,17 @@ class Store:
                            "WHERE key=?", rows)
         return len(rows)
 
-    def owed(self, endpoint):
-        """Keys owed to an endpoint: (key, force), force for pods under duress."""
+    def owed(self, endpoint, after="", limit=-1):
+        """Keys owed to an endpoint: (key, force), force for pods under duress.
+
+        In key order, from the first key after `after`, at most `limit`.
+        """
         with self._lock:
             return self._db.execute(
                 "SELECT p.key, p.duress FROM pods p LEFT JOIN delivered d "
                 "ON d.endpoint = ? AND d.key = p.key "
-                "WHERE d.fp IS NULL OR d.fp != p.fp OR p.duress = 1",
-                (endpoint,)).fetchall()
+                "WHERE p.key > ? AND (d.fp IS NULL OR d.fp != p.fp OR p.duress = 1) "
+                "ORDER BY p.key LIMIT ?", (endpoint, after, limit)).fetchall()
 
     def latest(self, endpoint, key):
         """(fp, pod_bytes, duress, delivered_fp) of a pod, or None if gone."""
@@ -907,9 +922,9 @@ class Store:
 
     def record_delivery(self, endpoint, key, fp):
         """Remember that an endpoint has received this state of a pod."""
-        with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
-                       (endpoint, key, fp))
+        with self._lock:   # one statement: a transaction of its own
+            self._db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
+                             (endpoint, key, fp))
 
     def prune(self):
         """Forget deleted pods once every endpoint has been told."""
@@ -955,34 +970,144 @@ def pods_path(namespace):
     return "/api/v1/pods"
 
 
+def _kubectl_command(settings):
+    """The sh.Command for kubectl, or raise KubectlError."""
+    try:
+        return sh.Command(settings.kubectl)
+    except sh.CommandNotFound:
+        raise KubectlError(f"kubectl not found: {settings.kubectl!r}") from None
+
+
+def _kubectl_failure(exc, settings):
+    """The KubectlError for one of sh's exceptions."""
+    if isinstance(exc, sh.TimeoutException):
+        return KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
+                            f"without finishing")
+    if isinstance(exc, sh.ErrorReturnCode):
+        stderr = exc.stderr or b""
+        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
+            else KubectlError
+        return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}", stderr)
+    return KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
+                        f"{exc.strerror or exc}")
+
+
 def run_kubectl(settings, *args):
     """Run kubectl with args; return its stdout bytes or raise KubectlError."""
     context = ("--context", settings.context) if settings.context else ()
-    try:
-        command = sh.Command(settings.kubectl)
-    except sh.CommandNotFound:
-        raise KubectlError(f"kubectl not found: {settings.kubectl!r}") from None
+    command = _kubectl_command(settings)
     try:
         return command(*context, *args, _return_cmd=True, _timeout=settings.kubectl_timeout,
                        _out_bufsize=PIPE_BUFFER_BYTES,
                        _internal_bufsize=PIPE_BUFFER_BYTES,
                        _tty_out=False).stdout
-    except sh.TimeoutException:
-        raise KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
-                           f"without finishing") from None
+    except (sh.TimeoutException, sh.ErrorReturnCode, OSError) as exc:
+        raise _kubectl_failure(exc, settings) from None
+
+
+class _PageHead:
+    """kubectl's output as a file, watched for the continue token on the way.
+
+    Kubernetes sends a PodList's metadata before its items, so the (slow)
+    event parser that looks for the token is fed only the first chunks.
+    """
+
+    def __init__(self, fd):
+        self._stream = os.fdopen(fd, "rb", buffering=0)
+        self._events = ijson.parse_coro(self)
+        self.token = None
+        self.has_items = False
+        self.has_metadata = False
+        self.at_eof = False
+
+    def read(self, size):
+        chunk = self._stream.read(size)
+        self.at_eof = not chunk
+        if chunk and not (self.has_items and self.has_metadata):
+            self._events.send(chunk)
+        return chunk
+
+    def close(self):
+        self._stream.close()
+
+    def send(self, event):
+        prefix, kind, value = event
+        if prefix == "metadata.continue" and kind == "string":
+            self.token = value
+        elif prefix == "metadata" and kind == "end_map":
+            self.has_metadata = True
+        elif prefix == "" and kind == "map_key" and value == "items":
+            self.has_items = True
+
+
+def _stop_quietly(process, kill):
+    """Reap a kubectl (killing it first if asked), ignoring how it ended."""
+    try:
+        if kill:
+            process.kill()
+    except (OSError, sh.SignalException):
+        pass
+    try:
+        process.wait()
+    except (sh.ErrorReturnCode, sh.TimeoutException):
+        pass
+
+
+def stream_pod_page(settings, path):
+    """Yield the items of one page as kubectl prints them; return its continue token.
+
+    kubectl writes into a pipe that is parsed as it arrives (ijson), so only
+    the pod being read is in memory, whatever the size of the page.
+    """
+    context = ("--context", settings.context) if settings.context else ()
+    command = _kubectl_command(settings)
+    read_fd, write_fd = os.pipe()
+    try:
+        process = command(*context, "get", "--raw", path, _out=write_fd, _bg=True,
+                          _bg_exc=False, _tty_out=False)
+    except (sh.ErrorReturnCode, OSError) as exc:
+        os.close(read_fd)
+        raise _kubectl_failure(exc, settings) from None
+    finally:
+        os.close(write_fd)      # kubectl has its own copy: EOF when it exits
+    # Our own timer rather than sh's _timeout, whose watcher notices the end
+    # of a process only every 0.1 s: a poll runs kubectl once per page.
+    timer = threading.Timer(settings.kubectl_timeout, _stop_quietly,
+                            (process, True))
+    timer.daemon = True
+    timer.start()
+    head = _PageHead(read_fd)
+    try:
+        try:
+            yield from ijson.items(head, "items.item", use_float=True)
+        except ijson.JSONError as exc:
+            if head.at_eof:     # a kubectl that failed explains it better
+                _wait_kubectl(process, timer, settings)
+            raise KubectlError(f"kubectl printed no valid pod list "
+                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
+        _wait_kubectl(process, timer, settings)
+        if not head.has_items:
+            raise KubectlError("kubectl printed no valid pod list (no items)")
+        return head.token
+    finally:
+        timer.cancel()
+        head.close()
+        if process.is_alive():
+            _stop_quietly(process, kill=True)
+
+
+def _wait_kubectl(process, timer, settings):
+    """Wait for a kubectl to exit; raise KubectlError unless it succeeded."""
+    try:
+        process.wait()
     except sh.ErrorReturnCode as exc:
-        stderr = exc.stderr or b""
-        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
-            else KubectlError
-        raise kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}",
-                   stderr) from None
-    except OSError as exc:
-        raise KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
-                           f"{exc.strerror or exc}") from None
+        if timer.finished.is_set():
+            exc = sh.TimeoutException(exc.exit_code, exc.full_cmd)
+        raise _kubectl_failure(exc, settings) from None
 
 
-def list_pod_pages(settings):
-    """Yield the pods of the cluster a page at a time, as PodList items."""
+def list_pods(settings):
+    """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run."""
     path = pods_path(settings.namespace)
     token, restarts = None, 0
     while True:
@@ -990,8 +1115,8 @@ def list_pod_pages(settings):
         if token:
             query["continue"] = token
         try:
-            out = run_kubectl(settings, "get", "--raw",
-                              f"{path}?{urllib.parse.urlencode(query)}")
+            token = yield from stream_pod_page(
+                settings, f"{path}?{urllib.parse.urlencode(query)}")
         except ContinueExpired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
@@ -1001,22 +1126,30 @@ def list_pod_pages(settings):
             log.warning("continue token expired; listing pods again")
             token = None
             continue
-        try:
-            page = json.loads(out)
-            items = page["items"]
-            token = (page.get("metadata") or {}).get("continue")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KubectlError(f"kubectl printed no valid pod list "
-                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
-        yield items or []
         if not token:
             return
 
 
 # --- Webhooks ----------------------------------------------------------------
 
+class Response:
+    """What a webhook answered: status, headers and (a bounded part of) the body."""
+
+    def __init__(self, status_code, headers, body):
+        self.status_code, self.headers, self.body = status_code, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
 class Endpoint:
-    """One webhook URL: its label for logs and how to POST to it."""
+    """One webhook URL: its label for logs and how to POST to it.
+
+    Each delivery worker keeps one keep-alive http.client connection, to the
+    webhook or to its proxy: requests costs several times more per POST. The
+    proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and CA bundle are looked up
+    once, as requests would.
+    """
 
     def __init__(self, url, settings):
         parts = urllib.parse.urlsplit(url)
@@ -1025,47 +1158,139 @@ class Endpoint:
         # For logs: no path or query (tokens often live there), no password.
         self.shown = self.label if parts.username is None else \
             self.label.replace("://", f"://{parts.username}:***@", 1)
-        self.auth = None
-        if parts.username is not None:
-            self.auth = (urllib.parse.unquote(parts.username),
-                         urllib.parse.unquote(parts.password or ""))
-            host = parts.hostname if ":" not in parts.hostname \
-                else f"[{parts.hostname}]"
-            netloc = host + (f":{parts.port}" if parts.port else "")
-            url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        self.url = url
         self._secret = settings.secret
-        self.session = requests.Session()
-        # Proxies come from the environment once, not on every request.
-        self.session.trust_env = False
-        self.session.proxies = requests.utils.get_environ_proxies(url)
-        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
-            os.environ.get("CURL_CA_BUNDLE")
-        if ca_bundle:
-            self.session.verify = ca_bundle
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=1, pool_maxsize=settings.workers, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers.update({
-            "Content-Type": "application/json",
-            "User-Agent": f"k8svent/{version()}",
-        })
+        self._headers = {"Content-Type": "application/json",
+                         "User-Agent": f"k8svent/{version()}"}
+        if parts.username is not None:
+            self._headers["Authorization"] = _basic_auth(
+                parts.username, parts.password)
+        self._host, self._port = parts.hostname, parts.port or \
+            {"http": 80, "https": 443}[parts.scheme]
+        self._tls = parts.scheme == "https"
+        self._target = urllib.parse.urlunsplit(
+            ("", "", parts.path or "/", parts.query, ""))
+        self._proxy = None
+        proxies = requests.utils.get_environ_proxies(url)
+        proxy = proxies.get(parts.scheme) or proxies.get("all")
+        if proxy:
+            if "://" not in proxy:
+                proxy = "http://" + proxy
+            self._proxy = urllib.parse.urlsplit(proxy)
+            if not self._tls:   # plain http goes to the proxy as a full URL
+                host = f"[{self._host}]" if ":" in self._host else self._host
+                self._target = urllib.parse.urlunsplit(
+                    ("http", f"{host}:{self._port}", parts.path or "/",
+                     parts.query, ""))
+        self._context = None
+        if self._tls or (self._proxy and self._proxy.scheme == "https"):
+            ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
+                os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+            self._context = ssl.create_default_context(
+                cafile=None if os.path.isdir(ca_bundle) else ca_bundle,
+                capath=ca_bundle if os.path.isdir(ca_bundle) else None)
+        self._local = threading.local()
+        self._connections = set()
+        self._lock = threading.Lock()
+
+    def _connect(self):
+        """A new connection (not yet opened) to the webhook or its proxy."""
+        host, port, tls = self._host, self._port, self._tls
+        tunnel = None
+        if self._proxy is not None:
+            tunnel = (host, port) if tls else None
+            host = self._proxy.hostname
+            port = self._proxy.port or (443 if self._proxy.scheme == "https" else 80)
+            tls = self._proxy.scheme == "https"
+            if tunnel and tls:
+                raise OSError("an https:// proxy for an https:// webhook is "
+                              "not supported; use an http:// proxy")
+        if tls or tunnel:
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=CONNECT_TIMEOUT_SECONDS,
+                context=self._context)
+        else:
+            connection = http.client.HTTPConnection(
+                host, port, timeout=CONNECT_TIMEOUT_SECONDS)
+        if tunnel:
+            headers = self._proxy_headers()
+            connection.set_tunnel(*tunnel, headers=headers)
+        return connection
+
+    def _proxy_headers(self):
+        """Proxy-Authorization, when the proxy URL has credentials."""
+        if self._proxy is None or self._proxy.username is None:
+            return {}
+        return {"Proxy-Authorization": _basic_auth(self._proxy.username,
+                                                   self._proxy.password)}
 
     def post(self, body):
-        """POST one body; return the response (redirects are not followed)."""
-        headers = sign(body, self._secret) if self._secret else None
+        """POST one body; return the Response (redirects are not followed)."""
         started = time.monotonic()
         try:
-            return self.session.post(
-                self.url, data=body, headers=headers, auth=self.auth,
-                allow_redirects=False,
-                timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+            return self._post(body)
         finally:
             metrics.posted(self.label, time.monotonic() - started)
 
+    def _post(self, body):
+        """post() without the timing."""
+        headers = dict(self._headers)
+        if self._proxy is not None and not self._tls:
+            headers.update(self._proxy_headers())
+        if self._secret:
+            headers.update(sign(body, self._secret))
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            try:
+                return self._exchange(connection, body, headers)
+            except (ConnectionError, http.client.HTTPException):
+                # The server may close an idle keep-alive connection at any
+                # time: try once more on a new one.
+                self._drop(connection)
+        connection = self._connect()
+        with self._lock:
+            self._connections.add(connection)
+        self._local.connection = connection
+        try:
+            return self._exchange(connection, body, headers)
+        except BaseException:
+            self._drop(connection)
+            raise
+
+    def _exchange(self, connection, body, headers):
+        """Send one request on a connection and read the whole answer."""
+        if connection.sock is None:
+            connection.connect()
+            connection.sock.settimeout(READ_TIMEOUT_SECONDS)
+        connection.request("POST", self._target, body, headers)
+        response = connection.getresponse()
+        data = response.read(RESPONSE_BODY_BYTES)
+        if not response.isclosed():     # a body too long to keep: hang up
+            self._drop(connection)
+        return Response(response.status, response.headers, data)
+
+    def _drop(self, connection):
+        connection.close()
+        with self._lock:
+            self._connections.discard(connection)
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+
     def close(self):
-        self.session.close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            connection.close()
+
+
+def _basic_auth(username, password):
+    """The value of a Basic Authorization header for URL-quoted credentials."""
+    credentials = (f"{urllib.parse.unquote(username)}:"
+                   f"{urllib.parse.unquote(password or '')}")
+    try:
+        raw = credentials.encode("latin-1")     # as requests does
+    except UnicodeEncodeError:
+        raw = credentials.encode()
+    return "Basic " + base64.b64encode(raw).decode()
 
 
 class StdoutEndpoint:
@@ -1113,10 +1338,12 @@ class Sender:
         self._settings = settings
         self._stop = stop
         self._rng = rng
-        # Reentrant: a future that is already done runs its callback at once,
+        # Reentrant: a worker that is already done runs its callback at once,
         # inside _pump, which holds the lock.
         self._lock = threading.RLock()
-        self._pending = {}        # key -> force, in arrival order
+        self._pending = {}        # key -> force, in key order
+        self._after = ""          # the last key taken from the store
+        self._scanning = False    # whether the store may owe more
         self._inflight = set()
         self._futures = set()
         self._idle = threading.Condition(self._lock)
@@ -1126,9 +1353,24 @@ class Sender:
             max_workers=settings.workers,
             thread_name_prefix=f"deliver-{endpoint.label}")
 
-    def offer(self, owed):
-        """Queue (key, force) pairs; a key already queued is not doubled."""
+    def offer(self):
+        """A poll has finished: go through what the store says is owed."""
         with self._lock:
+            # From the first key again: a pod under duress is sent once per
+            # poll, and what the last scan has not reached yet only once.
+            self._after, self._scanning = "", True
+            self._pump()
+
+    def _refill(self):
+        """Queue the next owed keys from the store, a batch at a time (lock held)."""
+        # The queue stays short however much is owed (every pod, on a first
+        # poll): the keys wait in the store, not in memory.
+        while self._scanning and len(self._pending) < self._settings.workers:
+            owed = self._store.owed(self.endpoint.id, self._after, OWED_BATCH)
+            if len(owed) < OWED_BATCH:
+                self._scanning = False
+            if owed:
+                self._after = owed[-1][0]
             for key, force in owed:
                 if key in self._pending:
                     self._pending[key] = self._pending[key] or bool(force)
@@ -1139,45 +1381,67 @@ class Sender:
                         self._pending[key] = True
                 else:
                     self._pending[key] = bool(force)
-            self._pump()
 
     def _pump(self):
-        """Start deliveries while workers are free (lock held)."""
+        """Start worker loops while there is work and room for them (lock held)."""
+        # A worker takes key after key until none is left: no future, queue
+        # hand-off and callback per delivery, which would cost more than the
+        # POST itself to a fast receiver.
+        self._refill()
         while (self._pending and not self._stop.is_set()
                and len(self._futures) < self._settings.workers):
-            key = next(iter(self._pending))
-            if key in self._inflight:
-                # Wait for the running delivery of this key to end first.
-                movable = [k for k in self._pending if k not in self._inflight]
-                if not movable:
-                    return
-                key = movable[0]
-            force = self._pending.pop(key)
-            self._inflight.add(key)
-            future = self._pool.submit(self._deliver, key, force)
+            future = self._pool.submit(self._work)
             self._futures.add(future)
-            future.add_done_callback(
-                lambda f, key=key: self._finished(f, key))
+            future.add_done_callback(self._finished)
 
-    def _finished(self, future, key):
-        """Account for a delivery and start the next one."""
-        try:
-            ok = future.result()
-        except Exception:  # a bug, not a delivery failure: log it whole
-            log.exception("delivery of %s to %s crashed", key,
-                          self.endpoint.label)
-            metrics.delivered(self.endpoint.label, "failed")
-            ok = False
+    def _take(self):
+        """The next key to deliver and its force flag, or None (lock held)."""
+        if self._stop.is_set():
+            return None
+        self._refill()
+        for key in self._pending:
+            # A key in flight waits for its running delivery to end first.
+            if key not in self._inflight:
+                self._inflight.add(key)
+                return key, self._pending.pop(key)
+        return None
+
+    def _work(self):
+        """A worker: deliver owed keys one after another while there are any."""
+        while True:
+            with self._lock:
+                taken = self._take()
+            if taken is None:
+                return
+            key, force = taken
+            try:
+                ok = self._deliver(key, force)
+            except Exception:  # a bug, not a delivery failure: log it whole
+                log.exception("delivery of %s to %s crashed", key,
+                              self.endpoint.label)
+                metrics.delivered(self.endpoint.label, "failed")
+                ok = False
+            with self._lock:
+                self._inflight.discard(key)
+                if ok:
+                    self.succeeded += 1
+                elif ok is False:
+                    self.failed += 1
+
+    def _finished(self, future):
+        """A worker ended: start another if work came meanwhile; wake waiters."""
+        if future.exception() is not None:   # a bug: log it whole
+            log.error("delivery worker for %s crashed", self.endpoint.label,
+                      exc_info=future.exception())
         with self._lock:
             self._futures.discard(future)
-            self._inflight.discard(key)
-            if ok:
-                self.succeeded += 1
-            elif ok is False:
-                self.failed += 1
             self._pump()
-            if not self._futures and (not self._pending or self._stop.is_set()):
+            if not self._futures and (not self._owes() or self._stop.is_set()):
                 self._idle.notify_all()
+
+    def _owes(self):
+        """Whether keys are queued or may still come from the store (lock held)."""
+        return bool(self._pending) or self._scanning
 
     def _deliver(self, key, force):
         """Send the newest state of one pod; True, False (failed) or None."""
@@ -1197,12 +1461,10 @@ class Sender:
             status, reason, retry_after = None, None, None
             try:
                 response = self.endpoint.post(body)
-            except requests.Timeout:
+            except TimeoutError:
                 reason = "timed out"
-            except requests.ConnectionError:
+            except (OSError, http.client.HTTPException):
                 reason = "connection failed"
-            except requests.RequestException as exc:
-                reason = type(exc).__name__
             else:
                 if response is None or 200 <= response.status_code < 300:
                     self._store.record_delivery(self.endpoint.id, key, fp)
@@ -1254,13 +1516,13 @@ class Sender:
     def busy(self):
         """Whether anything is queued or in flight."""
         with self._lock:
-            return bool(self._pending or self._futures)
+            return bool(self._owes() or self._futures)
 
     def wait_idle(self, timeout=None):
         """Wait until nothing is queued or in flight; True if so."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._futures or (self._pending and not self._stop.is_set()):
+            while self._futures or (self._owes() and not self._stop.is_set()):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -1469,18 +1731,18 @@ class Poller:
         counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
         seen = 0
         try:
-            for items in list_pod_pages(self._settings):
-                page = []
-                for item in items:
-                    pod = pod_from_item(item)
-                    pod_bytes = encode_pod(pod)
-                    page.append((pod_key(pod), fingerprint(pod_bytes),
-                                 pod_under_duress(pod), pod_bytes))
-                del items
-                self.last_progress = time.monotonic()
-                seen += len(page)
-                for reason, n in store.apply_page(number, page).items():
-                    counts[reason] += n
+            batch = []
+            for item in list_pods(self._settings):
+                pod = pod_from_item(item)
+                pod_bytes = encode_pod(pod)
+                batch.append((pod_key(pod), fingerprint(pod_bytes),
+                              pod_under_duress(pod), pod_bytes))
+                if len(batch) >= _SQL_BATCH:
+                    self._apply(number, batch, counts)
+                    seen += len(batch)
+                    batch = []
+            self._apply(number, batch, counts)
+            seen += len(batch)
         except KubectlError as exc:
             self.polls_failed += 1
             metrics.polled("failure")
@@ -1489,7 +1751,7 @@ class Poller:
             return False
         counts["deleted"] = store.finish_poll(number)
         for sender in self._senders:
-            sender.offer(store.owed(sender.endpoint.id))
+            sender.offer()
         store.prune()
         self.polls_ok += 1
         self.last_poll_ok = time.time()
@@ -1499,6 +1761,12 @@ class Poller:
                  counts["unhealthy"], counts["deleted"],
                  time.monotonic() - started)
         return True
+
+    def _apply(self, number, batch, counts):
+        """Merge a batch of pods into the store and add up the reasons."""
+        for reason, n in self._store.apply_page(number, batch).items():
+            counts[reason] += n
+        self.last_progress = time.monotonic()   # for /healthz: not stuck
 
     def run(self):
         """Poll at once, then every interval (retry interval after a failure)."""

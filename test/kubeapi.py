@@ -412,9 +412,12 @@ class FakeKubeAPI:
         """
         self._add(_Rule("truncate", count, page=page))
 
-    def hang(self, seconds, count=1):
-        """Sleep ``seconds`` before answering the next ``count`` pod requests."""
-        self._add(_Rule("hang", count, seconds=seconds))
+    def hang(self, seconds, count=1, page=None):
+        """Sleep ``seconds`` before answering the next ``count`` pod requests.
+
+        ``page`` limits it to that 0-based page of a list.
+        """
+        self._add(_Rule("hang", count, page=page, seconds=seconds))
 
     def expire_continue(self, count=1):
         """Answer the next ``count`` requests carrying a continue token with 410."""

@@ -318,3 +318,17 @@ def test_retry_after_is_honoured_and_correlation_id_logged(kubeapi, start, recei
     assert service.wait() == 0
     assert time.monotonic() - began >= 2
     assert "correlation_id abc-123" in service.log()
+
+
+def test_http_proxy_is_used_and_no_proxy_honoured(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    proxy, direct = receivers(), receivers()
+    service = start("--url=http://webhook.invalid/hook", f"--url={direct.url}", "--once",
+                    env={"HTTP_PROXY": f"http://user:pw@127.0.0.1:{proxy.port}",
+                         "NO_PROXY": "127.0.0.1"})
+    assert service.wait() == 0
+    (via_proxy,) = proxy.received
+    assert via_proxy.path == "http://webhook.invalid:80/hook"
+    assert via_proxy.headers["proxy-authorization"] == \
+        "Basic " + base64.b64encode(b"user:pw").decode()
+    assert direct.keys() == ["default/web"] and direct.received[0].path == "/hook"

@@ -1,0 +1,142 @@
+"""Restarts with the same --state: real processes, the real kubectl, receivers on 127.0.0.1."""
+
+import json
+import time
+
+import pytest
+
+from test.pods import generate_items, make_pod
+from test.receivers import Receiver
+from test.service import Service, service_env
+
+FAST = ["--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
+
+
+@pytest.fixture
+def receiver():
+    made = Receiver()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def run(kubeconfig, kubectl_path, tmp_path):
+    """Start k8svent with --state in tmp_path; every run is killed afterwards."""
+    started = []
+
+    def start(*args, state=None):
+        argv = [f"--kubectl={kubectl_path}", f"--state={state or tmp_path / 'state.db'}",
+                *FAST, *args]
+        service = Service(argv, service_env(kubeconfig), tmp_path / f"run{len(started)}")
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+def key(pod):
+    return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+
+
+def test_second_run_sends_only_changed_unhealthy_and_deleted(kubeapi, run, receiver):
+    steady, changing, sick, doomed = (
+        make_pod("default", "steady"), make_pod("default", "changing"),
+        make_pod("default", "sick", healthy=False), make_pod("default", "doomed"))
+    for pod in (steady, changing, sick, doomed):
+        kubeapi.put_pod(pod)
+    assert run(f"--url={receiver.url}", "--once").wait() == 0
+    assert sorted(receiver.keys()) == ["default/changing", "default/doomed",
+                                       "default/sick", "default/steady"]
+    receiver.clear()
+    # while k8svent is down: one pod changes, one is deleted, one is born
+    changing["metadata"].setdefault("labels", {})["change"] = "yes"
+    kubeapi.put_pod(changing)
+    kubeapi.delete_pod("default", "doomed")
+    kubeapi.put_pod(make_pod("default", "born"))
+    service = run(f"--url={receiver.url}", "--once")
+    assert service.wait() == 0
+    pods = {key(p): p for p in receiver.pods()}
+    assert sorted(pods) == ["default/born", "default/changing", "default/doomed", "default/sick"]
+    assert len(receiver.received) == 4
+    assert pods["default/changing"]["metadata"]["labels"]["change"] == "yes"
+    assert pods["default/doomed"]["status"]["phase"] == "Deleted"
+    assert "sending 1 new, 1 changed, 1 unhealthy, 1 deleted" in service.log()
+    # a third run: the deletion was told, only the unhealthy pod goes again
+    receiver.clear()
+    assert run(f"--url={receiver.url}", "--once").wait() == 0
+    assert receiver.keys() == ["default/sick"]
+
+
+def test_endpoint_down_before_the_restart_still_gets_what_it_was_owed(kubeapi, run, receiver):
+    kubeapi.put_pod(make_pod("default", "web"))
+    kubeapi.put_pod(make_pod("default", "doomed"))
+    up = Receiver()
+    try:
+        receiver.down()
+        service = run(f"--url={up.url}", f"--url={receiver.url}", "--retry-budget=0.5")
+        up.wait_for(2)
+        service.wait_log("giving up on POST", 2)
+        assert service.stop() == 0
+        kubeapi.delete_pod("default", "doomed")
+        receiver.up()
+        up.clear()
+        service = run(f"--url={up.url}", f"--url={receiver.url}", "--once")
+        assert service.wait() == 0
+        pods = {key(p): p for p in receiver.pods()}
+        assert sorted(pods) == ["default/doomed", "default/web"]
+        assert pods["default/doomed"]["status"]["phase"] == "Deleted"
+        # the endpoint that was up only hears of the deletion
+        assert up.keys() == ["default/doomed"]
+    finally:
+        up.close()
+
+
+def test_corrupt_state_is_set_aside_and_everything_sent(kubeapi, run, receiver, tmp_path):
+    kubeapi.put_pod(make_pod("default", "web"))
+    state = tmp_path / "state.db"
+    state.write_bytes(b"this is not an SQLite database" * 200)
+    service = run(f"--url={receiver.url}", "--once", state=state)
+    assert service.wait() == 0
+    assert receiver.keys() == ["default/web"]
+    aside = list(tmp_path.glob("state.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert f"state file {state} is unreadable" in service.log()
+    assert f"moved it to {aside[0]}" in service.log()
+    assert "every pod will be sent again" in service.log()
+
+
+def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver):
+    # 30 pods in pages of 10: the second page hangs, kill -9 lands mid-poll,
+    # after the first page was merged into the state.
+    kubeapi.load_items(generate_items(30, unhealthy_every=0))
+    everything = set(kubeapi.pod_keys())
+    first = run(f"--url={receiver.url}", "--chunk-size=10", "--once")
+    assert first.wait() == 0
+    assert set(receiver.keys()) == everything
+    receiver.clear()
+    # change every pod, then hang the second page of the next poll
+    kubeapi.load_items(
+        (ns, name, data.replace(b'"restartCount":0', b'"restartCount":1'))
+        for ns, name, data in generate_items(30, unhealthy_every=0))
+    kubeapi.hang(30, page=1)
+    kubeapi.requests.clear()
+    victim = run(f"--url={receiver.url}", "--chunk-size=10", "--kubectl-timeout=60")
+    deadline = time.monotonic() + 20
+    while not any("continue" in path for _, path in kubeapi.requests):
+        assert time.monotonic() < deadline, "the second page was never asked for"
+        time.sleep(0.05)
+    time.sleep(0.5)   # the first page is merged into the state by now
+    victim.kill()
+    assert receiver.received == []    # nothing was delivered: the poll never ended
+    kubeapi.clear()
+    kubeapi.load_items(
+        (ns, name, data.replace(b'"restartCount":0', b'"restartCount":1'))
+        for ns, name, data in generate_items(30, unhealthy_every=0))
+    survivor = run(f"--url={receiver.url}", "--chunk-size=10", "--once")
+    assert survivor.wait() == 0
+    got = {key(p): p for p in receiver.pods()}
+    assert set(got) == everything
+    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 1 for p in got.values())
+    assert "Deleted" not in {p["status"]["phase"] for p in got.values()}
