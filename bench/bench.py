@@ -115,17 +115,21 @@ assert len(current) == int(sys.argv[2]) and not changed
 """
 
 RETAINED = """
-import gc, sys, tracemalloc
+import gc, os, sys
 sys.path.insert(0, sys.argv[1])
 import k8svent
-tracemalloc.start()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+gc.collect()
+before = rss()
 settings = k8svent.Settings(dry_run=True, state=sys.argv[2])
 store = k8svent.Store(settings.state)
 poller = k8svent.Poller(settings, store, [])
 for _ in range(2):
     assert poller.poll_once()
 gc.collect()
-print(tracemalloc.get_traced_memory()[0])
+print(rss() - before)
 """
 
 
