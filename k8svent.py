@@ -65,6 +65,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -156,6 +157,14 @@ class KubectlError(K8sventError):
     def __init__(self, message, stderr=b""):
         super().__init__(message)
         self.stderr = stderr
+
+
+class PollStopped(KubectlError):
+    """The poll was stopped (SIGTERM, upgrade) before it finished."""
+
+
+class StateError(K8sventError):
+    """The state file cannot be used (not corruption: that is set aside)."""
 
 
 class ContinueExpired(KubectlError):
@@ -429,6 +438,12 @@ def pod_under_duress(pod):
     # A Succeeded pod (a finished Job) is not in trouble: send it on change.
     phase = (pod.get("status") or {}).get("phase")
     return phase not in ("Succeeded", DELETED_PHASE) and not pod_healthy(pod)
+
+
+def _looks_like_pod(item):
+    """Whether a list item has the shape of a pod (objects where pods have them)."""
+    return isinstance(item, dict) and isinstance(item.get("metadata"), dict) and \
+        all(isinstance(item.get(field, {}), dict) for field in ("spec", "status"))
 
 
 def pod_from_item(item):
@@ -762,10 +777,31 @@ CREATE TABLE IF NOT EXISTS delivered (
     PRIMARY KEY (endpoint, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staged (
+    key TEXT PRIMARY KEY,
+    fp BLOB NOT NULL,
+    duress INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
 """
 _SCHEMA_VERSION = 1
 _SQL_BATCH = 500
 OWED_BATCH = 256
+
+
+def _corrupt(exc):
+    """Whether an SQLite error means the file is damaged or not a database."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    # Our own checks (integrity, schema) raise without a code.
+    return code is None or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def state_scope(settings):
+    """What a snapshot is of: the kubectl context and namespace ('' for defaults)."""
+    if not (settings.context or settings.namespace):
+        return ""
+    return f"{settings.context or ''}/{settings.namespace or ''}"
 
 
 def endpoint_id(url):
@@ -776,16 +812,24 @@ def endpoint_id(url):
 class Store:
     """The snapshot of pods and what each endpoint last received, in SQLite."""
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, scope=""):
         self._temporary = path is None
         if path is None:
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
             os.close(fd)
+        elif os.path.isdir(path):
+            raise StateError(f"state file {path!r} is a directory")
+        elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise StateError(f"the folder of state file {path!r} does not exist")
         self.path = path
         self._lock = threading.RLock()
+        self._lock_file = None if self._temporary else self._claim(path)
         try:
             self._db = self._open(path)
         except sqlite3.DatabaseError as exc:
+            if not _corrupt(exc):
+                self._release()
+                raise StateError(f"cannot open state file {path!r}: {exc}") from None
             aside = f"{path}.corrupt-{int(time.time())}"
             os.replace(path, aside)
             # A journal left beside it belongs to the old file, not the new one.
@@ -796,6 +840,37 @@ class Store:
                       "starting fresh: every pod will be sent again",
                       path, exc, aside)
             self._db = self._open(path)
+        self._check_scope(scope)
+
+    @staticmethod
+    def _claim(path):
+        """Lock PATH.lock so that two k8svents never share a state file."""
+        lock_file = open(path + ".lock", "a")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise StateError(f"state file {path!r} is in use by another "
+                             f"k8svent") from None
+        return lock_file
+
+    def _release(self):
+        """Let another k8svent use the state file."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _check_scope(self, scope):
+        """Start afresh if the state was written for another cluster or namespace."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
+            if row is not None and row[0] != scope:
+                log.warning("state file %s was written for another context or "
+                            "namespace (%s, now %s); starting a fresh snapshot",
+                            self.path, row[0] or "default", scope or "default")
+                db.execute("DELETE FROM pods")
+                db.execute("DELETE FROM delivered")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('scope', ?)", (scope,))
 
     @staticmethod
     def _open(path):
@@ -824,6 +899,7 @@ class Store:
         """Close the database; remove it if it was temporary."""
         with self._lock:
             self._db.close()
+        self._release()
         if self._temporary:
             for suffix in ("", "-wal", "-shm"):
                 try:
@@ -846,6 +922,7 @@ class Store:
     def begin_poll(self):
         """Start a poll: return its number."""
         with self._transaction() as db:
+            db.execute("DELETE FROM staged")    # what a failed poll had read
             row = db.execute("SELECT value FROM meta WHERE name='poll'").fetchone()
             number = (row[0] if row else 0) + 1
             db.execute("INSERT OR REPLACE INTO meta VALUES ('poll', ?)",
@@ -878,14 +955,19 @@ class Store:
                 upserts.append((key, fp, int(duress), number,
                                 zlib.compress(pod_bytes, 1)))
             db.executemany("UPDATE pods SET seen=? WHERE key=?", unchanged)
+            # New and changed pods wait in `staged` until the listing is
+            # complete: a poll that fails changes nothing.
             db.executemany(
-                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, seen, body)"
-                " VALUES (?, ?, ?, 0, ?, ?)", upserts)
+                "INSERT OR REPLACE INTO staged (key, fp, duress, seen, body)"
+                " VALUES (?, ?, ?, ?, ?)", upserts)
         return counts
 
     def finish_poll(self, number):
-        """After a complete listing: mark pods not seen as deleted; count them."""
+        """After a complete listing: take what changed, mark pods not seen as deleted."""
         with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, seen,"
+                       " body) SELECT key, fp, duress, 0, seen, body FROM staged")
+            db.execute("DELETE FROM staged")
             gone = db.execute("SELECT key, body FROM pods WHERE seen < ? "
                               "AND deleted = 0", (number,)).fetchall()
             rows = []
@@ -951,14 +1033,29 @@ class _Transaction:
 
     def __enter__(self):
         self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
         return self._db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            else:
+                self._rollback()
         finally:
             self._lock.release()
+
+    def _rollback(self):
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
 
 # --- kubectl -----------------------------------------------------------------
@@ -1053,7 +1150,38 @@ def _stop_quietly(process, kill):
         pass
 
 
-def stream_pod_page(settings, path):
+class _Watchdog(threading.Thread):
+    """Kills a kubectl that outlives its timeout, or at once when told to stop."""
+
+    def __init__(self, process, timeout, stop=None):
+        super().__init__(name="kubectl-watchdog", daemon=True)
+        self._process, self._timeout, self._stop = process, timeout, stop
+        self._done = threading.Event()
+        self.finished = threading.Event()   # killed for taking too long
+        self.stopped = threading.Event()    # killed because of a stop
+
+    def run(self):
+        deadline = time.monotonic() + self._timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.finished.set()
+                break
+            # Our own watch rather than sh's _timeout, whose watcher notices
+            # the end of a process only every 0.1 s: a poll runs one a page.
+            if self._done.wait(remaining if self._stop is None
+                               else min(remaining, 0.2)):
+                return
+            if self._stop is not None and self._stop.is_set():
+                self.stopped.set()
+                break
+        _stop_quietly(self._process, True)
+
+    def cancel(self):
+        self._done.set()
+
+
+def stream_pod_page(settings, path, stop=None):
     """Yield the items of one page as kubectl prints them; return its continue token.
 
     kubectl writes into a pipe that is parsed as it arrives (ijson), so only
@@ -1070,11 +1198,7 @@ def stream_pod_page(settings, path):
         raise _kubectl_failure(exc, settings) from None
     finally:
         os.close(write_fd)      # kubectl has its own copy: EOF when it exits
-    # Our own timer rather than sh's _timeout, whose watcher notices the end
-    # of a process only every 0.1 s: a poll runs kubectl once per page.
-    timer = threading.Timer(settings.kubectl_timeout, _stop_quietly,
-                            (process, True))
-    timer.daemon = True
+    timer = _Watchdog(process, settings.kubectl_timeout, stop)
     timer.start()
     head = _PageHead(read_fd)
     try:
@@ -1101,12 +1225,14 @@ def _wait_kubectl(process, timer, settings):
     try:
         process.wait()
     except sh.ErrorReturnCode as exc:
+        if timer.stopped.is_set():
+            raise PollStopped("stopped while kubectl was listing pods") from None
         if timer.finished.is_set():
             exc = sh.TimeoutException(exc.exit_code, exc.full_cmd)
         raise _kubectl_failure(exc, settings) from None
 
 
-def list_pods(settings):
+def list_pods(settings, stop=None):
     """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run."""
     path = pods_path(settings.namespace)
     token, restarts = None, 0
@@ -1116,7 +1242,7 @@ def list_pods(settings):
             query["continue"] = token
         try:
             token = yield from stream_pod_page(
-                settings, f"{path}?{urllib.parse.urlencode(query)}")
+                settings, stop=stop, path=f"{path}?{urllib.parse.urlencode(query)}")
         except ContinueExpired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
@@ -1374,12 +1500,10 @@ class Sender:
             for key, force in owed:
                 if key in self._pending:
                     self._pending[key] = self._pending[key] or bool(force)
-                elif key in self._inflight:
-                    # In flight: it re-reads the newest state on each attempt;
-                    # queue it again only if it must be re-sent regardless.
-                    if force:
-                        self._pending[key] = True
                 else:
+                    # Also when in flight: that attempt may have read the
+                    # state before this one. It waits for it to end, and is
+                    # a no-op if the newest state was what got delivered.
                     self._pending[key] = bool(force)
 
     def _pump(self):
@@ -1443,6 +1567,11 @@ class Sender:
         """Whether keys are queued or may still come from the store (lock held)."""
         return bool(self._pending) or self._scanning
 
+    def unfinished(self):
+        """Whether anything owed was left unsent (after a stop)."""
+        with self._lock:
+            return self._owes() or bool(self._inflight)
+
     def _deliver(self, key, force):
         """Send the newest state of one pod; True, False (failed) or None."""
         label = self.endpoint.shown
@@ -1483,9 +1612,12 @@ class Sender:
                     response.headers.get("Retry-After"))
                 cid = correlation_id(response)
                 if not retryable(status):
+                    # Failed for good: this state is not sent again; the
+                    # pod's next change (or next poll under duress) is.
+                    self._store.record_delivery(self.endpoint.id, key, fp)
                     metrics.delivered(self.endpoint.label, "rejected")
-                    log.error("POST of %s to %s rejected (%s%s); not retrying: "
-                              "it stays owed to the next poll", key, label,
+                    log.error("POST of %s to %s rejected (%s%s); not retrying "
+                              "this state of the pod", key, label,
                               status, f", correlation_id {cid}" if cid else "",
                               extra={"pod": key, "endpoint": self.endpoint.label,
                                      "status": status, "correlation_id": cid})
@@ -1732,17 +1864,25 @@ class Poller:
         seen = 0
         try:
             batch = []
-            for item in list_pods(self._settings):
+            for item in list_pods(self._settings, self.stop_event):
+                if not _looks_like_pod(item):
+                    raise KubectlError("kubectl printed a pod list with an item "
+                                       "that is not a pod")
                 pod = pod_from_item(item)
                 pod_bytes = encode_pod(pod)
                 batch.append((pod_key(pod), fingerprint(pod_bytes),
                               pod_under_duress(pod), pod_bytes))
                 if len(batch) >= _SQL_BATCH:
+                    if self.stop_event.is_set():
+                        raise PollStopped("stopped while listing pods")
                     self._apply(number, batch, counts)
                     seen += len(batch)
                     batch = []
             self._apply(number, batch, counts)
             seen += len(batch)
+        except PollStopped:
+            log.info("poll stopped before it finished; nothing changed")
+            return False
         except KubectlError as exc:
             self.polls_failed += 1
             metrics.polled("failure")
@@ -2208,12 +2348,13 @@ def main(argv=None, environ=None):
     configure_logging(settings)
     if settings.listen and settings.once:
         log.warning("--listen is not served with --once")
-    if settings.dry_run and settings.state:
-        # A dry run must not mark anything as delivered in the real state.
-        log.warning("--dry-run leaves the state file %s alone and starts from "
-                    "a temporary one", settings.state)
     try:
-        store = Store(None if settings.dry_run else settings.state)
+        store = Store(settings.state, scope=state_scope(settings))
+    except StateError as exc:
+        if status_server:
+            status_server.stop()
+        print(f"k8svent: error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, sqlite3.Error) as exc:
         if status_server:
             status_server.stop()
@@ -2260,7 +2401,8 @@ def main(argv=None, environ=None):
             ok = poller.poll_once()
             for sender in senders:
                 sender.wait_idle()
-            failed = sum(s.failed for s in senders)
+            failed = sum(s.failed for s in senders) + \
+                sum(s.unfinished() for s in senders)
             status = 0 if ok and not failed else 1
             if failed:
                 log.error("%d deliveries failed", failed)
