@@ -203,13 +203,39 @@ def test_400_is_not_retried(kubeapi, start, receivers):
     assert "rejected (400); not retrying" in service.log()
 
 
-def test_4xx_stays_owed_to_the_next_poll(kubeapi, start, receivers):
-    put(kubeapi, make_pod("default", "web"))
+def test_4xx_fails_that_state_for_good_but_not_the_next(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    put(kubeapi, pod)
     receiver = receivers([404])
     service = start(f"--url={receiver.url}")
-    receiver.wait_for(1)
-    assert receiver.statuses == [404, 200]
+    receiver.wait_attempts(1)
+    service.wait_polls(service.polls() + 3)
+    assert receiver.statuses == [404], "a rejected state was sent again"
+    kubeapi.put_pod(relabel(pod, "next"))
+    (received,) = receiver.wait_for(1)
+    assert receiver.pods()[0]["metadata"]["labels"]["change"] == "next"
     assert service.stop() == 0
+
+
+def test_sigterm_during_a_hung_poll_exits_promptly(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--kubectl-timeout=60")
+    receiver.wait_for(1)
+    kubeapi.hang(30)
+    time.sleep(1.5)   # the next polls start and hang in kubectl
+    began = time.monotonic()
+    assert service.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - began < 5
+    assert "Deleted" not in [p["status"]["phase"] for p in receiver.pods()]
+
+
+def test_signal_during_once_with_undelivered_pods_exits_1(kubeapi, start, receivers):
+    put(kubeapi, *(make_pod("default", f"web-{i}") for i in range(3)))
+    receiver = receivers([503] * 1000)
+    service = start(f"--url={receiver.url}", "--once", "--workers=1")
+    receiver.wait_attempts(1)
+    assert service.stop(signal.SIGTERM) == 1
 
 
 @pytest.mark.parametrize("failure", ["500 on a later page", "truncated body",

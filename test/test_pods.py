@@ -223,3 +223,90 @@ def test_temporary_state_is_removed():
     s.close()
     import os
     assert not os.path.exists(path)
+
+
+def test_state_path_errors_are_one_line_and_touch_nothing(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    argv = ["--dry-run", "--once", "--upgrade=never", "--kubectl=/nonexistent"]
+    assert k8svent.main([*argv, f"--state={folder}"], {}) == 2
+    assert folder.is_dir() and not list(tmp_path.glob("*.corrupt-*"))
+    assert k8svent.main([*argv, f"--state={tmp_path}/missing/s.db"], {}) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"k8svent: error: state file {str(folder)!r} is a directory",
+                   f"k8svent: error: the folder of state file "
+                   f"{str(tmp_path / 'missing/s.db')!r} does not exist"]
+
+
+def test_two_stores_never_share_a_file(tmp_path):
+    path = str(tmp_path / "s.db")
+    first = k8svent.Store(path)
+    with pytest.raises(k8svent.StateError, match="in use by another k8svent"):
+        k8svent.Store(path)
+    first.close()
+    k8svent.Store(path).close()   # free again once the first is closed
+
+
+def test_a_locked_database_is_not_taken_for_corruption(tmp_path):
+    import sqlite3
+    path = str(tmp_path / "s.db")
+    k8svent.Store(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(k8svent.StateError, match="cannot open state file"):
+            k8svent.Store(path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_another_scope_starts_a_fresh_snapshot(tmp_path, caplog):
+    path = str(tmp_path / "s.db")
+    s = k8svent.Store(path, scope="")
+    s.set_endpoints(["e1"])
+    poll(s, named("a"))
+    s.close()
+    s = k8svent.Store(path, scope="/shop")
+    s.set_endpoints(["e1"])
+    assert poll(s) == {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
+    assert "starting a fresh snapshot" in caplog.text
+    s.close()
+
+
+def test_a_failed_poll_changes_nothing(store):
+    a = named("a")
+    poll(store, a)
+    deliver_all(store, "e1")
+    a2 = copy.deepcopy(a)
+    a2["metadata"]["resourceVersion"] = "2"
+    number = store.begin_poll()
+    store.apply_page(number, entries(a2))     # then the listing fails
+    assert store.owed("e1") == []             # nothing owed from a failed poll
+    assert poll(store, a2)["changed"] == 1    # the next poll sees the change
+    assert store.owed("e1") == [("ns/a", 0)]
+
+
+def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
+    import sqlite3
+    db = store._db
+    store._db = mocker.Mock(wraps=db)
+    store._db.execute.side_effect = sqlite3.OperationalError("database is locked")
+    with pytest.raises(sqlite3.OperationalError):
+        store.begin_poll()
+    store._db = db
+    import threading
+    free = []
+
+    def other_thread():
+        got = store._lock.acquire(timeout=1)
+        free.append(got)
+        if got:
+            store._lock.release()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert free == [True]
