@@ -1308,6 +1308,9 @@ class Endpoint:
                 parts.username, parts.password)
         self._host, self._port = parts.hostname, parts.port or \
             {"http": 80, "https": 443}[parts.scheme]
+        default_port = {"http": 80, "https": 443}[parts.scheme]
+        self._host_header = (f"[{self._host}]" if ":" in self._host else self._host) \
+            + ("" if self._port == default_port else f":{self._port}")
         self._tls = parts.scheme == "https"
         self._target = urllib.parse.urlunsplit(
             ("", "", parts.path or "/", parts.query, ""))
@@ -1403,11 +1406,18 @@ class Endpoint:
         if connection.sock is None:
             connection.connect()
             connection.sock.settimeout(READ_TIMEOUT_SECONDS)
-        connection.request("POST", self._target, body, headers)
-        response = connection.getresponse()
+        # The request line, headers and body in one write: http.client would
+        # build the headers a call at a time and send the body apart.
+        lines = [f"POST {self._target} HTTP/1.1", f"Host: {self._host_header}",
+                 f"Content-Length: {len(body)}"]
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+                                + body)
+        response = http.client.HTTPResponse(connection.sock, method="POST")
+        response.begin()
         data = response.read(RESPONSE_BODY_BYTES)
-        if not response.isclosed():     # a body too long to keep: hang up
-            self._drop(connection)
+        if response.will_close or not response.isclosed():
+            self._drop(connection)      # closed by the server, or too long to keep
         return Response(response.status, response.headers, data)
 
     def _drop(self, connection):
