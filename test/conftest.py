@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from test.kubeapi import FakeKubeAPI
+from test.receivers import Receiver
 
 
 @pytest.fixture
@@ -33,3 +34,18 @@ def kubectl_path():
     if path is None:
         pytest.fail("kubectl not found next to the Python interpreter nor on PATH")
     return str(Path(path).absolute())
+
+
+@pytest.fixture
+def receivers():
+    """A factory of webhook receivers on 127.0.0.1, closed after the test."""
+    made = []
+
+    def make(answers=()):
+        receiver = Receiver(answers)
+        made.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in made:
+        receiver.close()

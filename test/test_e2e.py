@@ -5,31 +5,15 @@ import copy
 import hashlib
 import hmac
 import json
-import os
 import subprocess
 import time
 
 import pytest
 
 from test.pods import make_pod
-from test.receivers import Receiver
 from test.service import Service, service_env, signal
 
 FAST = ["--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
-
-
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(answers=()):
-        receiver = Receiver(answers)
-        made.append(receiver)
-        return receiver
-
-    yield make
-    for receiver in made:
-        receiver.close()
 
 
 @pytest.fixture

@@ -12,25 +12,10 @@ import requests
 
 import k8svent
 from test.pods import make_pod
-from test.receivers import Receiver
 from test.service import Service, service_env
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FAST = ["--interval=0.3", "--retry-interval=0.3", "--log-level=debug"]
-
-
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(answers=()):
-        receiver = Receiver(answers)
-        made.append(receiver)
-        return receiver
-
-    yield make
-    for receiver in made:
-        receiver.close()
 
 
 @pytest.fixture

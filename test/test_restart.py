@@ -1,6 +1,5 @@
 """Restarts with the same --state: real processes, the real kubectl, receivers on 127.0.0.1."""
 
-import json
 import time
 
 import pytest

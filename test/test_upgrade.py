@@ -661,7 +661,7 @@ def test_real_registry_unknown_repository(real_registry):
 # --- the whole process: own pod through kubectl, exit to upgrade -------------
 
 from test.pods import make_pod  # noqa: E402
-from test.test_e2e import receivers, start  # noqa: E402,F401  (fixtures)
+from test.test_e2e import start  # noqa: E402,F401  (a fixture)
 
 
 def _own_pod(image):
