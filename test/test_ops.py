@@ -155,9 +155,12 @@ def test_owed_rises_during_an_outage_and_falls_after(kubeapi, start, receivers):
 
     receiver.up()
     receiver.wait_for(8, timeout=30)
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_owed", endpoint=label) == 0)
-    assert value(samples, "k8svent_deliveries_total", endpoint=label, outcome="success") == 8
+    # The receiver has the body before k8svent has read the answer and
+    # counted it: wait for both numbers rather than read one after the other.
+    wait_metric(base, lambda s: value(s, "k8svent_deliveries_owed", endpoint=label) == 0
+                and value(s, "k8svent_deliveries_total", endpoint=label,
+                          outcome="success") == 8)
+    assert sorted(receiver.keys()) == sorted(f"default/web-{i}" for i in range(8))
     assert service.stop() == 0
 
 
