@@ -113,7 +113,6 @@ BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 PIPE_BUFFER_BYTES = 1 << 20
-PIPE_CHUNK_BYTES = 1 << 16
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -549,7 +548,6 @@ def cut(text, limit=FOREIGN_TEXT_CHARS):
 
 # Repository path components, as the OCI distribution spec defines them.
 _REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST = re.compile(
     r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?"
 )
@@ -695,11 +693,6 @@ def upgrade_decision(mode, version_env_set, own_image_ref):
     if image_channel(own_image_ref) != "channel":
         return False, f"image {own_image_ref} is pinned"
     return True, f"image {own_image_ref} follows a channel"
-
-
-def upgrade_wanted(mode, version_env_set, own_image_ref):
-    """Tell whether to check the registry for newer versions (see upgrade_decision)."""
-    return upgrade_decision(mode, version_env_set, own_image_ref)[0]
 
 
 def upgrade_interval_seconds(version, configured):
@@ -1671,11 +1664,6 @@ class Sender:
         with self._lock:
             return len(self._inflight | self._pending.keys())
 
-    def busy(self):
-        """Whether anything is queued or in flight."""
-        with self._lock:
-            return bool(self._owes() or self._futures)
-
     def wait_idle(self, timeout=None):
         """Wait until nothing is queued or in flight; True if so."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1874,8 +1862,6 @@ class Poller:
         self._store = store
         self._senders = senders
         self.stop_event = threading.Event()
-        self.polls_ok = 0
-        self.polls_failed = 0
         self.last_poll_ok = None
         self.last_progress = time.monotonic()   # for Health: is it stuck?
         self._thread = threading.Thread(target=self.run, name="poller",
@@ -1910,7 +1896,6 @@ class Poller:
             log.info("poll stopped before it finished; nothing changed")
             return False
         except KubectlError as exc:
-            self.polls_failed += 1
             metrics.polled("failure")
             log.error("poll failed, nothing changed; retrying in %g s: %s",
                       self._settings.retry_interval, exc)
@@ -1919,7 +1904,6 @@ class Poller:
         for sender in self._senders:
             sender.offer()
         store.prune()
-        self.polls_ok += 1
         self.last_poll_ok = time.time()
         metrics.polled("success", time.monotonic() - started, seen, counts)
         log.info("poll: %d pods seen; sending %d new, %d changed, %d unhealthy, "

@@ -162,8 +162,8 @@ def test_image_channel(image_ref, expected):
     ("auto", False, "atomist/k8svent:latest", False),
     ("auto", False, None, False),
 ])
-def test_upgrade_wanted(mode, version_env_set, own_image, expected):
-    assert k8svent.upgrade_wanted(mode, version_env_set, own_image) is expected
+def test_upgrade_decision(mode, version_env_set, own_image, expected):
+    assert k8svent.upgrade_decision(mode, version_env_set, own_image)[0] is expected
 
 
 @pytest.mark.parametrize("own_image, words", [
@@ -175,9 +175,9 @@ def test_upgrade_decision_says_why(own_image, words):
     assert words in k8svent.upgrade_decision("auto", True, own_image)[1]
 
 
-def test_upgrade_wanted_rejects_unknown_mode():
+def test_upgrade_decision_rejects_unknown_mode():
     with pytest.raises(ValueError):
-        k8svent.upgrade_wanted("sometimes", True, "atomist/k8svent")
+        k8svent.upgrade_decision("sometimes", True, "atomist/k8svent")
 
 
 def _pod(*containers):
