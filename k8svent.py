@@ -921,17 +921,12 @@ class Store:
                        "(SELECT id FROM endpoints)")
 
     def begin_poll(self):
-        """Start a poll: return its number."""
+        """Start a poll: forget what a failed one had read."""
         self._seen = set()
         with self._transaction() as db:
-            db.execute("DELETE FROM staged")    # what a failed poll had read
-            row = db.execute("SELECT value FROM meta WHERE name='poll'").fetchone()
-            number = (row[0] if row else 0) + 1
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('poll', ?)",
-                       (number,))
-        return number
+            db.execute("DELETE FROM staged")
 
-    def apply_page(self, number, pods):
+    def apply_page(self, pods):
         """Merge one page of (key, fp, duress, pod_bytes); count by reason."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
         keys = [p[0] for p in pods]
@@ -963,7 +958,7 @@ class Store:
                            " VALUES (?, ?, ?, ?)", upserts)
         return counts
 
-    def finish_poll(self, number):
+    def finish_poll(self):
         """After a complete listing: take what changed, mark pods not seen as deleted."""
         seen, self._seen = self._seen, set()
         with self._transaction() as db:
@@ -1871,7 +1866,7 @@ class Poller:
         """One whole cycle: list, merge, mark deletions, deliver; True if ok."""
         started = time.monotonic()
         store = self._store
-        number = store.begin_poll()
+        store.begin_poll()
         counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
         seen = 0
         try:
@@ -1887,10 +1882,10 @@ class Poller:
                 if len(batch) >= _SQL_BATCH:
                     if self.stop_event.is_set():
                         raise PollStopped("stopped while listing pods")
-                    self._apply(number, batch, counts)
+                    self._apply(batch, counts)
                     seen += len(batch)
                     batch = []
-            self._apply(number, batch, counts)
+            self._apply(batch, counts)
             seen += len(batch)
         except PollStopped:
             log.info("poll stopped before it finished; nothing changed")
@@ -1900,7 +1895,7 @@ class Poller:
             log.error("poll failed, nothing changed; retrying in %g s: %s",
                       self._settings.retry_interval, exc)
             return False
-        counts["deleted"] = store.finish_poll(number)
+        counts["deleted"] = store.finish_poll()
         for sender in self._senders:
             sender.offer()
         store.prune()
@@ -1912,9 +1907,9 @@ class Poller:
                  time.monotonic() - started)
         return True
 
-    def _apply(self, number, batch, counts):
+    def _apply(self, batch, counts):
         """Merge a batch of pods into the store and add up the reasons."""
-        for reason, n in self._store.apply_page(number, batch).items():
+        for reason, n in self._store.apply_page(batch).items():
             counts[reason] += n
         self.last_progress = time.monotonic()   # for /healthz: not stuck
 

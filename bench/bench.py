@@ -256,14 +256,14 @@ def _wait_listening(port):
 def owed_store(count):
     """A temporary Store that owes `count` realistic pods to every endpoint."""
     store = k8svent.Store()
-    number = store.begin_poll()
+    store.begin_poll()
     batch = []
     for namespace, name, data in generate_items(count):
         pod = k8svent.pod_from_item(__import__("json").loads(data))
         pod_bytes = k8svent.encode_pod(pod)
         batch.append((k8svent.pod_key(pod), k8svent.fingerprint(pod_bytes), False, pod_bytes))
-    store.apply_page(number, batch)
-    store.finish_poll(number)
+    store.apply_page(batch)
+    store.finish_poll()
     return store, [k8svent.payload(b[3]) for b in batch]
 
 

@@ -136,9 +136,9 @@ def named(name, **status):
 
 
 def poll(store, *pods):
-    number = store.begin_poll()
-    counts = store.apply_page(number, entries(*pods))
-    counts["deleted"] = store.finish_poll(number)
+    store.begin_poll()
+    counts = store.apply_page(entries(*pods))
+    counts["deleted"] = store.finish_poll()
     return counts
 
 
@@ -282,8 +282,8 @@ def test_a_failed_poll_changes_nothing(store):
     deliver_all(store, "e1")
     a2 = copy.deepcopy(a)
     a2["metadata"]["resourceVersion"] = "2"
-    number = store.begin_poll()
-    store.apply_page(number, entries(a2))     # then the listing fails
+    store.begin_poll()
+    store.apply_page(entries(a2))     # then the listing fails
     assert store.owed("e1") == []             # nothing owed from a failed poll
     assert poll(store, a2)["changed"] == 1    # the next poll sees the change
     assert store.owed("e1") == [("ns/a", 0)]
