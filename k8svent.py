@@ -1314,6 +1314,7 @@ class Endpoint:
                 self._target = urllib.parse.urlunsplit(
                     ("http", f"{host}:{self._port}", parts.path or "/",
                      parts.query, ""))
+                self._headers.update(self._proxy_headers())
         self._context = None
         if self._tls or (self._proxy and self._proxy.scheme == "https"):
             ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
@@ -1367,8 +1368,6 @@ class Endpoint:
     def _post(self, body):
         """post() without the timing."""
         headers = dict(self._headers)
-        if self._proxy is not None and not self._tls:
-            headers.update(self._proxy_headers())
         if self._secret:
             headers.update(sign(body, self._secret))
         connection = getattr(self._local, "connection", None)
