@@ -1132,19 +1132,17 @@ class Store:
 
     # The outbox, as the delivery workers use it.
 
-    def claim(self, endpoint, now, busy=()):
-        """The earliest-due row owed to a webhook (not among `busy` keys), or None."""
+    def claim(self, endpoint, now, busy=(), limit=1):
+        """The earliest-due rows owed to a webhook (none of the `busy` keys), at most `limit`."""
         skip = ",".join("?" * len(busy))
         with self._lock:
-            row = self._db.execute(
+            rows = self._db.execute(
                 "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
                 " FROM outbox o JOIN bodies b ON b.key = o.key"
                 " WHERE o.endpoint = ? AND o.due <= ?"
-                f" AND o.key NOT IN ({skip}) ORDER BY o.due, o.rowid LIMIT 1",
-                (endpoint, now, *busy)).fetchone()
-        if row is None:
-            return None
-        return Owed(*row[:4], zlib.decompress(row[4]))
+                f" AND o.key NOT IN ({skip}) ORDER BY o.due, o.rowid LIMIT ?",
+                (endpoint, now, *busy, limit)).fetchall()
+        return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
 
     def next_due(self, endpoint, busy=()):
         """When the next row owed to a webhook (not among `busy`) is due, or None."""
@@ -1697,7 +1695,8 @@ class Sender:
         self._rng = rng
         self._clock = clock
         self._cond = threading.Condition()
-        self._busy = set()            # keys in flight
+        self._busy = set()            # keys in flight or in _ready
+        self._ready = collections.deque()   # claimed rows no worker has taken yet
         self.up = True
         self._failures = 0            # connection-level failures in a row
         self._cause = None            # of the last of them
@@ -1741,16 +1740,20 @@ class Sender:
                 log.exception("delivery of %s to %s crashed", taken.key,
                               self.endpoint.shown)
                 outcome = ("retry", "crashed", None, None)
+            if outcome is not None:
+                self._record(taken, *outcome)
             with self._cond:
                 self._busy.discard(taken.key)
                 if outcome is not None:
-                    self._settle(taken, *outcome)
+                    self._note_health(taken, *outcome)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
     def _take(self):
         """(the row to attempt, None) or (None, seconds to wait) (lock held)."""
+        if self._ready:
+            return self._ready.popleft(), None
         now = self._clock()
         if now >= self._housekept + HOUSEKEEPING_SECONDS:
             self._housekeep(now)
@@ -1760,14 +1763,18 @@ class Sender:
                 return None, limit
             if now < self._probe_due:
                 return None, min(limit, self._probe_due - now)
-        taken = self._store.claim(self.endpoint.id, now, self._busy)
-        if taken is None:
+        # Rows are claimed a few at a time (one query for several deliveries);
+        # all of them count as busy until attempted.
+        claimed = self._store.claim(self.endpoint.id, now, self._busy,
+                                    self._settings.workers if self.up else 1)
+        if not claimed:
             due = self._store.next_due(self.endpoint.id, self._busy)
             return None, limit if due is None else min(limit, max(0.01, due - now))
-        self._busy.add(taken.key)
+        self._busy.update(owed.key for owed in claimed)
         if not self.up:
-            self._probe_key = taken.key
-        return taken, None
+            self._probe_key = claimed[0].key
+        self._ready.extend(claimed[1:])
+        return claimed[0], None
 
     def _attempt(self, owed):
         """POST the newest state of one pod: (outcome, reason, status, retry_after)."""
@@ -1797,16 +1804,31 @@ class Sender:
         return ("retry", f"HTTP {status}", status,
                 retry_after_seconds(response.headers.get("Retry-After")))
 
-    def _settle(self, owed, outcome, reason, status, retry_after):
-        """Record an attempt's outcome in the outbox and the webhook's health (lock held)."""
-        now = self._clock()
+    def _record(self, owed, outcome, reason, status, retry_after):
+        """Record an attempt's outcome in the outbox and the metrics."""
         label = self.endpoint.label
+        if outcome in ("success", "rejected"):
+            self._store.settle(self.endpoint.id, owed.key, owed.msg_id)
+            metrics.delivered(label, outcome)
+            return
+        metrics.delivered(label, "retry")
+        attempts = owed.attempts + 1
+        delay = backoff_delay(attempts, self._rng)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, MAX_WAIT_SECONDS))
+        self._store.retry_at(self.endpoint.id, owed.key, owed.msg_id, attempts,
+                             self._clock() + delay)
+        log.debug("attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
+                  attempts, owed.key, self.endpoint.shown, reason, delay,
+                  extra={"pod": owed.key, "endpoint": label, "status": status})
+
+    def _note_health(self, owed, outcome, reason, status, retry_after):
+        """Count an attempt towards the webhook's health: down, probing, back up (lock held)."""
+        now = self._clock()
         was_probe = owed.key == self._probe_key
         if was_probe:
             self._probe_key = None
         if outcome in ("success", "rejected"):
-            self._store.settle(self.endpoint.id, owed.key, owed.msg_id)
-            metrics.delivered(label, outcome)
             if outcome == "success":
                 self.succeeded += 1
             else:
@@ -1815,15 +1837,6 @@ class Sender:
             if not self.up:
                 self._back_up(now)
             return
-        metrics.delivered(label, "retry")
-        attempts = owed.attempts + 1
-        delay = backoff_delay(attempts, self._rng)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, MAX_WAIT_SECONDS))
-        self._store.retry_at(self.endpoint.id, owed.key, owed.msg_id, attempts, now + delay)
-        log.debug("attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
-                  attempts, owed.key, self.endpoint.shown, reason, delay,
-                  extra={"pod": owed.key, "endpoint": label, "status": status})
         self._failures += 1
         self._cause = reason
         if self.up and self._failures >= DOWN_AFTER_FAILURES:
@@ -1843,6 +1856,9 @@ class Sender:
 
     def _go_down(self, now):
         self.up = False
+        # Rows claimed but not yet attempted wait for the webhook to come back.
+        self._busy.difference_update(owed.key for owed in self._ready)
+        self._ready.clear()
         self._down_since = self._down_logged = now
         self._probe_delays = None
         count, age = self._backlog()
@@ -1906,6 +1922,14 @@ class Sender:
         """Whether anything owed was left unsent (after a stop)."""
         with self._cond:
             return bool(self._busy) or self._store.pending(self.endpoint.id) > 0
+
+    def join(self, timeout):
+        """Wait up to `timeout` s for the workers to end (after a stop); True if they did."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def close(self):
         """Stop the workers without waiting for them."""
@@ -2741,8 +2765,11 @@ def _shut_down(senders, store, stop, status):
     """Let deliveries in flight finish (bounded), then close; return status."""
     deadline = time.monotonic() + DRAIN_SECONDS
     stop.set()  # no new deliveries, no more retries
-    drained = all(s.wait_idle(max(0.0, deadline - time.monotonic()))
-                  for s in senders)
+    for sender in senders:
+        sender.wake()
+    # The store stays open until every worker has ended: one in the middle of
+    # an attempt records its outcome first.
+    drained = all(s.join(max(0.0, deadline - time.monotonic())) for s in senders)
     for sender in senders:
         sender.close()
     if not drained:

@@ -259,12 +259,10 @@ def owed_store(count):
     store.begin_poll()
     batch = []
     for namespace, name, data in generate_items(count):
-        pod = k8svent.pod_from_item(__import__("json").loads(data))
-        pod_bytes = k8svent.encode_pod(pod)
-        batch.append((k8svent.pod_key(pod), k8svent.fingerprint(pod_bytes), False, pod_bytes))
+        batch.append(k8svent.pod_entry(k8svent.pod_from_item(__import__("json").loads(data))))
     store.apply_page(batch)
     store.finish_poll()
-    return store, [k8svent.payload(b[3]) for b in batch]
+    return store, [k8svent.payload(entry.body) for entry in batch]
 
 
 def k8svent_rate(url, store, workers, count):
@@ -276,7 +274,7 @@ def k8svent_rate(url, store, workers, count):
     stop = threading.Event()
     sender = k8svent.Sender(endpoint, store, settings, stop)
     began = time.perf_counter()
-    sender.offer()
+    sender.start()
     sender.wait_idle()
     elapsed = time.perf_counter() - began
     sender.close()

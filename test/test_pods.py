@@ -140,8 +140,8 @@ def poll(store, *pods):
 def owed_rows(store, endpoint):
     """Every row owed to an endpoint, due or not, by key."""
     rows = {}
-    while (row := store.claim(endpoint, float("inf"), list(rows))) is not None:
-        rows[row.key] = row
+    while claimed := store.claim(endpoint, float("inf"), list(rows)):
+        rows[claimed[0].key] = claimed[0]
     return rows
 
 
