@@ -1004,6 +1004,8 @@ class Store:
             db.executemany("INSERT INTO endpoints VALUES (?)", [(i,) for i in ids])
             db.execute("DELETE FROM outbox WHERE endpoint NOT IN "
                        "(SELECT id FROM endpoints)")
+            # Each process counts a delivery past the retry budget anew.
+            db.execute("UPDATE outbox SET expired = 0 WHERE expired = 1")
             for new in set(ids) - known:
                 db.execute(_OWE_SQL.format(where="p.deleted = 0",
                                            endpoints="e.id = :endpoint"),
@@ -1706,6 +1708,7 @@ class Sender:
         self._probe_delays = None
         self._probe_due = 0.0
         self._housekept = 0.0
+        self._started = clock()
         self.succeeded = 0
         self.failed = 0               # refused, or past the retry budget
         self.output_closed = False
@@ -1879,7 +1882,11 @@ class Sender:
     def _housekeep(self, now):
         """Count deliveries past the retry budget; say every minute that a webhook is down."""
         self._housekept = now
-        expired = self._store.expire(self.endpoint.id, now - self._settings.retry_budget)
+        # A process gives every row its whole budget: one owed since before a
+        # restart is not counted (nor, under --once, given up) at once.
+        expired = 0
+        if now - self._started >= self._settings.retry_budget:
+            expired = self._store.expire(self.endpoint.id, now - self._settings.retry_budget)
         if expired:
             self.failed += expired
             metrics.delivered(self.endpoint.label, "failed", expired)
