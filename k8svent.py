@@ -134,6 +134,8 @@ REGISTRY_CLIENT_ID = "k8svent"
 DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DOCKER_HUB_API = "https://registry-1.docker.io"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# Schemes an error message may name: anything else may be a token.
+KNOWN_URL_SCHEMES = ("ftp", "ftps", "file", "ws", "wss", "mailto", "ssh", "git", "data")
 SERVICE_ACCOUNT_NAMESPACE_PATH = Path(
     "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 )
@@ -273,15 +275,18 @@ def _number(name, text, kind=float, minimum=0):
 
 def _check_url(url):
     """Return the URL if it is an absolute http(s) URL, else raise."""
+    # The messages name no part of the URL but a well-known scheme: the rest
+    # (and a "scheme" that is really a user name) may hold a token.
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise SettingsError(f"invalid webhook URL ({exc})") from None
+    except ValueError:
+        raise SettingsError("invalid webhook URL (a bad host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        # Only the scheme: the rest may hold a password or a token.
-        raise SettingsError(f"webhook URL must be http or https, not "
-                            f"{(parts.scheme or 'no scheme')!r}")
+        scheme = parts.scheme.lower()
+        shown = repr(scheme) if scheme in KNOWN_URL_SCHEMES else \
+            "another scheme" if scheme else "no scheme"
+        raise SettingsError(f"webhook URL must be http or https, not {shown}")
     return url
 
 
@@ -494,14 +499,13 @@ def sign(body, secret):
 
 
 def redact_url(url):
-    """A URL fit for logs: the password replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """A URL fit for logs: scheme://host:port, ***@ for any user info, no path or query."""
+    # A user name alone may be a token (https://TOKEN@host/), and paths and
+    # queries often hold one: none of them is shown.
+    label = endpoint_label(url)
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        label = label.replace("://", "://***@", 1)
+    return label
 
 
 def endpoint_label(url):
@@ -1285,9 +1289,8 @@ class Endpoint:
         parts = urllib.parse.urlsplit(url)
         self.id = endpoint_id(url)
         self.label = endpoint_label(url)
-        # For logs: no path or query (tokens often live there), no password.
-        self.shown = self.label if parts.username is None else \
-            self.label.replace("://", f"://{parts.username}:***@", 1)
+        # For logs: no path, query or user info (tokens often live there).
+        self.shown = redact_url(url)
         self._secret = settings.secret
         self._headers = {"Content-Type": "application/json",
                          "User-Agent": f"k8svent/{version()}"}
