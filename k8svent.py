@@ -81,6 +81,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -801,6 +802,36 @@ def _corrupt(exc):
     return code is None or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
+def _open_private(path, create):
+    """Open PATH (creating it when asked) for its owner only; return the fd, None if missing.
+
+    Refuses (StateError) a symlink or a file of another user: the state
+    holds every pod, and what it owes is signed and sent as it is.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return None
+    else:
+        if stat.S_ISLNK(info.st_mode):
+            raise StateError(f"state file {path!r} is a symbolic link; "
+                             f"give the path of the file itself")
+        if info.st_uid != os.geteuid():
+            raise StateError(f"state file {path!r} belongs to another user "
+                             f"(uid {info.st_uid})")
+    # O_NOFOLLOW and fstat: the same checks, should the path change meanwhile.
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise StateError(f"state file {path!r} belongs to another user")
+        os.fchmod(fd, 0o600)   # whatever the umask, or an older k8svent, made it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def state_scope(settings):
     """What a snapshot is of: the kubectl context and namespace ('' for defaults)."""
     if not (settings.context or settings.namespace):
@@ -819,8 +850,12 @@ class Store:
     def __init__(self, path=None, scope=""):
         self._temporary = path is None
         if path is None:
+            # mkstemp creates it 0600; SQLite gives -wal and -shm its mode.
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
             os.close(fd)
+        elif os.path.islink(path):
+            raise StateError(f"state file {path!r} is a symbolic link; "
+                             f"give the path of the file itself")
         elif os.path.isdir(path):
             raise StateError(f"state file {path!r} is a directory")
         elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -830,27 +865,37 @@ class Store:
         self._seen = set()
         self._lock_file = None if self._temporary else self._claim(path)
         try:
+            if not self._temporary:
+                # SQLite creates -wal and -shm with the mode of the main file.
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    fd = _open_private(path + suffix, create=not suffix)
+                    if fd is not None:
+                        os.close(fd)
             self._db = self._open(path)
+        except (StateError, OSError):
+            self._release()
+            raise
         except sqlite3.DatabaseError as exc:
             if not _corrupt(exc):
                 self._release()
                 raise StateError(f"cannot open state file {path!r}: {exc}") from None
-            aside = f"{path}.corrupt-{int(time.time())}"
-            os.replace(path, aside)
-            # A journal left beside it belongs to the old file, not the new one.
-            for suffix in ("-wal", "-shm", "-journal"):
-                if os.path.exists(path + suffix):
-                    os.replace(path + suffix, aside + suffix)
+            aside = self._set_aside(path)
             log.error("state file %s is unreadable (%s); moved it to %s and "
                       "starting fresh: every pod will be sent again",
                       path, exc, aside)
+            os.close(_open_private(path, create=True))
             self._db = self._open(path)
         self._check_scope(scope)
 
     @staticmethod
     def _claim(path):
         """Lock PATH.lock so that two k8svents never share a state file."""
-        lock_file = open(path + ".lock", "a")
+        try:
+            fd = _open_private(path + ".lock", create=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the lock file of state file {path!r}: "
+                             f"{exc.strerror or exc}") from None
+        lock_file = os.fdopen(fd, "a")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -858,6 +903,25 @@ class Store:
             raise StateError(f"state file {path!r} is in use by another "
                              f"k8svent") from None
         return lock_file
+
+    @staticmethod
+    def _set_aside(path):
+        """Move a damaged state file (and its journals) to PATH.corrupt-TIME; return that."""
+        # Only the newest copy is kept: a file that keeps breaking must not
+        # fill the disk, and each copy holds every pod.
+        folder, name = os.path.split(os.path.abspath(path))
+        older = re.compile(re.escape(name) + r"\.corrupt-\d+(-wal|-shm|-journal)?")
+        for entry in os.listdir(folder):
+            if older.fullmatch(entry):
+                os.remove(os.path.join(folder, entry))
+        aside = f"{path}.corrupt-{int(time.time())}"
+        os.replace(path, aside)
+        os.chmod(aside, 0o600)
+        # A journal left beside it belongs to the old file, not the new one.
+        for suffix in ("-wal", "-shm", "-journal"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        return aside
 
     def _release(self):
         """Let another k8svent use the state file."""

@@ -1,0 +1,93 @@
+"""Hardening (issue 12): private state files, a busy status port, hostile answers."""
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+import k8svent
+
+# --- private files ----------------------------------------------------------
+
+
+def _modes(folder):
+    return {p.name: stat.S_IMODE(p.lstat().st_mode) for p in folder.iterdir()}
+
+
+@pytest.fixture
+def open_umask():
+    """A umask that hides nothing, as some hosts have; restored afterwards."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def _write_pods(store):
+    store.begin_poll()
+    pod = k8svent.encode_pod({"metadata": {"namespace": "n", "name": "p"}})
+    store.apply_page([("n/p", k8svent.fingerprint(pod), False, pod)])
+    store.finish_poll()
+
+
+def test_state_files_are_private_whatever_the_umask(tmp_path, open_umask):
+    path = tmp_path / "state.db"
+    store = k8svent.Store(str(path))
+    _write_pods(store)
+    modes = _modes(tmp_path)
+    assert {"state.db", "state.db-wal", "state.db-shm", "state.db.lock"} <= set(modes)
+    assert modes == {name: 0o600 for name in modes}
+    store.close()
+
+
+def test_an_older_world_readable_state_is_made_private(tmp_path, open_umask):
+    path = tmp_path / "state.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o644)
+    k8svent.Store(str(path)).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_corrupt_copies_are_private_and_only_the_newest_is_kept(tmp_path, open_umask):
+    path = tmp_path / "state.db"
+    old = tmp_path / "state.db.corrupt-1000"
+    old.write_bytes(b"an older copy")
+    (tmp_path / "state.db.corrupt-1000-wal").write_bytes(b"its journal")
+    other = tmp_path / "other.db.corrupt-1000"
+    other.write_bytes(b"not ours")
+    path.write_bytes(b"not a database at all" * 100)
+    path.chmod(0o644)
+    k8svent.Store(str(path)).close()
+    copies = sorted(p.name for p in tmp_path.glob("state.db.corrupt-*"))
+    assert len(copies) == 1 and copies[0] != old.name
+    assert stat.S_IMODE((tmp_path / copies[0]).stat().st_mode) == 0o600
+    assert other.exists()
+
+
+@pytest.mark.parametrize("link", ["state.db", "state.db.lock", "state.db-wal"])
+def test_a_symlinked_state_path_is_refused(tmp_path, link, capsys):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (tmp_path / link).symlink_to(target)
+    path = tmp_path / "state.db"
+    with pytest.raises(k8svent.StateError, match="symbolic link"):
+        k8svent.Store(str(path))
+    assert target.read_bytes() == b""
+    code = k8svent.main(["--dry-run", "--once", f"--state={path}"], {})
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("k8svent: error: ") and err.count("\n") == 1
+    assert "symbolic link" in err
+
+
+def test_a_state_file_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        # Only root can give a file away; /etc/passwd stands for one then.
+        path = "/etc/passwd"
+        with pytest.raises(k8svent.StateError, match="another user|symbolic"):
+            k8svent._open_private(path, create=False)
+        return
+    path = tmp_path / "state.db"
+    sqlite3.connect(path).close()
+    os.chown(path, 65534, 65534)
+    with pytest.raises(k8svent.StateError, match="belongs to another user"):
+        k8svent.Store(str(path))
