@@ -70,6 +70,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -1340,6 +1341,33 @@ class Response:
         return json.loads(self.body)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a socket that gives up (TimeoutError) at a deadline.
+
+    A socket timeout bounds one read only: a peer that sends a byte at a time
+    would hold the reader far longer without one deadline for the whole.
+    """
+
+    def __init__(self, sock, deadline, read_timeout_seconds=READ_TIMEOUT_SECONDS):
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+        self._read_timeout_seconds = read_timeout_seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no whole answer within the deadline")
+        self._sock.settimeout(min(remaining, self._read_timeout_seconds))
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode="rb"):
+        """A buffered file over this reader: http.client reads a socket so."""
+        return io.BufferedReader(self)
+
+
 class Endpoint:
     """One webhook URL: its label for logs and how to POST to it.
 
@@ -2108,6 +2136,11 @@ STUCK_INTERVALS = 3
 POLL_DURATION_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                            10, 30)
+# The status port: a whole request within this, at most this many at once
+# (the oldest is closed to make room), and how long a new one waits for that.
+STATUS_REQUEST_SECONDS = 5
+STATUS_MAX_CONNECTIONS = 16
+STATUS_SLOT_WAIT_SECONDS = 1
 POLL_OUTCOMES = ("success", "failure", "error")
 SELECT_REASONS = ("new", "changed", "unhealthy", "deleted")
 DELIVERY_OUTCOMES = ("success", "retry", "rejected", "failed")
@@ -2267,6 +2300,16 @@ class Health:
 class _StatusHandler(http.server.BaseHTTPRequestHandler):
     """GET /healthz, /readyz and /metrics."""
 
+    def setup(self):
+        super().setup()
+        # One deadline for the whole request: a client that sends a byte at
+        # a time, or nothing, cannot hold its thread.
+        seconds = self.server.request_seconds
+        self.connection.settimeout(seconds)
+        self.rfile.close()
+        self.rfile = _DeadlineReader(self.connection, time.monotonic() + seconds,
+                                     seconds).makefile()
+
     def version_string(self):
         return f"k8svent/{version()}"
 
@@ -2297,7 +2340,59 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _StatusHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them.
+
+    When all are taken, the oldest connection is closed to make room: the
+    probes of the kubelet get an answer even while idle or slow clients hold
+    every slot (each for at most request_seconds).
+    """
+
     daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, request_seconds, max_connections):
+        self.request_seconds = request_seconds
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open = {}     # connection -> None, oldest first
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """Serve a connection in a thread once a slot is free; close it if none frees."""
+        if not self._slots.acquire(blocking=False):
+            self._close_oldest()
+            if not self._slots.acquire(timeout=STATUS_SLOT_WAIT_SECONDS):
+                self.shutdown_request(request)
+                return
+        with self._open_lock:
+            self._open[request] = None
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def _close_oldest(self):
+        """Hang up on the oldest connection: its thread ends at once."""
+        with self._open_lock:
+            oldest = next(iter(self._open), None)
+        if oldest is not None:
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address):
         # Probes and scrapers hang up early; that is no reason for a traceback.
@@ -2312,11 +2407,13 @@ class _StatusHTTPServer6(_StatusHTTPServer):
 class StatusServer:
     """The --listen server: /healthz, /readyz, /metrics, in a daemon thread."""
 
-    def __init__(self, address):
+    def __init__(self, address, request_seconds=STATUS_REQUEST_SECONDS,
+                 max_connections=STATUS_MAX_CONNECTIONS):
         """Bind the address at once (raises OSError), serve after start()."""
         host, port = address
         kind = _StatusHTTPServer6 if ":" in host else _StatusHTTPServer
-        self._server = kind((host, port), _StatusHandler)
+        self._server = kind((host, port), _StatusHandler, request_seconds,
+                            max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="status", daemon=True)
 

@@ -1,10 +1,15 @@
 """Hardening (issue 12): private state files, a busy status port, hostile answers."""
 
 import os
+import select
+import socket
 import sqlite3
 import stat
+import threading
+import time
 
 import pytest
+import requests
 
 import k8svent
 
@@ -91,3 +96,80 @@ def test_a_state_file_of_another_user_is_refused(tmp_path):
     os.chown(path, 65534, 65534)
     with pytest.raises(k8svent.StateError, match="belongs to another user"):
         k8svent.Store(str(path))
+
+
+# --- the status port ----------------------------------------------------------
+
+def _wait_until(condition, timeout=20, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _hung_up(sock):
+    """Whether the server has closed a client socket (EOF or reset)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1024) == b""
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def status_server(kubeapi, kubeconfig, kubectl_path):
+    """A StatusServer on 127.0.0.1 (1 s per request, 8 connections) over a real poller."""
+    settings = k8svent.Settings(kubectl=kubectl_path, urls=("http://127.0.0.1:9/",))
+    store = k8svent.Store()
+    poller = k8svent.Poller(settings, store, [])
+    server = k8svent.StatusServer(("127.0.0.1", 0), request_seconds=1, max_connections=8)
+    poller.start()
+    server.start(k8svent.Health(poller, settings))
+    yield server
+    server.stop()
+    poller.stop()
+    poller.join(10)
+    store.close()
+
+
+def test_idle_connections_neither_pile_up_threads_nor_block_healthz(status_server):
+    before = threading.active_count()
+    host, port = status_server.url.removeprefix("http://").split(":")
+    idle = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")   # never finished
+            idle.append(sock)
+        peak = threading.active_count()
+        started = time.monotonic()
+        answer = requests.get(status_server.url + "/healthz", timeout=10)
+        assert answer.status_code == 200 and answer.text == "ok\n"
+        assert time.monotonic() - started < 3
+        assert peak - before <= 8 + 2
+        # Every idle connection is closed: the oldest to make room, the rest
+        # after their second.
+        _wait_until(lambda: all(_hung_up(s) for s in idle), what="idle connections closed")
+        _wait_until(lambda: threading.active_count() <= before, what="threads to end")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_dripping_client_is_cut_off_at_the_deadline(status_server):
+    host, port = status_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        started = time.monotonic()
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            if _hung_up(sock):
+                break
+            time.sleep(0.1)     # the drip itself, not a wait for a condition
+        _wait_until(lambda: _hung_up(sock), what="the dripping client cut off")
+        assert time.monotonic() - started < 3
