@@ -109,6 +109,7 @@ __version__ = "0.1.0"
 
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 30
+REQUEST_DEADLINE_SECONDS = 30   # one POST: connect, send, the whole answer
 BACKOFF_START_SECONDS = 0.5
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
@@ -117,6 +118,7 @@ MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 PIPE_BUFFER_BYTES = 1 << 20
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
+CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
@@ -1377,8 +1379,9 @@ class Endpoint:
     once, as requests would.
     """
 
-    def __init__(self, url, settings):
+    def __init__(self, url, settings, deadline_seconds=REQUEST_DEADLINE_SECONDS):
         parts = urllib.parse.urlsplit(url)
+        self._deadline_seconds = deadline_seconds
         self.id = endpoint_id(url)
         self.label = endpoint_label(url)
         # For logs: no path, query or user info (tokens often live there).
@@ -1462,13 +1465,15 @@ class Endpoint:
 
     def _post(self, body):
         """post() without the timing."""
+        # One deadline for the whole attempt, a new connection included.
+        deadline = time.monotonic() + self._deadline_seconds
         headers = dict(self._headers)
         if self._secret:
             headers.update(sign(body, self._secret))
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             try:
-                return self._exchange(connection, body, headers)
+                return self._exchange(connection, body, headers, deadline)
             except (ConnectionError, http.client.HTTPException):
                 # The server may close an idle keep-alive connection at any
                 # time: try once more on a new one.
@@ -1478,16 +1483,20 @@ class Endpoint:
             self._connections.add(connection)
         self._local.connection = connection
         try:
-            return self._exchange(connection, body, headers)
+            return self._exchange(connection, body, headers, deadline)
         except BaseException:
             self._drop(connection)
             raise
 
-    def _exchange(self, connection, body, headers):
-        """Send one request on a connection and read the whole answer."""
+    def _exchange(self, connection, body, headers, deadline):
+        """Send one request on a connection and read the whole answer by the deadline."""
         if connection.sock is None:
             connection.connect()
-            connection.sock.settimeout(READ_TIMEOUT_SECONDS)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no whole answer within the deadline")
+        # sendall's timeout bounds the whole write.
+        connection.sock.settimeout(min(remaining, READ_TIMEOUT_SECONDS))
         # The request line, headers and body in one write: http.client would
         # build the headers a call at a time and send the body apart.
         lines = [f"POST {self._target} HTTP/1.1", f"Host: {self._host_header}",
@@ -1495,7 +1504,8 @@ class Endpoint:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
                                 + body)
-        response = http.client.HTTPResponse(connection.sock, method="POST")
+        response = http.client.HTTPResponse(
+            _DeadlineReader(connection.sock, deadline), method="POST")
         response.begin()
         data = response.read(RESPONSE_BODY_BYTES)
         if response.will_close or not response.isclosed():
@@ -1548,12 +1558,14 @@ class StdoutEndpoint:
 
 
 def correlation_id(response):
-    """The correlation_id of a JSON response body, if it has one."""
-    if "json" not in response.headers.get("Content-Type", ""):
+    """The correlation_id of a small JSON response body, if it has one."""
+    if "json" not in response.headers.get("Content-Type", "") or \
+            len(response.body) > CORRELATION_BODY_BYTES:
         return None
     try:
         found = response.json().get("correlation_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        # Whatever a receiver answers, a success stays a success.
         return None
     return cut(str(found), 100) if found is not None else None
 

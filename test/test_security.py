@@ -12,6 +12,8 @@ import pytest
 import requests
 
 import k8svent
+from test.pods import make_pod
+from test.test_e2e import start  # noqa: F401  (a fixture)
 
 # --- private files ----------------------------------------------------------
 
@@ -173,3 +175,67 @@ def test_a_dripping_client_is_cut_off_at_the_deadline(status_server):
             time.sleep(0.1)     # the drip itself, not a wait for a condition
         _wait_until(lambda: _hung_up(sock), what="the dripping client cut off")
         assert time.monotonic() - started < 3
+
+
+# --- receivers' answers -------------------------------------------------------
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"correlation_id": "abc"}', "abc"),
+    (b"[" * 100_000, None),                       # too large to look at
+    (b"[" * 4000, None),                          # small, but nested past the recursion limit
+    (b'{"correlation_id": "' + b"x" * 5000 + b'"}', None),
+    (b'["correlation_id"]', None),
+    (b"\xff\xfe", None),
+])
+def test_correlation_id_of_any_answer(body, expected):
+    assert k8svent.correlation_id(k8svent.Response(200, JSON, body)) == expected
+
+
+def test_deeply_nested_answer_is_still_a_success(kubeapi, start, receivers):
+    kubeapi.put_pod(make_pod("default", "web"))
+    receiver = receivers([(200, JSON, b"[" * 100_000), (200, JSON, b"[" * 4000)])
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 0, service.log()
+    assert "Traceback" not in service.log()
+
+
+class DrippingReceiver:
+    """Answers every POST with a 200 whose body comes a byte every 0.2 s."""
+
+    def __init__(self):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        self._closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with self._listener:
+            conn, _ = self._listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not self._closed.wait(0.2):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    def close(self):
+        self._closed.set()
+
+
+def test_a_dripping_answer_ends_at_the_deadline():
+    receiver = DrippingReceiver()
+    endpoint = k8svent.Endpoint(receiver.url, k8svent.Settings(urls=(receiver.url,)),
+                                deadline_seconds=1.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            endpoint.post(b"{}")
+        assert time.monotonic() - started < 3
+    finally:
+        receiver.close()
+        endpoint.close()
