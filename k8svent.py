@@ -545,11 +545,22 @@ def retry_after_seconds(value, now=None):
 
 
 def cut(text, limit=FOREIGN_TEXT_CHARS):
-    """Foreign text (stderr, response bodies) cut to a bounded length."""
+    """Foreign text (stderr, response bodies) cut to a bounded length, on one line."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return escape_controls(text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    """Text with its control characters escaped as Python does (\\n, \\x1b)."""
+    # A newline in a pod name must not start a forged log line, nor an ESC
+    # sequence reach a terminal.
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 # --- Versions ----------------------------------------------------------------
@@ -1164,12 +1175,22 @@ def _kubectl_failure(exc, settings):
                         f"{exc.strerror or exc}")
 
 
+def kubectl_environment(environ=None):
+    """The environment of a kubectl child: ours without K8SVENT_* (secrets among them)."""
+    # kubectl passes its environment on to exec credential plugins, which
+    # have no business with the webhook URLs or the signing secret.
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items()
+            if not name.upper().startswith("K8SVENT_")}
+
+
 def run_kubectl(settings, *args):
     """Run kubectl with args; return its stdout bytes or raise KubectlError."""
     context = ("--context", settings.context) if settings.context else ()
     command = _kubectl_command(settings)
     try:
-        return command(*context, *args, _return_cmd=True, _timeout=settings.kubectl_timeout,
+        return command(*context, *args, _env=kubectl_environment(),
+                       _return_cmd=True, _timeout=settings.kubectl_timeout,
                        _out_bufsize=PIPE_BUFFER_BYTES,
                        _internal_bufsize=PIPE_BUFFER_BYTES,
                        _tty_out=False).stdout
@@ -1267,7 +1288,7 @@ def stream_pod_page(settings, path, stop=None):
     read_fd, write_fd = os.pipe()
     try:
         process = command(*context, "get", "--raw", path, _out=write_fd, _bg=True,
-                          _bg_exc=False, _tty_out=False)
+                          _bg_exc=False, _tty_out=False, _env=kubectl_environment())
     except (sh.ErrorReturnCode, OSError) as exc:
         os.close(read_fd)
         raise _kubectl_failure(exc, settings) from None
@@ -2474,14 +2495,28 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _TextFormatter(logging.Formatter):
+    """Lines of text whose messages cannot break a line or reach a terminal raw."""
+
+    def formatMessage(self, record):
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, exc_info):
+        # A traceback spans lines; within each, controls are escaped.
+        return "\n".join(escape_controls(line) for line in
+                         super().formatException(exc_info).split("\n"))
+
+    def formatStack(self, stack_info):
+        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+
+
 def configure_logging(settings):
     """Send k8svent's log to stderr in the chosen level and format."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(settings.log_level.upper())
     log.propagate = False

@@ -1,6 +1,8 @@
 """Hardening (issue 12): private state files, a busy status port, hostile answers."""
 
+import logging
 import os
+import re
 import select
 import socket
 import sqlite3
@@ -239,3 +241,66 @@ def test_a_dripping_answer_ends_at_the_deadline():
     finally:
         receiver.close()
         endpoint.close()
+
+
+# --- log injection ------------------------------------------------------------
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def test_a_hostile_pod_name_cannot_forge_a_log_line(kubeapi, start, receivers):
+    forged = "web\n2030-01-01 00:00:00,000 ERROR forged line\r\x1b[2J\x1b[31m"
+    kubeapi.put_pod(make_pod("default", forged))
+    receiver = receivers([400])
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 1
+    log = service.log()
+    assert "\x1b" not in log and "\r" not in log
+    assert all(LOG_LINE.match(line) for line in log.splitlines()), log
+    assert "web\\n2030-01-01 00:00:00,000 ERROR forged line\\r\\x1b[2J" in log
+
+
+def test_text_log_escapes_messages_and_arguments():
+    formatter = k8svent._TextFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("k8svent", logging.INFO, __file__, 1, "a\nb %s",
+                               ("c\x1b[0m\r\n",), None)
+    assert formatter.format(record) == "INFO a\\nb c\\x1b[0m\\r\\n"
+
+
+# --- kubectl's environment ----------------------------------------------------
+
+def _recording_kubectl(tmp_path, kubectl_path):
+    """A kubectl that writes its environment to a file, then runs the real one."""
+    script = tmp_path / "kubectl-recording"
+    script.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env.$$"\nexec "{kubectl_path}" "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def _recorded(tmp_path):
+    return [path.read_text() for path in tmp_path.glob("env.*")]
+
+
+def test_kubectl_never_sees_k8svents_secrets(kubeapi, start, receivers, tmp_path,
+                                             kubectl_path):
+    kubeapi.put_pod(make_pod("default", "web"))
+    receiver = receivers()
+    kubectl = _recording_kubectl(tmp_path, kubectl_path)
+    service = start("--once", kubectl=str(kubectl), env={
+        "K8SVENT_WEBHOOKS": receiver.url + "?token=HOOKTOKEN",
+        "K8SVENT_WEBHOOK_SECRET": "s3cr3t", "KEEP_ME": "kept"})
+    assert service.wait() == 0, service.log()
+    (env,) = _recorded(tmp_path)
+    assert "KEEP_ME=kept" in env and "KUBECONFIG=" in env
+    assert "K8SVENT_" not in env and "s3cr3t" not in env and "HOOKTOKEN" not in env
+
+
+def test_own_pod_look_up_never_passes_secrets(kubeapi, kubeconfig, kubectl_path, tmp_path,
+                                              monkeypatch):
+    monkeypatch.setenv("K8SVENT_WEBHOOK_SECRET", "s3cr3t")
+    kubeapi.put_pod(make_pod("k8svent", "me"))
+    kubectl = _recording_kubectl(tmp_path, kubectl_path)
+    settings = k8svent.Settings(kubectl=str(kubectl))
+    k8svent.get_own_image(settings, "me", "k8svent")
+    (env,) = _recorded(tmp_path)
+    assert "s3cr3t" not in env and "K8SVENT_" not in env
