@@ -132,7 +132,19 @@ UPGRADE_ERROR_SECONDS = 3600
 UPGRADE_JITTER_FRACTION = 0.10
 CHANNEL_TAGS = ("latest", "next")
 REGISTRY_TIMEOUT_SECONDS = 30
-REGISTRY_MAX_PAGES = 1000
+REGISTRY_MAX_PAGES = 100
+REGISTRY_BODY_BYTES = 1 << 20
+REGISTRY_MAX_REDIRECTS = 5
+# What a HEAD of a manifest accepts: the digest is that of the index (a
+# multi-architecture image) or manifest the registry holds, as the kubelet
+# records it in a container's imageID.
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+RETRY_AFTER_MAX_SECONDS = 86400
 REGISTRY_TOKEN_DEFAULT_SECONDS = 60
 REGISTRY_CLIENT_ID = "k8svent"
 DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -534,14 +546,16 @@ def retry_after_seconds(value, now=None):
     """Seconds to wait from a Retry-After header (seconds or HTTP date)."""
     if not value:
         return None
+    # Clamped: Event.wait refuses anything beyond threading.TIMEOUT_MAX.
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when - (time.time() if now is None else now))
+    return min(max(0.0, when - (time.time() if now is None else now)),
+               RETRY_AFTER_MAX_SECONDS)
 
 
 def cut(text, limit=FOREIGN_TEXT_CHARS):
@@ -570,6 +584,8 @@ _REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _HOST = re.compile(
     r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?"
 )
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def parse_version(tag):
@@ -1822,7 +1838,12 @@ class RegistryClient:
         self.log = logger or logging.getLogger("k8svent")
         self._clock = clock
         self._session = session or requests.Session()
+        # No ~/.netrc credentials sent behind our back: the environment is
+        # not trusted wholesale; its proxies and CA bundle are read below.
+        self._session.trust_env = False
         self._session.headers["User-Agent"] = user_agent
+        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or \
+            os.environ.get("CURL_CA_BUNDLE") or True
         self._token = None
         self._token_expires = 0.0
 
@@ -1838,21 +1859,38 @@ class RegistryClient:
         """Return every tag of the repository, following Link rel="next" pages."""
         tags, url, seen = [], self.tags_url(), set()
         while url is not None:
-            if url in seen or len(seen) >= REGISTRY_MAX_PAGES:
+            if url in seen:
                 raise RegistryError(f"tags list of {self.image} pages in a loop", url=url)
+            if len(seen) >= REGISTRY_MAX_PAGES:
+                raise RegistryError(f"tags list of {self.image} has more than "
+                                    f"{REGISTRY_MAX_PAGES} pages", url=url)
+            if not same_origin(url, self.base_url):
+                # The bearer token is for the registry; nothing else gets it.
+                raise RegistryError(f"tags list of {self.image} links to another "
+                                    f"origin ({endpoint_label(url)})", url=self.tags_url())
             seen.add(url)
-            response = self._get(url)
-            tags.extend(self._page_tags(response, url))
-            url = parse_link_next(response.headers.get("Link"), response.url or url)
+            response, body = self._get(url)
+            tags.extend(self._page_tags(response, body, url))
+            url = parse_link_next(response.headers.get("Link"), url)
         if not tags:
             raise RegistryError(f"registry lists no tags for {self.image}", url=self.tags_url())
         return tags
 
-    def _page_tags(self, response, url):
+    def manifest_digest(self, tag):
+        """Return the digest (sha256:...) the registry gives a tag's manifest."""
+        url = f"{self.base_url}/v2/{self.repository}/manifests/{urllib.parse.quote(tag)}"
+        response, _ = self._get(url, method="HEAD", accept=", ".join(MANIFEST_MEDIA_TYPES))
+        digest = response.headers.get("Docker-Content-Digest", "")
+        if not _DIGEST.fullmatch(digest):
+            raise RegistryError(f"no digest for {self.image}:{tag} in the registry's "
+                                f"answer", url=url, status=response.status_code)
+        return digest
+
+    def _page_tags(self, response, body, url):
         """Return the tags of one tags/list page, or raise RegistryError."""
         try:
-            body = response.json()
-        except ValueError as error:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as error:
             raise RegistryError(f"invalid JSON in tags list from {url}", url=url,
                                 status=response.status_code) from error
         tags = body.get("tags") if isinstance(body, dict) else None
@@ -1863,41 +1901,64 @@ class RegistryClient:
                                 status=response.status_code)
         return tags
 
-    def _get(self, url):
-        """GET a registry URL with a bearer token when one is needed."""
-        response = self._request(url, self._valid_token())
+    def _get(self, url, method="GET", accept="application/json"):
+        """Send a request with a bearer token when one is needed; (response, body)."""
+        response, body = self._request(method, url, self._valid_token(), accept)
         if response.status_code == 401:
             challenge = parse_www_authenticate(response.headers.get("WWW-Authenticate"))
             if not challenge.get("realm"):
                 raise RegistryError(f"registry refused {url} (401) without a bearer challenge",
                                     url=url, status=401)
             self._fetch_token(challenge)
-            response = self._request(url, self._token)
+            response, body = self._request(method, url, self._token, accept)
         if response.status_code != 200:
-            self._raise_for(response, url)
-        return response
+            self._raise_for(method, response, body, url)
+        return response, body
 
-    def _request(self, url, token):
-        """Send one GET, turning connection failures into RegistryError."""
-        headers = {"Accept": "application/json"}
+    def _request(self, method, url, token, accept):
+        """Send one request, turning connection failures into RegistryError."""
+        headers = {"Accept": accept}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            response = self._session.get(url, headers=headers, timeout=self.timeout_seconds)
-        except requests.RequestException as error:
-            raise RegistryError(f"GET {url} failed: {type(error).__name__}",
-                                url=url) from error
-        self.log.debug("GET %s: %s", url, response.status_code)
-        return response
+        response, body = self._fetch(method, url, headers)
+        self.log.debug("%s %s: %s", method, url, response.status_code)
+        return response, body
 
-    def _raise_for(self, response, url):
+    def _fetch(self, method, url, headers, params=None):
+        """One request: redirects followed on the same origin only, the body read up to a cap."""
+        for _ in range(REGISTRY_MAX_REDIRECTS + 1):
+            try:
+                response = self._session.request(
+                    method, url, headers=headers, params=params,
+                    timeout=self.timeout_seconds, allow_redirects=False, stream=True,
+                    verify=self._verify, proxies=requests.utils.get_environ_proxies(url))
+                body = _read_capped(response, REGISTRY_BODY_BYTES)
+            except requests.RequestException as error:
+                raise RegistryError(f"{method} {url} failed: {type(error).__name__}",
+                                    url=url) from error
+            if body is None:
+                raise RegistryError(f"{method} {url} answered more than "
+                                    f"{REGISTRY_BODY_BYTES} bytes", url=url,
+                                    status=response.status_code)
+            if not response.is_redirect:
+                return response, body
+            target = urllib.parse.urljoin(response.url, response.headers["Location"])
+            if not same_origin(target, url):
+                raise RegistryError(f"{method} {url} redirects to another origin "
+                                    f"({endpoint_label(target)})", url=url,
+                                    status=response.status_code)
+            url, params = target, None
+        raise RegistryError(f"{method} {url} redirects more than "
+                            f"{REGISTRY_MAX_REDIRECTS} times", url=url)
+
+    def _raise_for(self, method, response, body, url):
         """Raise the RegistryError that a non-200 answer means."""
         status = response.status_code
         retry_after = None
         if status in (429, 503):
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-        detail = f": {cut(response.text)}" if response.text and status < 500 else ""
-        message = f"GET {url} answered {status}{detail}"
+        detail = f": {cut(body)}" if body and status < 500 else ""
+        message = f"{method} {url} answered {status}{detail}"
         if retry_after is not None:
             message += f" (retry after {retry_after:.0f} s)"
         raise RegistryError(message, url=url, status=status,
@@ -1913,15 +1974,21 @@ class RegistryClient:
     def _fetch_token(self, challenge):
         """Get an anonymous token from the challenge's realm and cache it."""
         realm = challenge["realm"]
+        parts = urllib.parse.urlsplit(realm)
+        if not parts.hostname or not (parts.scheme == "https" or (
+                parts.scheme == "http" and _loopback(parts.hostname))):
+            raise RegistryError(f"token realm of {self.image} is not an https URL "
+                                f"({cut(realm, 100)})", url=self.base_url, status=401)
         params = {"client_id": REGISTRY_CLIENT_ID}
         if challenge.get("service"):
             params["service"] = challenge["service"]
         params["scope"] = challenge.get("scope") or f"repository:{self.repository}:pull"
         try:
-            response = self._session.get(realm, params=params, timeout=self.timeout_seconds)
-        except requests.RequestException as error:
-            raise RegistryError(f"token request to {realm} failed: {type(error).__name__}",
-                                url=realm) from error
+            response, body = self._fetch("GET", realm, {"Accept": "application/json"},
+                                         params)
+        except RegistryError as error:
+            raise RegistryError(f"token request to {realm} failed: {error}",
+                                url=realm, status=error.status) from error
         self.log.debug("GET %s (token): %s", realm, response.status_code)
         if response.status_code != 200:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
@@ -1929,8 +1996,8 @@ class RegistryClient:
                                 url=realm, status=response.status_code,
                                 retry_after_seconds=retry_after)
         try:
-            body = response.json()
-        except ValueError as error:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as error:
             raise RegistryError(f"invalid JSON from token service {realm}", url=realm,
                                 status=200) from error
         token = None
@@ -1942,7 +2009,30 @@ class RegistryClient:
         if not isinstance(expires_in, (int, float)) or expires_in <= 0:
             expires_in = REGISTRY_TOKEN_DEFAULT_SECONDS
         self._token = token
-        self._token_expires = self._clock() + expires_in
+        self._token_expires = self._clock() + min(expires_in, MAX_SECONDS)
+
+
+def _read_capped(response, limit):
+    """The body of a streamed response, or None when it is longer than limit bytes."""
+    try:
+        body = bytearray()
+        for chunk in response.iter_content(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+    finally:
+        response.close()
+
+
+def _loopback(hostname):
+    """Whether a URL's host name is a loopback host (where plain http is allowed)."""
+    return (f"[{hostname}]" if ":" in hostname else hostname).lower() in LOOPBACK_HOSTS
+
+
+def same_origin(url, other):
+    """Whether two URLs have the same scheme, host and port."""
+    return endpoint_label(url) == endpoint_label(other)
 
 
 def locate_own_pod(pod_name, pod_namespace, hostname,
@@ -2156,7 +2246,7 @@ class Upgrader:
         """Log a failed check in one line and return the delay before the next."""
         delay = self.error_seconds
         if retry_after_seconds is not None:
-            delay = max(1.0, retry_after_seconds)
+            delay = min(max(1.0, retry_after_seconds), RETRY_AFTER_MAX_SECONDS)
         self.log.warning("upgrade check failed: %s; retrying in %.0f s", reason, delay)
         return delay
 

@@ -250,6 +250,13 @@ def test_parse_link_next(header, expected):
     assert k8svent.parse_link_next(header, BASE) == expected
 
 
+@pytest.mark.parametrize("value", [
+    "99999999999", "9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT",
+])
+def test_retry_after_is_clamped_to_a_day(value):
+    assert k8svent.retry_after_seconds(value, 1445412420.0) == 86400
+
+
 @pytest.mark.parametrize("value, expected", [
     ("120", 120.0), (" 5 ", 5.0), ("", None), (None, None), ("soon", None),
     ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0), ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),
@@ -369,6 +376,115 @@ def test_list_tags_401_without_challenge(fake_registry):
     fake_registry.status = 401
     with pytest.raises(k8svent.RegistryError, match="without a bearer challenge"):
         _client(fake_registry).list_tags()
+
+
+# --- the registry as an attack surface --------------------------------------
+
+@pytest.fixture
+def other_registry():
+    registry = FakeRegistry().start()
+    yield registry
+    registry.close()
+
+
+def test_next_link_to_another_origin_is_not_followed(fake_registry, other_registry):
+    fake_registry.tags = other_registry.tags = ["1.0.0", "2.0.0"]
+    fake_registry.page_size = 1
+    fake_registry.auth = True
+    fake_registry.link_origin = f"http://{other_registry.address}"
+    with pytest.raises(k8svent.RegistryError, match="links to another origin"):
+        _client(fake_registry).list_tags()
+    assert other_registry.requests == []
+
+
+def test_redirects_to_another_origin_are_not_followed(fake_registry, other_registry):
+    other_registry.tags = ["9.0.0"]
+    fake_registry.mode = "redirect"
+    fake_registry.location = f"http://{other_registry.address}/v2/atomist/k8svent/tags/list"
+    with pytest.raises(k8svent.RegistryError, match="redirects to another origin"):
+        _client(fake_registry).list_tags()
+    assert other_registry.requests == []
+
+
+def test_redirects_on_the_same_origin_are_followed(fake_registry):
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.mode = "redirect"
+    fake_registry.location = "/v2/atomist/k8svent/tags/list?again=1"
+    client = _client(fake_registry)
+    with pytest.raises(k8svent.RegistryError, match="redirects more than 5 times"):
+        client.list_tags()
+    assert len(fake_registry.tag_requests()) == 6
+
+
+@pytest.mark.parametrize("realm, words", [
+    ("http://registry.example/token", "not an https URL"),
+    ("ftp://127.0.0.1/token", "not an https URL"),
+    ("/token", "not an https URL"),
+])
+def test_token_realm_only_over_https(fake_registry, realm, words):
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.auth = True
+    fake_registry.realm = realm
+    with pytest.raises(k8svent.RegistryError, match=words):
+        _client(fake_registry).list_tags()
+    assert fake_registry.token_requests() == []
+
+
+def test_netrc_credentials_are_never_sent(fake_registry, tmp_path, monkeypatch):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password NETRCSECRET\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.auth = True
+    assert _client(fake_registry).list_tags() == ["1.0.0"]
+    for request in fake_registry.requests:
+        assert "Basic" not in request["headers"].get("Authorization", "")
+
+
+def test_proxies_from_the_environment_still_apply(fake_registry, monkeypatch):
+    fake_registry.tags = ["1.0.0"]
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")    # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(k8svent.RegistryError, match="ProxyError|ConnectionError"):
+        _client(fake_registry).list_tags()
+    assert fake_registry.requests == []
+
+
+def test_a_huge_page_is_refused(fake_registry):
+    fake_registry.mode = "huge"
+    with pytest.raises(k8svent.RegistryError, match="more than 1048576 bytes"):
+        _client(fake_registry).list_tags()
+
+
+def test_page_count_is_capped(fake_registry):
+    fake_registry.tags = [f"0.0.{i}" for i in range(150)]
+    fake_registry.page_size = 1
+    with pytest.raises(k8svent.RegistryError, match="more than 100 pages"):
+        _client(fake_registry).list_tags()
+    assert len(fake_registry.tag_requests()) == 100
+
+
+def test_registry_bodies_are_logged_cut_and_on_one_line(fake_registry):
+    fake_registry.mode = "status"
+    fake_registry.status = 404
+    fake_registry.body = b"nope\n2030-01-01 00:00:00,000 ERROR forged\x1b[2J" + b"x" * 5000
+    with pytest.raises(k8svent.RegistryError) as caught:
+        _client(fake_registry).list_tags()
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 600
+    assert "forged\\x1b[2J" in message
+
+
+def test_a_huge_retry_after_waits_a_day(fake_registry, mocker):
+    fake_registry.mode = "status"
+    fake_registry.status = 429
+    fake_registry.headers = {"Retry-After": "99999999999"}
+    upgrader, calls, recorder = _upgrader(fake_registry, "1.0.0", mocker, 1)
+    upgrader.start()
+    upgrader.join(10)
+    assert not upgrader.is_alive()
+    assert recorder.delays == [0.0, 86400]
 
 
 # --- upgrader ---------------------------------------------------------------
