@@ -130,6 +130,7 @@ UPGRADE_RELEASE_SECONDS = 86400
 UPGRADE_PRERELEASE_SECONDS = 14400
 UPGRADE_ERROR_SECONDS = 3600
 UPGRADE_JITTER_FRACTION = 0.10
+UPGRADE_READY_WAIT_SECONDS = 0.5   # how often a wait for the first poll looks at stop
 CHANNEL_TAGS = ("latest", "next")
 REGISTRY_TIMEOUT_SECONDS = 30
 REGISTRY_MAX_PAGES = 100
@@ -221,6 +222,7 @@ class Settings:
     retry_budget: float = 900.0
     state: str | None = None
     image: str = DEFAULT_IMAGE
+    image_given: bool = False   # --image or K8SVENT_IMAGE named the repository
     upgrade: str = "auto"
     upgrade_interval: float | None = None
     once: bool = False
@@ -412,6 +414,7 @@ def settings_from(args, environ):
             "--retry-budget", "K8SVENT_RETRY_BUDGET")),
         state=pick("--state", "K8SVENT_STATE"),
         image=image,
+        image_given=bool(args.get("--image") or environ.get("K8SVENT_IMAGE")),
         upgrade=upgrade,
         upgrade_interval=upgrade_interval,
         once=bool(args.get("--once")),
@@ -691,8 +694,8 @@ def same_repository(image_ref, image_repo):
         return False
 
 
-def own_image(pod, image_repo):
-    """Return the image of the k8svent container in a pod object, else None.
+def own_container(pod, image_repo):
+    """Return the k8svent container (its spec) of a pod object, else None.
 
     The container named 'k8svent' wins; else the first whose image is from
     the configured repository.
@@ -700,11 +703,28 @@ def own_image(pod, image_repo):
     containers = (pod.get("spec") or {}).get("containers") or []
     for container in containers:
         if container.get("name") == "k8svent" and container.get("image"):
-            return container["image"]
+            return container
     for container in containers:
         image = container.get("image")
         if image and same_repository(image, image_repo):
-            return image
+            return container
+    return None
+
+
+def own_image(pod, image_repo):
+    """Return the image of the k8svent container in a pod object, else None."""
+    container = own_container(pod, image_repo)
+    return container["image"] if container else None
+
+
+def running_digest(pod, container_name):
+    """Return the digest (sha256:...) a container runs, from its status's imageID, else None."""
+    # imageID is REPO@sha256:... (docker-pullable://REPO@... under dockershim):
+    # the digest of the manifest or index the kubelet pulled by tag.
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        if isinstance(status, dict) and status.get("name") == container_name:
+            digest = str(status.get("imageID") or "").rpartition("@")[2]
+            return digest if _DIGEST.fullmatch(digest) else None
     return None
 
 
@@ -728,6 +748,40 @@ def upgrade_decision(mode, version_env_set, own_image_ref):
     if image_channel(own_image_ref) != "channel":
         return False, f"image {own_image_ref} is pinned"
     return True, f"image {own_image_ref} follows a channel"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpgradePlan:
+    """What a check looks at: the repository, and for auto the channel tag and the digest run."""
+
+    image: str
+    channel_tag: str | None = None      # None: any newer version means exit
+    running_digest: str | None = None   # None: unknown, so never exit for it
+
+
+def upgrade_plan(mode, version_env_set, pod, image_repo, image_given):
+    """Return (UpgradePlan, why) when to check, else (None, why); pod is ours or None.
+
+    always: the configured repository, exit on any newer version. auto: the
+    repository the pod runs (the configured one when given), exit only when
+    the channel tag has moved off the digest running.
+    """
+    container = own_container(pod, image_repo) if pod else None
+    image_ref = container["image"] if container else None
+    wanted, why = upgrade_decision(mode, version_env_set, image_ref)
+    if not wanted:
+        return None, why
+    if mode == "always":
+        return UpgradePlan(image_repo), why
+    name, tag, _ = split_image_ref(image_ref)
+    if not image_given:
+        try:
+            parse_image(name)
+        except ValueError:
+            return None, f"image {image_ref} is not in a registry k8svent can read"
+        image_repo = name
+    return UpgradePlan(image_repo, tag or "latest",
+                       running_digest(pod, container.get("name"))), why
 
 
 def upgrade_interval_seconds(version, configured):
@@ -2054,14 +2108,21 @@ def locate_own_pod(pod_name, pod_namespace, hostname,
     return name, namespace
 
 
-def get_own_image(settings, name, namespace):
-    """Ask kubectl for k8svent's own pod; return its container's image, else None."""
+def get_own_pod(settings, name, namespace):
+    """Ask kubectl for k8svent's own pod object, or raise KubectlError."""
     output = run_kubectl(settings, "get", "pod", name, "-n", namespace, "-o", "json")
     try:
         pod = json.loads(output)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KubectlError(f"kubectl get pod {name} printed invalid JSON") from None
-    return own_image(pod, settings.image) if isinstance(pod, dict) else None
+    if not isinstance(pod, dict):
+        raise KubectlError(f"kubectl get pod {name} printed no pod")
+    return pod
+
+
+def get_own_image(settings, name, namespace):
+    """Ask kubectl for k8svent's own pod; return its container's image, else None."""
+    return own_image(get_own_pod(settings, name, namespace), settings.image)
 
 
 # --- Polling -----------------------------------------------------------------
@@ -2076,6 +2137,7 @@ class Poller:
         self.stop_event = threading.Event()
         self.last_poll_ok = None
         self.last_progress = time.monotonic()   # for Health: is it stuck?
+        self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller",
                                         daemon=True)
 
@@ -2141,6 +2203,8 @@ class Poller:
                 metrics.polled("error")
                 ok = False
             self.last_progress = time.monotonic()
+            if ok:
+                self.first_poll_done.set()
             wait = self._settings.interval if ok else self._settings.retry_interval
             if self.stop_event.wait(wait):
                 return
@@ -2163,16 +2227,30 @@ class Poller:
 class Upgrader:
     """Checks the registry for a newer version now and then, in a daemon thread.
 
-    On a newer version it logs it, calls on_newer(version) once and ends; main
-    decides how to exit. Errors are logged and retried later; they never end it.
+    decide() says what to check before each check: an UpgradePlan, or None
+    (with why) to stop checking; an error (its own pod not found) is retried
+    later. Without it, any newer version in client's repository counts. When
+    one counts, it logs it, calls on_newer(version) once and ends; main decides
+    how to exit. A newer version that the channel tag does not carry yet is
+    logged once and handed to on_available. Errors are logged and retried
+    later; they never end it. With `ready`, the first check waits for it (the
+    first successful poll).
     """
 
     def __init__(self, client, current_version, interval_seconds,
                  on_newer, logger, *,
                  error_seconds=UPGRADE_ERROR_SECONDS, first_delay_seconds=0.0,
-                 rng=None, decide=None):
+                 rng=None, decide=None, ready=None, on_available=None,
+                 client_for=None):
         self.decide = decide
         self.client = client
+        self._clients = {client.image: client}
+        self._client_for = client_for or (lambda image: RegistryClient(
+            image, user_agent=f"k8svent/{current_version}"))
+        self.ready = ready
+        self.on_available = on_available or (lambda newer: None)
+        self._plan_shown = None
+        self._announced = set()
         self.current_version = current_version
         self.interval_seconds = interval_seconds
         self.error_seconds = error_seconds
@@ -2201,14 +2279,12 @@ class Upgrader:
         return self._thread.is_alive()
 
     def run(self):
-        """Check, then wait, until stopped or a newer version is found."""
-        if self.decide is not None:
-            wanted, reason = self.decide()
-            if not wanted:
-                self.log.info("not checking for newer versions: %s", reason)
-                return
-        self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)",
-                      self.client.image, self.current_version, self.interval_seconds)
+        """After `ready`: check, then wait, until stopped, told not to, or upgrading."""
+        if self.ready is not None:
+            # A restart must first do what it is for: a poll, not a check.
+            while not self.ready.wait(UPGRADE_READY_WAIT_SECONDS):
+                if self._stop.is_set():
+                    return
         delay = self.first_delay_seconds
         while not self._stop.wait(delay):
             delay = self.check_once()
@@ -2216,31 +2292,78 @@ class Upgrader:
                 return
 
     def check_once(self):
-        """Do one check; return the seconds to wait before the next, or None when newer."""
+        """Do one check; return the seconds to wait before the next, or None to end."""
+        digest = None
         try:
-            tags = self.client.list_tags()
+            plan = self._plan()
+            if plan is None:
+                return None
+            client = self._client_of(plan.image)
+            tags = client.list_tags()
             ignored = non_version_tags(tags)
             if ignored:
                 self.log.debug("ignoring %d tags that are not semantic versions: %s",
                                len(ignored), cut(" ".join(ignored)))
             newer = newer_version(self.current_version, tags)
+            if newer is not None and plan.channel_tag is not None:
+                digest = client.manifest_digest(plan.channel_tag)
         except K8sventError as error:
             return self._after_error(str(error), getattr(error, "retry_after_seconds", None))
         except Exception as error:  # a bug must not end the thread
             self.log.error("upgrade check failed unexpectedly", exc_info=True)
             return self._after_error(type(error).__name__, None)
+        delay = jittered(self.interval_seconds, self._rng)
         if newer is None:
-            delay = jittered(self.interval_seconds, self._rng)
             self.log.debug("no version newer than %s among %d tags of %s; next check in %.0f s",
-                           self.current_version, len(tags), self.client.image, delay)
+                           self.current_version, len(tags), plan.image, delay)
+            return delay
+        if plan.channel_tag is not None and plan.running_digest in (None, digest):
+            # Exiting would pull the same image again, and again: a stray tag,
+            # a release whose image is not built yet, a lagging mirror.
+            if newer not in self._announced:
+                self._announced.add(newer)
+                self.log.info(
+                    "newer version %s found (running %s), but %s:%s %s; not restarting "
+                    "until the tag moves", newer, self.current_version, plan.image,
+                    plan.channel_tag,
+                    "is still the image running" if plan.running_digest else
+                    "cannot be compared with the image running (its digest is unknown)")
+            self._call(self.on_available, newer)
             return delay
         self.log.info("newer version %s found (running %s); exiting to upgrade",
-                         newer, self.current_version)
+                      newer, self.current_version)
+        self._call(self.on_newer, newer)
+        return None
+
+    def _plan(self):
+        """What to check now (logged when it changes), or None to stop checking."""
+        if self.decide is None:
+            plan = UpgradePlan(self.client.image)
+        else:
+            plan, why = self.decide()
+            if plan is None:
+                self.log.info("not checking for newer versions: %s", why)
+                return None
+        if plan != self._plan_shown:
+            self._plan_shown = plan
+            self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)%s",
+                          plan.image, self.current_version, self.interval_seconds,
+                          f"; restarting when {plan.channel_tag} moves off the image "
+                          f"running" if plan.channel_tag else "")
+        return plan
+
+    def _client_of(self, image):
+        """The registry client for a repository, made once."""
+        if image not in self._clients:
+            self._clients[image] = self._client_for(image)
+        return self._clients[image]
+
+    def _call(self, callback, newer):
+        """Call on_newer or on_available, logging (not raising) what goes wrong."""
         try:
-            self.on_newer(newer)
+            callback(newer)
         except Exception:
             self.log.error("upgrade callback failed", exc_info=True)
-        return None
 
     def _after_error(self, reason, retry_after_seconds):
         """Log a failed check in one line and return the delay before the next."""
@@ -2697,7 +2820,8 @@ def main(argv=None, environ=None):
         upgrader = Upgrader(
             RegistryClient(settings.image, user_agent=f"k8svent/{version()}"),
             version(), upgrade_interval_seconds(version(), settings.upgrade_interval),
-            on_newer, log, decide=lambda: upgrade_decision_here(settings, environ))
+            on_newer, log, decide=lambda: upgrade_decision_here(settings, environ),
+            ready=poller.first_poll_done, on_available=metrics.set_newer_version)
 
     previous = {s: signal.signal(s, on_signal)
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -2729,19 +2853,20 @@ def main(argv=None, environ=None):
 
 
 def upgrade_decision_here(settings, environ):
-    """Whether to check for newer versions where we run, and why."""
+    """(UpgradePlan or None, why) where we run; KubectlError: ask again later."""
     version_set = bool(environ.get("K8SVENT_VERSION"))
-    image = None
+    pod = None
     if settings.upgrade == "auto" and version_set:
         located = locate_own_pod(environ.get("POD_NAME"),
                                  environ.get("POD_NAMESPACE"), socket.gethostname())
         if located:
             try:
-                image = get_own_image(settings, *located)
+                pod = get_own_pod(settings, *located)
             except KubectlError as exc:
-                log.warning("cannot look up own pod %s/%s: %s", located[1],
-                            located[0], exc)
-    return upgrade_decision(settings.upgrade, version_set, image)
+                raise KubectlError(f"cannot look up own pod {located[1]}/{located[0]}: "
+                                   f"{exc}") from None
+    return upgrade_plan(settings.upgrade, version_set, pod, settings.image,
+                        settings.image_given)
 
 
 def _shut_down(senders, store, stop, status):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import semver
 
 import k8svent
@@ -668,6 +670,7 @@ def _write_oci_layout(layout):
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
                        "annotations": {"org.opencontainers.image.ref.name": "k8svent"}}],
     }))
+    return manifest["digest"]
 
 
 @pytest.fixture(scope="module")
@@ -702,7 +705,7 @@ def real_registry(tmp_path_factory):
         (port,) = ports
         address = f"127.0.0.1:{port}"
         layout = base / "oci"
-        _write_oci_layout(layout)
+        digest = _write_oci_layout(layout)
         (base / "policy.json").write_text(
             json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         env = {**os.environ, "HOME": str(base), "XDG_RUNTIME_DIR": str(base)}
@@ -713,7 +716,7 @@ def real_registry(tmp_path_factory):
                  f"--dest-creds={token_server.PUSH_USER}:{token_server.PUSH_PASSWORD}",
                  f"oci:{layout}:k8svent", f"docker://{address}/atomist/k8svent:{tag}"],
                 check=True, env=env, timeout=120, capture_output=True)
-        yield {"address": address, "tokens": tokens}
+        yield {"address": address, "tokens": tokens, "digest": digest}
     finally:
         process.terminate()
         try:
@@ -764,6 +767,38 @@ def test_real_registry_upgrader_finds_newer(real_registry, mocker, caplog):
         assert token not in caplog.text
 
 
+def test_real_registry_gives_the_channel_tags_digest(real_registry):
+    client = k8svent.RegistryClient(f"{real_registry['address']}/atomist/k8svent",
+                                    timeout_seconds=10)
+    assert client.manifest_digest("latest") == real_registry["digest"]
+    with pytest.raises(k8svent.RegistryError) as caught:
+        client.manifest_digest("no-such-tag")
+    assert caught.value.status == 404
+
+
+@pytest.mark.parametrize("running, exits", [("same", False), ("other", True)])
+def test_real_registry_upgrader_exits_only_when_the_tag_moved(real_registry, caplog,
+                                                             running, exits):
+    caplog.set_level(logging.INFO, logger="k8svent")
+    image = f"{real_registry['address']}/atomist/k8svent"
+    digest = real_registry["digest"] if running == "same" else "sha256:" + "0" * 64
+    calls, available = [], []
+    upgrader = k8svent.Upgrader(
+        k8svent.RegistryClient(image, timeout_seconds=10), "0.14.0", 1000, calls.append,
+        logging.getLogger("k8svent"), on_available=available.append,
+        decide=lambda: (k8svent.UpgradePlan(image, "latest", digest), "a channel"))
+    delay = upgrader.check_once()
+    if exits:
+        assert delay is None and calls == ["v0.15.0"] and available == []
+        assert "exiting to upgrade" in caplog.text
+    else:
+        assert 900 <= delay <= 1100 and calls == [] and available == ["v0.15.0"]
+        assert "latest is still the image running; not restarting" in caplog.text
+        upgrader.check_once()
+        assert caplog.text.count("newer version v0.15.0 found") == 1
+        assert available == ["v0.15.0", "v0.15.0"]
+
+
 def test_real_registry_unknown_repository(real_registry):
     client = k8svent.RegistryClient(f"{real_registry['address']}/atomist/nothing",
                                     timeout_seconds=10)
@@ -780,9 +815,16 @@ from test.pods import make_pod  # noqa: E402
 from test.test_e2e import start  # noqa: E402,F401  (a fixture)
 
 
-def _own_pod(image):
+RUNNING = "sha256:" + "a" * 64
+MOVED = "sha256:" + "b" * 64
+
+
+def _own_pod(image, digest=RUNNING):
     pod = make_pod("k8svent", "k8svent-5d8f7c9b6-x2x4q")
     pod["spec"]["containers"][0].update(name="k8svent", image=image)
+    pod["status"]["containerStatuses"][0].update(
+        name="k8svent", image=image,
+        imageID=f"{k8svent.split_image_ref(image)[0]}@{digest}" if digest else "")
     return pod
 
 
@@ -802,6 +844,7 @@ def _upgrade_env():
 
 def test_process_exits_0_to_upgrade_on_a_channel(kubeapi, start, receivers, fake_registry):
     fake_registry.tags = ["0.9.0", "1.0.0", "1.1.0-next.3", "1.1.0", "latest", "next"]
+    fake_registry.digests = {"latest": MOVED, "next": RUNNING}
     kubeapi.put_pod(_own_pod("atomist/k8svent:latest"))
     receiver = receivers()
     service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
@@ -810,6 +853,98 @@ def test_process_exits_0_to_upgrade_on_a_channel(kubeapi, start, receivers, fake
     log = service.log()
     assert "newer version 1.1.0 found (running 1.0.0); exiting to upgrade" in log
     assert "stopped" in log
+    # The first check follows the first poll, and asks for the channel tag's digest.
+    assert log.index("poll: ") < log.index("checking ")
+    (head,) = fake_registry.manifest_requests()
+    assert head["path"].endswith("/manifests/latest") and head["method"] == "HEAD"
+    accepted = head["headers"]["Accept"]
+    for media_type in ("application/vnd.oci.image.index.v1+json",
+                       "application/vnd.docker.distribution.manifest.list.v2+json",
+                       "application/vnd.oci.image.manifest.v1+json",
+                       "application/vnd.docker.distribution.manifest.v2+json"):
+        assert media_type in accepted
+
+
+def test_process_stays_while_the_channel_tag_is_the_image_running(
+        kubeapi, start, receivers, fake_registry):
+    # A stray newer tag (a release whose image did not build, a lagging
+    # mirror): restarting would pull the same image, again and again.
+    fake_registry.tags = ["1.0.0", "1.1.0", "latest"]
+    fake_registry.digests = {"latest": RUNNING}
+    kubeapi.put_pod(_own_pod("atomist/k8svent:latest"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
+                    "--upgrade-interval=1", "--listen=127.0.0.1:0", env=_upgrade_env())
+    service.wait_log("newer version 1.1.0 found .*but .*:latest is still the image running; "
+                     "not restarting")
+    _wait_until(lambda: len(fake_registry.manifest_requests()) >= 3)
+    assert service.count("newer version 1.1.0 found") == 1
+    port = re.search(r"listening on http://127.0.0.1:(\d+)", service.log())[1]
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'k8svent_newer_version_available{version="1.1.0"} 1.0' in metrics
+    # Once the tag moves, it restarts.
+    fake_registry.digests = {"latest": MOVED}
+    assert service.wait(timeout=30) == 0
+    assert "newer version 1.1.0 found (running 1.0.0); exiting to upgrade" in service.log()
+
+
+def test_process_watches_the_repository_its_pod_runs(kubeapi, start, receivers, fake_registry):
+    fake_registry.tags = ["1.0.0", "1.1.0"]
+    fake_registry.digests = {"next": MOVED}
+    kubeapi.put_pod(_own_pod(f"{fake_registry.image}:next"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", env=_upgrade_env())   # no --image
+    assert service.wait(timeout=30) == 0
+    assert f"checking {fake_registry.image} for a version newer than 1.0.0" in service.log()
+    assert fake_registry.manifest_requests()[0]["path"].endswith("/manifests/next")
+
+
+def test_process_retries_a_failed_look_up_of_its_pod(mocker, fake_registry):
+    fake_registry.tags = ["1.0.0", "1.1.0"]
+    fake_registry.digests = {"latest": MOVED}
+    answers = [k8svent.KubectlError("cannot look up own pod k8svent/x: NotFound"),
+               (k8svent.UpgradePlan(fake_registry.image, "latest", RUNNING), "a channel")]
+
+    def decide():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    upgrader, calls, recorder = _upgrader(fake_registry, "1.0.0", mocker, 5, decide=decide)
+    upgrader.start()
+    upgrader.join(10)
+    assert calls == ["1.1.0"]
+    assert recorder.delays == [0.0, 3600]
+
+
+def _wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("image, digest, given, expected", [
+    ("ghcr.io/me/k8svent:latest", RUNNING, False,
+     k8svent.UpgradePlan("ghcr.io/me/k8svent", "latest", RUNNING)),
+    ("ghcr.io/me/k8svent", RUNNING, False,
+     k8svent.UpgradePlan("ghcr.io/me/k8svent", "latest", RUNNING)),
+    ("ghcr.io/me/k8svent:next", RUNNING, True,
+     k8svent.UpgradePlan("docker.io/atomist/k8svent", "next", RUNNING)),
+    ("atomist/k8svent:latest", "", False,
+     k8svent.UpgradePlan("atomist/k8svent", "latest", None)),
+    ("atomist/k8svent:1.0.0", RUNNING, False, None),
+])
+def test_upgrade_plan_in_auto(image, digest, given, expected):
+    pod = _own_pod(image, digest)
+    plan, _ = k8svent.upgrade_plan("auto", True, pod, "docker.io/atomist/k8svent", given)
+    assert plan == expected
+
+
+def test_upgrade_plan_always_watches_the_configured_repository():
+    plan, _ = k8svent.upgrade_plan("always", False, None, "docker.io/atomist/k8svent", False)
+    assert plan == k8svent.UpgradePlan("docker.io/atomist/k8svent")
 
 
 def test_process_pinned_does_not_check(kubeapi, start, receivers, fake_registry):
