@@ -62,7 +62,7 @@ Options:
 """
 
 import base64
-import concurrent.futures
+import collections
 import dataclasses
 import email.utils
 import fcntl
@@ -115,6 +115,7 @@ BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
+MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
 PIPE_BUFFER_BYTES = 1 << 20
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
@@ -227,6 +228,7 @@ class Settings:
     upgrade_interval: float | None = None
     once: bool = False
     dry_run: bool = False
+    repeated_urls: int = 0
 
     def __repr__(self):
         # The secret and URL credentials must never reach a log line.
@@ -343,7 +345,9 @@ def settings_from(args, environ):
     urls = args.get("--url") or []
     if not urls:
         urls = [u.strip() for u in environ.get("K8SVENT_WEBHOOKS", "").split(",")]
-    urls = tuple(_check_url(u) for u in urls if u)
+    urls = [_check_url(u) for u in urls if u]
+    repeated_urls = len(urls) - len(set(urls))
+    urls = tuple(dict.fromkeys(urls))
 
     secret = args.get("--secret")
     secret_file = args.get("--secret-file")
@@ -419,6 +423,7 @@ def settings_from(args, environ):
         upgrade_interval=upgrade_interval,
         once=bool(args.get("--once")),
         dry_run=dry_run,
+        repeated_urls=repeated_urls,
     )
 
 
@@ -535,6 +540,13 @@ def endpoint_label(url):
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}"
+
+
+def backoff_delay(attempts, rng=random):
+    """The delay after a delivery's attempts-th failed attempt (0.5 s x1.5, +-50 %, <= 60 s)."""
+    delay = min(BACKOFF_START_SECONDS * BACKOFF_FACTOR ** min(attempts - 1, 64),
+                BACKOFF_CAP_SECONDS)
+    return delay * rng.uniform(0.5, 1.5)
 
 
 def backoff_delays(rng=random):
@@ -847,36 +859,62 @@ def parse_link_next(header, base_url):
     return None
 
 
-# --- State: what every endpoint was last sent --------------------------------
+# --- State: the snapshot of pods and the outbox of each webhook --------------
 
 # Pods and their bodies live apart: a poll reads and writes the small rows
-# of every pod, and only the bodies of the pods that changed.
+# of every pod, and only the bodies of the pods that changed. The outbox holds
+# at most one row per (webhook, pod): the pod's newest state is read from
+# `bodies` when the row is sent, so a row never carries a stale copy.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pods (
     key TEXT PRIMARY KEY,
     fp BLOB NOT NULL,
     duress INTEGER NOT NULL,
-    deleted INTEGER NOT NULL
+    deleted INTEGER NOT NULL,
+    uid TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bodies (key TEXT PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS delivered (
+CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
     endpoint TEXT NOT NULL,
     key TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
     fp BLOB NOT NULL,
+    attempts INTEGER NOT NULL,
+    due REAL NOT NULL,
+    owed_since REAL NOT NULL,
+    expired INTEGER NOT NULL,
     PRIMARY KEY (endpoint, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (endpoint, due);
 CREATE TABLE IF NOT EXISTS staged (
     key TEXT PRIMARY KEY,
     fp BLOB NOT NULL,
     duress INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    uid TEXT
 );
+CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY);
 """
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SQL_BATCH = 500
-OWED_BATCH = 256
+# A new message id in SQL, of the same form as new_message_id().
+_NEW_MSG_ID_SQL = "'msg_' || lower(hex(randomblob(13)))"
+# Owe the pods chosen by {where} to every webhook (those of {endpoints}): a new
+# row, or the existing row when it owes an older state (a new delivery: a new
+# message id, attempts from 0). A row that owes this very state is left alone.
+_OWE_SQL = f"""
+INSERT INTO outbox (endpoint, key, msg_id, fp, attempts, due, owed_since, expired)
+SELECT e.id, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :now, :now, 0
+FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
+ON CONFLICT (endpoint, key) DO UPDATE SET
+    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due
+WHERE outbox.fp != excluded.fp
+"""
+# A pod deleted and created again under its name has a new uid: the old one
+# is kept apart under KEY#UID until its deletion has reached every webhook.
+_GONE_SEPARATOR = "#"
 
 
 def _corrupt(exc):
@@ -916,11 +954,9 @@ def _open_private(path, create):
     return fd
 
 
-def state_scope(settings):
-    """What a snapshot is of: the kubectl context and namespace ('' for defaults)."""
-    if not (settings.context or settings.namespace):
-        return ""
-    return f"{settings.context or ''}/{settings.namespace or ''}"
+def state_scope(settings, server=""):
+    """What a snapshot is of: the API server kubectl talks to, and the namespace."""
+    return f"{server}|{settings.namespace or ''}"
 
 
 def endpoint_id(url):
@@ -928,8 +964,55 @@ def endpoint_id(url):
     return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
+PodEntry = collections.namedtuple("PodEntry", "key uid fp duress body")
+
+
+def pod_entry(pod):
+    """What the store keeps of a pod: key, uid, fingerprint, duress and bytes."""
+    pod_bytes = encode_pod(pod)
+    return PodEntry(pod_key(pod), (pod.get("metadata") or {}).get("uid"),
+                    fingerprint(pod_bytes), pod_under_duress(pod), pod_bytes)
+
+
+Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body")
+
+
+def _other_pod(old_uid, uid):
+    """Whether a uid names another pod than the one known (None: not known)."""
+    return old_uid is not None and uid is not None and old_uid != uid
+
+
+def _same_scope(old, new):
+    """Whether a scope written by schema 2 (CONTEXT/NAMESPACE) names the same pods."""
+    # Schema 2 knew no API server: its state is kept when the namespace agrees,
+    # so that an upgrade does not send every pod again.
+    if "|" in old:
+        return False
+    return old.partition("/")[2] == new.partition("|")[2]
+
+
+def _migrate_from_2(db):
+    """Turn a schema 2 state (what each webhook last got) into outboxes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE pods ADD COLUMN uid TEXT")
+        db.execute("DROP TABLE staged")
+        db.execute("""CREATE TABLE staged (key TEXT PRIMARY KEY, fp BLOB NOT NULL,
+            duress INTEGER NOT NULL, body BLOB NOT NULL, uid TEXT)""")
+        db.execute(_OWE_SQL.format(
+            where="NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
+                  " AND d.key = p.key AND d.fp = p.fp)", endpoints="1"),
+            {"now": time.time()})
+        db.execute("DROP TABLE delivered")
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 class Store:
-    """The snapshot of pods and what each endpoint last received, in SQLite."""
+    """The snapshot of pods and every webhook's outbox, in SQLite."""
 
     def __init__(self, path=None, scope=""):
         self._temporary = path is None
@@ -1014,14 +1097,14 @@ class Store:
             self._lock_file = None
 
     def _check_scope(self, scope):
-        """Start afresh if the state was written for another cluster or namespace."""
+        """Start afresh if the state was written for another cluster or selection."""
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
-            if row is not None and row[0] != scope:
-                log.warning("state file %s was written for another context or "
-                            "namespace (%s, now %s); starting a fresh snapshot",
+            if row is not None and row[0] != scope and not _same_scope(row[0], scope):
+                log.warning("state file %s was written for another cluster or "
+                            "selection (%s, now %s); starting a fresh snapshot",
                             self.path, row[0] or "default", scope or "default")
-                for table in ("pods", "bodies", "delivered"):
+                for table in ("pods", "bodies", "outbox"):
                     db.execute(f"DELETE FROM {table}")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('scope', ?)", (scope,))
 
@@ -1041,6 +1124,8 @@ class Store:
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)",
                            (_SCHEMA_VERSION,))
+            elif row[0] == 2:
+                _migrate_from_2(db)
             elif row[0] != _SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"unknown schema version {row[0]}")
         except BaseException:
@@ -1064,13 +1149,17 @@ class Store:
         return _Transaction(self._db, self._lock)
 
     def set_endpoints(self, ids):
-        """Record the configured endpoints and forget every other one."""
+        """Record the configured webhooks: forget others, owe every pod to new ones."""
         with self._transaction() as db:
+            known = {i for i, in db.execute("SELECT id FROM endpoints")}
             db.execute("DELETE FROM endpoints")
-            db.executemany("INSERT INTO endpoints VALUES (?)",
-                           [(i,) for i in ids])
-            db.execute("DELETE FROM delivered WHERE endpoint NOT IN "
+            db.executemany("INSERT INTO endpoints VALUES (?)", [(i,) for i in ids])
+            db.execute("DELETE FROM outbox WHERE endpoint NOT IN "
                        "(SELECT id FROM endpoints)")
+            for new in set(ids) - known:
+                db.execute(_OWE_SQL.format(where="p.deleted = 0",
+                                           endpoints="e.id = :endpoint"),
+                           {"now": time.time(), "endpoint": new})
 
     def begin_poll(self):
         """Start a poll: forget what a failed one had read."""
@@ -1078,10 +1167,10 @@ class Store:
         with self._transaction() as db:
             db.execute("DELETE FROM staged")
 
-    def apply_page(self, pods):
-        """Merge one page of (key, fp, duress, pod_bytes); count by reason."""
+    def apply_page(self, entries):
+        """Stage one page of PodEntry; count by reason (new, changed, unhealthy)."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
-        keys = [p[0] for p in pods]
+        keys = [e.key for e in entries]
         # The keys seen by this poll, for its deletions: in memory for the
         # length of a poll only (about 100 bytes a pod).
         self._seen.update(keys)
@@ -1089,90 +1178,177 @@ class Store:
             known = {}
             for start in range(0, len(keys), _SQL_BATCH):
                 batch = keys[start:start + _SQL_BATCH]
-                known.update((k, (fp, deleted)) for k, fp, deleted in db.execute(
-                    "SELECT key, fp, deleted FROM pods WHERE key IN (%s)"
+                known.update((k, (fp, deleted, uid)) for k, fp, deleted, uid in db.execute(
+                    "SELECT key, fp, deleted, uid FROM pods WHERE key IN (%s)"
                     % ",".join("?" * len(batch)), batch))
             upserts = []
-            for key, fp, duress, pod_bytes in pods:
-                old = known.get(key)
-                if old is None or old[1]:
+            for entry in entries:
+                old = known.get(entry.key)
+                if old is None or old[1] or _other_pod(old[2], entry.uid):
                     counts["new"] += 1
-                elif old[0] != fp:
+                elif old[0] != entry.fp:
                     counts["changed"] += 1
                 else:
-                    if duress:
+                    if entry.duress:
                         counts["unhealthy"] += 1
                     continue
-                upserts.append((key, fp, int(duress), zlib.compress(pod_bytes, 1)))
+                upserts.append((entry.key, entry.fp, int(entry.duress),
+                                zlib.compress(entry.body, 1), entry.uid))
             # New and changed pods wait in `staged` until the listing is
             # complete: a poll that fails changes nothing.
-            db.executemany("INSERT OR REPLACE INTO staged (key, fp, duress, body)"
-                           " VALUES (?, ?, ?, ?)", upserts)
+            db.executemany("INSERT OR REPLACE INTO staged (key, fp, duress, body, uid)"
+                           " VALUES (?, ?, ?, ?, ?)", upserts)
         return counts
 
     def finish_poll(self):
-        """After a complete listing: take what changed, mark pods not seen as deleted."""
+        """After a complete listing: take what changed, delete pods not seen, owe.
+
+        Returns how many pods were deleted.
+        """
         seen, self._seen = self._seen, set()
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted)"
-                       " SELECT key, fp, duress, 0 FROM staged")
-            db.execute("INSERT OR REPLACE INTO bodies (key, body)"
-                       " SELECT key, body FROM staged")
-            db.execute("DELETE FROM staged")
+            self._merge_staged(db)
             gone = [key for key, in db.execute(
                 "SELECT key FROM pods WHERE deleted = 0") if key not in seen]
             del seen
-            rows, bodies = [], []
-            for key in gone:
-                body, = db.execute("SELECT body FROM bodies WHERE key = ?",
-                                   (key,)).fetchone()
-                pod_bytes = mark_deleted(zlib.decompress(body))
-                rows.append((fingerprint(pod_bytes), key))
-                bodies.append((zlib.compress(pod_bytes, 1), key))
-            db.executemany("UPDATE pods SET fp=?, deleted=1, duress=0 "
-                           "WHERE key=?", rows)
-            db.executemany("UPDATE bodies SET body=? WHERE key=?", bodies)
-        return len(rows)
+            self._mark_deleted(db, gone)
+            self._owe_marked(db)
+            self._owe_duress(db)
+        return len(gone)
 
-    def owed(self, endpoint, after="", limit=-1):
-        """Keys owed to an endpoint: (key, force), force for pods under duress.
+    def owe_duress(self):
+        """Owe every pod under duress again (a no-op where one is still owed)."""
+        with self._transaction() as db:
+            self._owe_duress(db)
 
-        In key order, from the first key after `after`, at most `limit`.
-        """
-        with self._lock:
-            return self._db.execute(
-                "SELECT p.key, p.duress FROM pods p LEFT JOIN delivered d "
-                "ON d.endpoint = ? AND d.key = p.key "
-                "WHERE p.key > ? AND (d.fp IS NULL OR d.fp != p.fp OR p.duress = 1) "
-                "ORDER BY p.key LIMIT ?", (endpoint, after, limit)).fetchall()
+    @staticmethod
+    def _owe_duress(db):
+        db.execute(_OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0",
+                                   endpoints="1"), {"now": time.time()})
 
-    def latest(self, endpoint, key):
-        """(fp, pod_bytes, duress, delivered_fp) of a pod, or None if gone."""
+    @staticmethod
+    def _merge_staged(db):
+        """Move staged pods into the snapshot and mark them to be owed."""
+        # A pod whose uid changed was deleted and created again: its last
+        # state goes out as deleted, apart from the new pod. So does a deleted
+        # pod not yet told to every webhook when a new one takes its name.
+        replaced = db.execute(
+            "SELECT s.key, p.uid, p.deleted, b.body FROM staged s"
+            " JOIN pods p ON p.key = s.key JOIN bodies b ON b.key = s.key"
+            " WHERE (p.deleted = 0 AND p.uid != s.uid)"
+            " OR (p.deleted = 1 AND EXISTS (SELECT 1 FROM outbox o, endpoints e"
+            "  WHERE o.endpoint = e.id AND o.key = p.key))").fetchall()
+        for key, uid, deleted, body in replaced:
+            apart = f"{key}{_GONE_SEPARATOR}{uid}"
+            pod_bytes = zlib.decompress(body)
+            if not deleted:
+                pod_bytes = mark_deleted(pod_bytes)
+            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+                       " VALUES (?, ?, 0, 1, ?)", (apart, fingerprint(pod_bytes), uid))
+            db.execute("INSERT OR REPLACE INTO bodies VALUES (?, ?)",
+                       (apart, zlib.compress(pod_bytes, 1)))
+            if deleted:   # the rows that owe its deletion follow it
+                db.execute("DELETE FROM outbox WHERE key = ? AND endpoint IN"
+                           " (SELECT endpoint FROM outbox WHERE key = ?)", (apart, key))
+                db.execute("UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN"
+                           " (SELECT id FROM endpoints)", (apart, key))
+            else:
+                db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (apart,))
+        db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+                   " SELECT key, fp, duress, 0, uid FROM staged")
+        db.execute("INSERT OR REPLACE INTO bodies (key, body)"
+                   " SELECT key, body FROM staged")
+        db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
+        db.execute("DELETE FROM staged")
+
+    @staticmethod
+    def _mark_deleted(db, keys):
+        """Give these pods status.phase Deleted and mark them to be owed."""
+        rows, bodies = [], []
+        for key in keys:
+            body, = db.execute("SELECT body FROM bodies WHERE key = ?",
+                               (key,)).fetchone()
+            pod_bytes = mark_deleted(zlib.decompress(body))
+            rows.append((fingerprint(pod_bytes), key))
+            bodies.append((zlib.compress(pod_bytes, 1), key))
+        db.executemany("UPDATE pods SET fp=?, deleted=1, duress=0 WHERE key=?", rows)
+        db.executemany("UPDATE bodies SET body=? WHERE key=?", bodies)
+        db.executemany("INSERT OR IGNORE INTO marked VALUES (?)", [(k,) for k in keys])
+
+    @staticmethod
+    def _owe_marked(db):
+        """Owe every marked pod to every webhook."""
+        db.execute(_OWE_SQL.format(where="p.key IN (SELECT key FROM marked)",
+                                   endpoints="1"), {"now": time.time()})
+        db.execute("DELETE FROM marked")
+
+    # The outbox, as the delivery workers use it.
+
+    def claim(self, endpoint, now, busy=()):
+        """The earliest-due row owed to a webhook (not among `busy` keys), or None."""
+        skip = ",".join("?" * len(busy))
         with self._lock:
             row = self._db.execute(
-                "SELECT p.fp, b.body, p.duress, d.fp FROM pods p "
-                "JOIN bodies b ON b.key = p.key "
-                "LEFT JOIN delivered d ON d.endpoint = ? AND d.key = p.key "
-                "WHERE p.key = ?", (endpoint, key)).fetchone()
+                "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
+                " FROM outbox o JOIN bodies b ON b.key = o.key"
+                " WHERE o.endpoint = ? AND o.due <= ?"
+                f" AND o.key NOT IN ({skip}) ORDER BY o.due, o.rowid LIMIT 1",
+                (endpoint, now, *busy)).fetchone()
         if row is None:
             return None
-        return row[0], zlib.decompress(row[1]), bool(row[2]), row[3]
+        return Owed(*row[:4], zlib.decompress(row[4]))
 
-    def record_delivery(self, endpoint, key, fp):
-        """Remember that an endpoint has received this state of a pod."""
+    def next_due(self, endpoint, busy=()):
+        """When the next row owed to a webhook (not among `busy`) is due, or None."""
+        skip = ",".join("?" * len(busy))
+        with self._lock:
+            return self._db.execute(
+                f"SELECT min(due) FROM outbox WHERE endpoint = ? AND key NOT IN ({skip})",
+                (endpoint, *busy)).fetchone()[0]
+
+    def settle(self, endpoint, key, msg_id):
+        """A delivery is done with (2xx or refused): the row goes, unless it owes a newer state."""
         with self._lock:   # one statement: a transaction of its own
-            self._db.execute("INSERT OR REPLACE INTO delivered VALUES (?, ?, ?)",
-                             (endpoint, key, fp))
+            self._db.execute("DELETE FROM outbox WHERE endpoint = ? AND key = ?"
+                             " AND msg_id = ?", (endpoint, key, msg_id))
+
+    def retry_at(self, endpoint, key, msg_id, attempts, due):
+        """A delivery failed: try it again at `due` (a newer state keeps its own)."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET attempts = ?, due = ? WHERE endpoint = ?"
+                             " AND key = ? AND msg_id = ?",
+                             (attempts, due, endpoint, key, msg_id))
+
+    def expire(self, endpoint, owed_before):
+        """Flag the rows owed since before `owed_before`; return how many were new."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE outbox SET expired = 1 WHERE endpoint = ? AND expired = 0"
+                " AND owed_since < ?", (endpoint, owed_before)).rowcount
+
+    def pending(self, endpoint):
+        """How many rows a webhook is owed that are not past the retry budget."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0",
+                (endpoint,)).fetchone()[0]
+
+    def backlog(self):
+        """{endpoint: (rows owed, the oldest owed_since)} of every webhook."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.id, count(o.key), min(o.owed_since) FROM endpoints e"
+                " LEFT JOIN outbox o ON o.endpoint = e.id GROUP BY e.id").fetchall()
+        return {endpoint: (count, oldest) for endpoint, count, oldest in rows}
 
     def prune(self):
-        """Forget deleted pods once every endpoint has been told."""
+        """Forget deleted pods once every webhook has been told."""
         with self._transaction() as db:
             told = [(key,) for key, in db.execute(
                 "SELECT key FROM pods WHERE deleted = 1 AND NOT EXISTS ("
-                " SELECT 1 FROM endpoints e WHERE NOT EXISTS ("
-                "  SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
-                "  AND d.key = pods.key AND d.fp = pods.fp))")]
-            for table in ("pods", "bodies", "delivered"):
+                " SELECT 1 FROM outbox o, endpoints e WHERE o.endpoint = e.id"
+                " AND o.key = pods.key)")]
+            for table in ("pods", "bodies"):
                 db.executemany(f"DELETE FROM {table} WHERE key = ?", told)
 
     def count(self):
@@ -1628,6 +1804,10 @@ def _basic_auth(username, password):
     return "Basic " + base64.b64encode(raw).decode()
 
 
+class OutputClosed(K8sventError):
+    """--dry-run: whoever read stdout has closed it (`| head`)."""
+
+
 class StdoutEndpoint:
     """--dry-run: print each payload as a line instead of posting it."""
 
@@ -1639,9 +1819,12 @@ class StdoutEndpoint:
         self._lock = threading.Lock()
 
     def post(self, body):
-        with self._lock:
-            self._stream.write(body.decode() + "\n")
-            self._stream.flush()
+        try:
+            with self._lock:
+                self._stream.write(body.decode() + "\n")
+                self._stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed("stdout was closed") from None
         return None
 
     def close(self):
@@ -1666,210 +1849,266 @@ def retryable(status):
     return status == 429 or status >= 500
 
 
-class Sender:
-    """Delivers what is owed to one endpoint, with its own pool of workers."""
+def failure_cause(exc):
+    """What went wrong with a request, as the OS or TLS said it, in a few words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: {exc.verify_message or 'certificate verify failed'}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"DNS: {exc.strerror or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "closed without an answer"
+    if isinstance(exc, http.client.HTTPException):
+        return f"bad HTTP answer ({type(exc).__name__})"
+    return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).lower()
 
-    def __init__(self, endpoint, store, settings, stop, rng=random):
+
+# After this many connection-level failures in a row (refused, timeout, TLS,
+# 5xx, 429) a webhook counts as down: one probe at a time until it answers.
+DOWN_AFTER_FAILURES = 3
+DOWN_LOG_SECONDS = 60
+HOUSEKEEPING_SECONDS = 2
+
+
+class Sender:
+    """Delivers one webhook's outbox with a pool of worker threads.
+
+    Workers take the earliest-due row of the outbox (never a key another
+    worker holds), POST the pod's newest state, and settle the row (2xx, or a
+    refusal) or move its due time on (back-off); none sleeps holding a row.
+    After DOWN_AFTER_FAILURES connection-level failures in a row the webhook
+    is down: one probe at a time, backing off to 60 s, until one succeeds.
+    """
+
+    def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.time):
         self.endpoint = endpoint
         self._store = store
         self._settings = settings
         self._stop = stop
         self._rng = rng
-        # Reentrant: a worker that is already done runs its callback at once,
-        # inside _pump, which holds the lock.
-        self._lock = threading.RLock()
-        self._pending = {}        # key -> force, in key order
-        self._after = ""          # the last key taken from the store
-        self._scanning = False    # whether the store may owe more
-        self._inflight = set()
-        self._futures = set()
-        self._idle = threading.Condition(self._lock)
-        self.failed = 0           # deliveries that failed for good
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._busy = set()            # keys in flight
+        self.up = True
+        self._failures = 0            # connection-level failures in a row
+        self._cause = None            # of the last of them
+        self._down_since = None
+        self._down_logged = 0.0
+        self._probe_key = None        # the key of the probe in flight, when down
+        self._probe_delays = None
+        self._probe_due = 0.0
+        self._housekept = 0.0
         self.succeeded = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.workers,
-            thread_name_prefix=f"deliver-{endpoint.label}")
+        self.failed = 0               # refused, or past the retry budget
+        self.output_closed = False
+        self._threads = [threading.Thread(target=self._work, daemon=True,
+                                          name=f"deliver-{endpoint.label}-{i}")
+                         for i in range(settings.workers)]
 
-    def offer(self):
-        """A poll has finished: go through what the store says is owed."""
-        with self._lock:
-            # From the first key again: a pod under duress is sent once per
-            # poll, and what the last scan has not reached yet only once.
-            self._after, self._scanning = "", True
-            self._pump()
+    def start(self):
+        for thread in self._threads:
+            thread.start()
 
-    def _refill(self):
-        """Queue the next owed keys from the store, a batch at a time (lock held)."""
-        # The queue stays short however much is owed (every pod, on a first
-        # poll): the keys wait in the store, not in memory.
-        while self._scanning and len(self._pending) < self._settings.workers:
-            owed = self._store.owed(self.endpoint.id, self._after, OWED_BATCH)
-            if len(owed) < OWED_BATCH:
-                self._scanning = False
-            if owed:
-                self._after = owed[-1][0]
-            for key, force in owed:
-                if key in self._pending:
-                    self._pending[key] = self._pending[key] or bool(force)
-                else:
-                    # Also when in flight: that attempt may have read the
-                    # state before this one. It waits for it to end, and is
-                    # a no-op if the newest state was what got delivered.
-                    self._pending[key] = bool(force)
-
-    def _pump(self):
-        """Start worker loops while there is work and room for them (lock held)."""
-        # A worker takes key after key until none is left: no future, queue
-        # hand-off and callback per delivery, which would cost more than the
-        # POST itself to a fast receiver.
-        self._refill()
-        while (self._pending and not self._stop.is_set()
-               and len(self._futures) < self._settings.workers):
-            future = self._pool.submit(self._work)
-            self._futures.add(future)
-            future.add_done_callback(self._finished)
-
-    def _take(self):
-        """The next key to deliver and its force flag, or None (lock held)."""
-        if self._stop.is_set():
-            return None
-        self._refill()
-        for key in self._pending:
-            # A key in flight waits for its running delivery to end first.
-            if key not in self._inflight:
-                self._inflight.add(key)
-                return key, self._pending.pop(key)
-        return None
+    def wake(self):
+        """New rows may be owed: let idle workers look."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _work(self):
-        """A worker: deliver owed keys one after another while there are any."""
-        while True:
-            with self._lock:
-                taken = self._take()
-            if taken is None:
-                return
-            key, force = taken
+        """A worker: take a due row, attempt it, settle it; wait when none is due."""
+        while not self._stop.is_set():
+            with self._cond:
+                taken, wait = self._take()
+                if taken is None:
+                    self._cond.wait(wait)
+                    continue
             try:
-                ok = self._deliver(key, force)
+                outcome = self._attempt(taken)
+            except OutputClosed:
+                self.output_closed = True
+                self._stop.set()
+                outcome = None
             except Exception:  # a bug, not a delivery failure: log it whole
-                log.exception("delivery of %s to %s crashed", key,
-                              self.endpoint.label)
-                metrics.delivered(self.endpoint.label, "failed")
-                ok = False
-            with self._lock:
-                self._inflight.discard(key)
-                if ok:
-                    self.succeeded += 1
-                elif ok is False:
-                    self.failed += 1
+                log.exception("delivery of %s to %s crashed", taken.key,
+                              self.endpoint.shown)
+                outcome = ("retry", "crashed", None, None)
+            with self._cond:
+                self._busy.discard(taken.key)
+                if outcome is not None:
+                    self._settle(taken, *outcome)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
-    def _finished(self, future):
-        """A worker ended: start another if work came meanwhile; wake waiters."""
-        if future.exception() is not None:   # a bug: log it whole
-            log.error("delivery worker for %s crashed", self.endpoint.label,
-                      exc_info=future.exception())
-        with self._lock:
-            self._futures.discard(future)
-            self._pump()
-            if not self._futures and (not self._owes() or self._stop.is_set()):
-                self._idle.notify_all()
+    def _take(self):
+        """(the row to attempt, None) or (None, seconds to wait) (lock held)."""
+        now = self._clock()
+        if now >= self._housekept + HOUSEKEEPING_SECONDS:
+            self._housekeep(now)
+        limit = HOUSEKEEPING_SECONDS
+        if not self.up:
+            if self._probe_key is not None:
+                return None, limit
+            if now < self._probe_due:
+                return None, min(limit, self._probe_due - now)
+        taken = self._store.claim(self.endpoint.id, now, self._busy)
+        if taken is None:
+            due = self._store.next_due(self.endpoint.id, self._busy)
+            return None, limit if due is None else min(limit, max(0.01, due - now))
+        self._busy.add(taken.key)
+        if not self.up:
+            self._probe_key = taken.key
+        return taken, None
 
-    def _owes(self):
-        """Whether keys are queued or may still come from the store (lock held)."""
-        return bool(self._pending) or self._scanning
+    def _attempt(self, owed):
+        """POST the newest state of one pod: (outcome, reason, status, retry_after)."""
+        try:
+            response = self.endpoint.post(payload(owed.body))
+        except OutputClosed:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            return "retry", failure_cause(exc), None, None
+        if response is None or 200 <= response.status_code < 300:
+            cid = correlation_id(response) if response is not None else None
+            log.debug("delivered %s to %s%s", owed.key, self.endpoint.shown,
+                      f" (correlation_id {cid})" if cid else "",
+                      extra={"pod": owed.key, "endpoint": self.endpoint.label,
+                             "status": getattr(response, "status_code", None),
+                             "correlation_id": cid})
+            return "success", None, None, None
+        status = response.status_code
+        cid = correlation_id(response)
+        if not retryable(status):
+            log.error("POST of %s to %s rejected (HTTP %s%s); not retrying this "
+                      "state of the pod", owed.key, self.endpoint.shown, status,
+                      f", correlation_id {cid}" if cid else "",
+                      extra={"pod": owed.key, "endpoint": self.endpoint.label,
+                             "status": status, "correlation_id": cid})
+            return "rejected", None, status, None
+        return ("retry", f"HTTP {status}", status,
+                retry_after_seconds(response.headers.get("Retry-After")))
 
-    def unfinished(self):
-        """Whether anything owed was left unsent (after a stop)."""
-        with self._lock:
-            return self._owes() or bool(self._inflight)
-
-    def _deliver(self, key, force):
-        """Send the newest state of one pod; True, False (failed) or None."""
-        label = self.endpoint.shown
-        deadline = time.monotonic() + self._settings.retry_budget
-        delays = backoff_delays(self._rng)
-        attempt = 0
-        while True:
-            latest = self._store.latest(self.endpoint.id, key)
-            if latest is None:
-                return None                     # forgotten: nothing owed
-            fp, pod_bytes, duress, delivered_fp = latest
-            if delivered_fp == fp and not (force and duress):
-                return None                     # someone already sent it
-            attempt += 1
-            body = payload(pod_bytes)
-            status, reason, retry_after = None, None, None
-            try:
-                response = self.endpoint.post(body)
-            except TimeoutError:
-                reason = "timed out"
-            except (OSError, http.client.HTTPException):
-                reason = "connection failed"
+    def _settle(self, owed, outcome, reason, status, retry_after):
+        """Record an attempt's outcome in the outbox and the webhook's health (lock held)."""
+        now = self._clock()
+        label = self.endpoint.label
+        was_probe = owed.key == self._probe_key
+        if was_probe:
+            self._probe_key = None
+        if outcome in ("success", "rejected"):
+            self._store.settle(self.endpoint.id, owed.key, owed.msg_id)
+            metrics.delivered(label, outcome)
+            if outcome == "success":
+                self.succeeded += 1
             else:
-                if response is None or 200 <= response.status_code < 300:
-                    self._store.record_delivery(self.endpoint.id, key, fp)
-                    metrics.delivered(self.endpoint.label, "success")
-                    cid = correlation_id(response) if response is not None \
-                        else None
-                    log.debug("delivered %s to %s%s", key, label,
-                              f" (correlation_id {cid})" if cid else "",
-                              extra={"pod": key, "endpoint": self.endpoint.label,
-                                     "status": getattr(response, "status_code", None),
-                                     "correlation_id": cid})
-                    return True
-                status = response.status_code
-                reason = str(status)
-                retry_after = retry_after_seconds(
-                    response.headers.get("Retry-After"))
-                cid = correlation_id(response)
-                if not retryable(status):
-                    # Failed for good: this state is not sent again; the
-                    # pod's next change (or next poll under duress) is.
-                    self._store.record_delivery(self.endpoint.id, key, fp)
-                    metrics.delivered(self.endpoint.label, "rejected")
-                    log.error("POST of %s to %s rejected (%s%s); not retrying "
-                              "this state of the pod", key, label,
-                              status, f", correlation_id {cid}" if cid else "",
-                              extra={"pod": key, "endpoint": self.endpoint.label,
-                                     "status": status, "correlation_id": cid})
-                    return False
-            delay = next(delays)
+                self.failed += 1
+            self._failures = 0
+            if not self.up:
+                self._back_up(now)
+            return
+        metrics.delivered(label, "retry")
+        attempts = owed.attempts + 1
+        delay = backoff_delay(attempts, self._rng)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, MAX_WAIT_SECONDS))
+        self._store.retry_at(self.endpoint.id, owed.key, owed.msg_id, attempts, now + delay)
+        log.debug("attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
+                  attempts, owed.key, self.endpoint.shown, reason, delay,
+                  extra={"pod": owed.key, "endpoint": label, "status": status})
+        self._failures += 1
+        self._cause = reason
+        if self.up and self._failures >= DOWN_AFTER_FAILURES:
+            self._go_down(now)
+        if not self.up and (was_probe or self._probe_delays is None):
+            if self._probe_delays is None:
+                self._probe_delays = backoff_delays(self._rng)
+            wait = next(self._probe_delays)
             if retry_after is not None:
-                delay = max(delay, retry_after)
-            remaining = deadline - time.monotonic()
-            if delay > remaining or self._stop.is_set():
-                metrics.delivered(self.endpoint.label, "failed")
-                log.error("giving up on POST of %s to %s after %d attempts (%s); "
-                          "it stays owed to the next poll", key, label, attempt,
-                          reason, extra={"pod": key, "endpoint": self.endpoint.label,
-                                         "status": status})
-                return False
-            log.warning("attempt %d to POST %s to %s failed (%s); retrying "
-                        "in %.1f s", attempt, key, label, reason, delay,
-                        extra={"pod": key, "endpoint": self.endpoint.label, "status": status})
-            metrics.delivered(self.endpoint.label, "retry")
-            if self._stop.wait(delay):
-                return False
+                wait = max(wait, min(retry_after, MAX_WAIT_SECONDS))
+            self._probe_due = now + wait
 
-    def owed(self):
-        """How many pods are queued or in flight to this endpoint."""
-        with self._lock:
-            return len(self._inflight | self._pending.keys())
+    def _backlog(self):
+        """(rows owed, seconds the oldest has waited) for this webhook."""
+        count, oldest = self._store.backlog().get(self.endpoint.id, (0, None))
+        return count, 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+
+    def _go_down(self, now):
+        self.up = False
+        self._down_since = self._down_logged = now
+        self._probe_delays = None
+        count, age = self._backlog()
+        log.warning("webhook %s is down (%s); %d deliveries owed, the oldest for "
+                    "%.0f s; probing with one request at a time",
+                    self.endpoint.shown, self._cause, count, age,
+                    extra={"endpoint": self.endpoint.label})
+
+    def _back_up(self, now):
+        self.up = True
+        self._probe_delays = None
+        count, age = self._backlog()
+        log.warning("webhook %s is back up after %.0f s; %d deliveries owed, the "
+                    "oldest for %.0f s", self.endpoint.shown, now - self._down_since,
+                    count, age, extra={"endpoint": self.endpoint.label})
+        self._cond.notify_all()
+
+    def _housekeep(self, now):
+        """Count deliveries past the retry budget; say every minute that a webhook is down."""
+        self._housekept = now
+        expired = self._store.expire(self.endpoint.id, now - self._settings.retry_budget)
+        if expired:
+            self.failed += expired
+            metrics.delivered(self.endpoint.label, "failed", expired)
+            log.error("%d deliveries to %s are still owed after the retry budget "
+                      "(%g s); they stay owed and are retried", expired,
+                      self.endpoint.shown, self._settings.retry_budget,
+                      extra={"endpoint": self.endpoint.label})
+        if not self.up and now >= self._down_logged + DOWN_LOG_SECONDS:
+            self._down_logged = now
+            count, age = self._backlog()
+            log.warning("webhook %s is still down after %.0f s (%s); %d deliveries "
+                        "owed, the oldest for %.0f s", self.endpoint.shown,
+                        now - self._down_since, self._cause, count, age,
+                        extra={"endpoint": self.endpoint.label})
+
+    def idle(self):
+        """Whether nothing is in flight and nothing owed is within its retry budget."""
+        with self._cond:
+            if self._busy:
+                return False
+            self._housekeep(self._clock())
+            return self._store.pending(self.endpoint.id) == 0
 
     def wait_idle(self, timeout=None):
-        """Wait until nothing is queued or in flight; True if so."""
+        """Wait until idle() (or a stop, with nothing in flight); True if idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while self._futures or (self._owes() and not self._stop.is_set()):
+        while True:
+            if self.idle():
+                return True
+            with self._cond:
+                if self._stop.is_set() and not self._busy:
+                    return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._idle.wait(remaining if remaining is not None else 1.0)
-            return True
+                self._cond.wait(HOUSEKEEPING_SECONDS if remaining is None
+                                else min(remaining, HOUSEKEEPING_SECONDS))
+
+    def unfinished(self):
+        """Whether anything owed was left unsent (after a stop)."""
+        with self._cond:
+            return bool(self._busy) or self._store.pending(self.endpoint.id) > 0
 
     def close(self):
         """Stop the workers without waiting for them."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stop.set()
+        self.wake()
         self.endpoint.close()
 
 
@@ -2154,10 +2393,7 @@ class Poller:
                 if not _looks_like_pod(item):
                     raise KubectlError("kubectl printed a pod list with an item "
                                        "that is not a pod")
-                pod = pod_from_item(item)
-                pod_bytes = encode_pod(pod)
-                batch.append((pod_key(pod), fingerprint(pod_bytes),
-                              pod_under_duress(pod), pod_bytes))
+                batch.append(pod_entry(pod_from_item(item)))
                 if len(batch) >= _SQL_BATCH:
                     if self.stop_event.is_set():
                         raise PollStopped("stopped while listing pods")
@@ -2176,7 +2412,7 @@ class Poller:
             return False
         counts["deleted"] = store.finish_poll()
         for sender in self._senders:
-            sender.offer()
+            sender.wake()
         store.prune()
         self.last_poll_ok = time.time()
         metrics.polled("success", time.monotonic() - started, seen, counts)
@@ -2433,19 +2669,21 @@ class Metrics:
         self.build = prometheus_client.Info(
             "k8svent_build", "The running version of k8svent.",
             registry=registry)
-        registry.register(_OwedCollector(self))
+        registry.register(_OutboxCollector(self))
         self._lock = threading.Lock()
         self.senders = ()
+        self.store = None
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome)
         for reason in SELECT_REASONS:
             self.pods_selected.labels(reason)
         self.set_newer_version(None)
 
-    def watch(self, senders, running_version):
-        """Report the build and these senders' endpoints from now on."""
+    def watch(self, senders, store, running_version):
+        """Report the build, these senders' endpoints and their outboxes from now on."""
         self.build.info({"version": running_version})
         self.senders = tuple(senders)
+        self.store = store
         for sender in self.senders:
             for outcome in DELIVERY_OUTCOMES:
                 self.deliveries.labels(sender.endpoint.label, outcome)
@@ -2461,9 +2699,9 @@ class Metrics:
             self.pods_selected.labels(reason).inc(count)
         self.last_poll.set_to_current_time()
 
-    def delivered(self, endpoint, outcome):
-        """Count one delivery outcome (or retried attempt) for an endpoint."""
-        self.deliveries.labels(endpoint, outcome).inc()
+    def delivered(self, endpoint, outcome, count=1):
+        """Count delivery outcomes (or retried attempts) for an endpoint."""
+        self.deliveries.labels(endpoint, outcome).inc(count)
 
     def posted(self, endpoint, seconds):
         """Observe how long one POST to an endpoint took."""
@@ -2476,30 +2714,45 @@ class Metrics:
             self.newer_version.labels(newer or "").set(1 if newer else 0)
 
 
-class _OwedCollector:
-    """k8svent_deliveries_owed, read from the senders at each scrape."""
+class _OutboxCollector:
+    """What each webhook is owed, read from the outbox at each scrape, and its health."""
 
-    NAME = "k8svent_deliveries_owed"
-    HELP = "Pods queued or in flight to an endpoint, by endpoint."
+    OWED = ("k8svent_deliveries_owed",
+            "Deliveries owed to an endpoint (the outbox's rows), by endpoint.")
+    OLDEST = ("k8svent_delivery_oldest_owed_seconds",
+              "Seconds the oldest delivery owed to an endpoint has waited (0 when "
+              "none is owed): the lag to alert on.")
+    UP = ("k8svent_endpoint_up",
+          "1 while an endpoint answers, 0 while it counts as down.")
 
     def __init__(self, metrics):
         self._metrics = metrics
 
+    def _families(self):
+        return [prometheus_client.core.GaugeMetricFamily(name, text, labels=["endpoint"])
+                for name, text in (self.OWED, self.OLDEST, self.UP)]
+
     def describe(self):
-        yield prometheus_client.core.GaugeMetricFamily(
-            self.NAME, self.HELP, labels=["endpoint"])
+        yield from self._families()
 
     def collect(self):
-        family = prometheus_client.core.GaugeMetricFamily(
-            self.NAME, self.HELP, labels=["endpoint"])
-        owed = {}
+        owed, oldest, up = self._families()
+        senders = self._metrics.senders
+        backlog = self._metrics.store.backlog() if senders else {}
+        now = time.time()
+        by_label = {}
         # URLs on one scheme://host:port share a label, so they share a series.
-        for sender in self._metrics.senders:
-            label = sender.endpoint.label
-            owed[label] = owed.get(label, 0) + sender.owed()
-        for label, count in owed.items():
-            family.add_metric([label], count)
-        yield family
+        for sender in senders:
+            count, since = backlog.get(sender.endpoint.id, (0, None))
+            age = 0.0 if since is None else max(0.0, now - since)
+            total, worst, all_up = by_label.get(sender.endpoint.label, (0, 0.0, True))
+            by_label[sender.endpoint.label] = (total + count, max(worst, age),
+                                               all_up and sender.up)
+        for label, (count, age, is_up) in by_label.items():
+            owed.add_metric([label], count)
+            oldest.add_metric([label], age)
+            up.add_metric([label], 1 if is_up else 0)
+        yield from (owed, oldest, up)
 
 
 metrics = Metrics()
@@ -2765,6 +3018,13 @@ def main(argv=None, environ=None):
         print(f"k8svent: error: {exc}", file=sys.stderr)
         return 2
 
+    try:
+        endpoints = [StdoutEndpoint()] if settings.dry_run else \
+            [Endpoint(url, settings) for url in settings.urls]
+    except OSError as exc:   # REQUESTS_CA_BUNDLE names a missing or bad file
+        print(f"k8svent: error: cannot set up TLS for the webhooks: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     status_server = None
     if settings.listen and not settings.once:
         try:
@@ -2776,8 +3036,15 @@ def main(argv=None, environ=None):
     configure_logging(settings)
     if settings.listen and settings.once:
         log.warning("--listen is not served with --once")
+    if settings.repeated_urls:
+        log.warning("%d webhook URLs were given more than once; each is sent "
+                    "to once", settings.repeated_urls)
+    # --dry-run must not change what the state file says webhooks received.
+    state = None if settings.dry_run else settings.state
+    if settings.dry_run and settings.state:
+        log.info("--dry-run leaves state file %s alone", settings.state)
     try:
-        store = Store(settings.state, scope=state_scope(settings))
+        store = Store(state, scope=state_scope(settings, cluster_server(settings, environ)))
     except StateError as exc:
         if status_server:
             status_server.stop()
@@ -2791,18 +3058,18 @@ def main(argv=None, environ=None):
         return 2
 
     stop = threading.Event()
-    endpoints = [StdoutEndpoint()] if settings.dry_run else \
-        [Endpoint(url, settings) for url in settings.urls]
     store.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
     poller = Poller(settings, store, senders)
-    metrics.watch(senders, version())
+    metrics.watch(senders, store, version())
     log.info("k8svent %s starting: %s, webhooks %s", version(),
              f"namespace {settings.namespace}" if settings.namespace
              else "all namespaces", ", ".join(e.shown for e in endpoints))
     if status_server:
         status_server.start(Health(poller, settings))
         log.info("listening on %s", status_server.url)
+    for sender in senders:
+        sender.start()
 
     def on_signal(signum, frame):
         log.info("received %s; stopping", signal.Signals(signum).name)
@@ -2833,7 +3100,7 @@ def main(argv=None, environ=None):
             failed = sum(s.failed for s in senders) + \
                 sum(s.unfinished() for s in senders)
             status = 0 if ok and not failed else 1
-            if failed:
+            if failed and not stop.is_set():
                 log.error("%d deliveries failed", failed)
         else:
             poller.start()
@@ -2841,8 +3108,14 @@ def main(argv=None, environ=None):
                 upgrader.start()
             while poller.is_alive():
                 poller.join(0.5)
+                if stop.is_set():       # stdout closed under --dry-run
+                    poller.stop()
             if upgrader is not None:
                 upgrader.stop()
+            status = 0
+        if any(s.output_closed for s in senders):
+            _quiet_stdout()
+            log.info("stdout was closed; stopping")
             status = 0
         return _shut_down(senders, store, stop, status)
     finally:
@@ -2850,6 +3123,27 @@ def main(argv=None, environ=None):
             signal.signal(signum, handler)
         if status_server:
             status_server.stop()
+
+
+def _quiet_stdout():
+    """Point a closed stdout at /dev/null, so that exiting does not fail to flush it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def cluster_server(settings, environ):
+    """The API server kubectl talks to (with --context and KUBECONFIG), for the scope."""
+    try:
+        server = run_kubectl(settings, "config", "view", "--minify", "-o",
+                             "jsonpath={.clusters[0].cluster.server}").decode().strip()
+    except KubectlError as exc:
+        log.debug("cannot tell which API server kubectl uses: %s", exc)
+        server = ""
+    if not server and environ.get("KUBERNETES_SERVICE_HOST"):   # in a pod
+        server = (f"https://{environ['KUBERNETES_SERVICE_HOST']}:"
+                  f"{environ.get('KUBERNETES_SERVICE_PORT', '443')}")
+    return server or f"context {settings.context or ''}"
 
 
 def upgrade_decision_here(settings, environ):

@@ -143,8 +143,9 @@ def test_503_then_200_gets_the_newest_state(kubeapi, start, receivers):
     pods = receiver.pods()
     assert len(pods) == 1, "a stale state was delivered besides the newest"
     assert pods[0]["metadata"]["labels"]["change"] == "newest"
-    assert service.count(r"attempt \d+ to POST default/web to http://127\.0\.0\.1:\d+ "
-                         r"failed \(503\); retrying in") >= 1
+    # three 503s in a row: down, then back up, a line each
+    assert service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is down \(HTTP 503\)") == 1
+    assert service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is back up") == 1
     assert service.stop() == 0
 
 
@@ -184,7 +185,7 @@ def test_400_is_not_retried(kubeapi, start, receivers):
     service = start(f"--url={receiver.url}", "--once")
     assert service.wait() == 1
     assert receiver.statuses == [400]
-    assert "rejected (400); not retrying" in service.log()
+    assert "rejected (HTTP 400); not retrying" in service.log()
 
 
 def test_4xx_fails_that_state_for_good_but_not_the_next(kubeapi, start, receivers):
@@ -304,7 +305,7 @@ def test_url_password_never_logged(kubeapi, start, receivers):
     assert received.headers["authorization"] == \
         "Basic " + base64.b64encode(b"user:hunter2").decode()
     log = service.log()
-    assert "failed (503)" in log
+    assert "failed (HTTP 503)" in log
     assert "hunter2" not in log and "s3cr3t" not in log
     assert "://***@127.0.0.1" in log and "user:" not in log
 

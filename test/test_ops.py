@@ -336,7 +336,7 @@ def test_json_logs_are_one_object_per_line(kubeapi, start, receivers):
     for entry in about_pods:
         assert entry["endpoint"] == label
         assert entry["pod"] in ("default/web", "default/sick")
-    assert any(e.get("status") == 503 and e["level"] == "warning" for e in entries)
+    assert any(e.get("status") == 503 and e["level"] == "debug" for e in entries)
     assert any(e.get("status") == 401 and e["level"] == "error" for e in entries)
     assert any(e.get("correlation_id") == "abc-123" and e.get("status") == 200
                for e in entries)

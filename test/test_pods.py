@@ -134,12 +134,7 @@ def test_backoff_delays_grow_with_jitter_and_cap():
 # --- Selection and deletion, against the store ---------------------------------
 
 def entries(*pods):
-    out = []
-    for pod in pods:
-        pod_bytes = k8svent.encode_pod(pod)
-        out.append((k8svent.pod_key(pod), k8svent.fingerprint(pod_bytes),
-                    k8svent.pod_under_duress(pod), pod_bytes))
-    return out
+    return [k8svent.pod_entry(pod) for pod in pods]
 
 
 def named(name, **status):
@@ -155,10 +150,21 @@ def poll(store, *pods):
     return counts
 
 
+def owed_rows(store, endpoint):
+    """Every row owed to an endpoint, due or not, by key."""
+    rows = {}
+    while (row := store.claim(endpoint, float("inf"), list(rows))) is not None:
+        rows[row.key] = row
+    return rows
+
+
+def owed(store, endpoint):
+    return sorted(owed_rows(store, endpoint))
+
+
 def deliver_all(store, endpoint):
-    for key, _ in store.owed(endpoint):
-        fp, _, _, _ = store.latest(endpoint, key)
-        store.record_delivery(endpoint, key, fp)
+    for key, row in owed_rows(store, endpoint).items():
+        store.settle(endpoint, key, row.msg_id)
 
 
 @pytest.fixture
@@ -172,18 +178,19 @@ def store():
 def test_selection(store):
     a, b, sick = named("a"), named("b"), named("sick", phase="Pending")
     assert poll(store, a, b, sick) == {"new": 3, "changed": 0, "unhealthy": 0, "deleted": 0}
-    assert sorted(k for k, _ in store.owed("e1")) == ["ns/a", "ns/b", "ns/sick"]
+    assert owed(store, "e1") == ["ns/a", "ns/b", "ns/sick"]
     deliver_all(store, "e1")
     # unchanged healthy pods are not owed; the unhealthy one is, every poll
     assert poll(store, a, b, sick) == {"new": 0, "changed": 0, "unhealthy": 1, "deleted": 0}
-    assert store.owed("e1") == [("ns/sick", 1)]
-    # e2 got nothing yet: it is owed everything
-    assert len(store.owed("e2")) == 3
+    assert owed(store, "e1") == ["ns/sick"]
+    # e2 got nothing yet: it is owed everything, once (coalesced)
+    assert owed(store, "e2") == ["ns/a", "ns/b", "ns/sick"]
     # a change, even of resourceVersion alone, is a change
     b2 = copy.deepcopy(b)
     b2["metadata"]["resourceVersion"] = "2"
     assert poll(store, a, b2, sick)["changed"] == 1
-    assert sorted(store.owed("e1")) == [("ns/b", 0), ("ns/sick", 1)]
+    assert owed(store, "e1") == ["ns/b", "ns/sick"]
+    assert json.loads(owed_rows(store, "e2")["ns/b"].body) == b2   # the newest state
 
 
 def test_deletion_sent_once_then_forgotten(store):
@@ -192,9 +199,9 @@ def test_deletion_sent_once_then_forgotten(store):
     deliver_all(store, "e1")
     deliver_all(store, "e2")
     assert poll(store, a)["deleted"] == 1
-    assert store.owed("e1") == [("ns/b", 0)]
-    fp, pod_bytes, duress, _ = store.latest("e1", "ns/b")
-    assert json.loads(pod_bytes)["status"]["phase"] == "Deleted" and not duress
+    assert owed(store, "e1") == ["ns/b"]
+    pod_bytes = owed_rows(store, "e1")["ns/b"].body
+    assert json.loads(pod_bytes)["status"]["phase"] == "Deleted"
     assert poll(store, a)["deleted"] == 0  # reported once
     deliver_all(store, "e1")
     store.prune()
@@ -202,7 +209,7 @@ def test_deletion_sent_once_then_forgotten(store):
     deliver_all(store, "e2")
     store.prune()
     assert store.count() == 1
-    assert store.owed("e1") == [] and store.owed("e2") == []
+    assert owed(store, "e1") == [] and owed(store, "e2") == []
 
 
 def test_recreated_pod_is_new(store):
@@ -217,7 +224,8 @@ def test_forgotten_endpoints_leave_the_state(store):
     deliver_all(store, "e1")
     store.set_endpoints(["e2"])
     store.prune()
-    assert store.owed("e1") != []  # e1 has no records left
+    store.set_endpoints(["e1", "e2"])
+    assert owed(store, "e1") == ["ns/a"]  # e1 has no records left: owed all again
 
 
 def test_corrupt_state_is_moved_aside(tmp_path, caplog):
@@ -241,7 +249,8 @@ def test_temporary_state_is_removed():
 def test_state_path_errors_are_one_line_and_touch_nothing(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
-    argv = ["--dry-run", "--once", "--upgrade=never", "--kubectl=/nonexistent"]
+    argv = ["--url=http://127.0.0.1:9/", "--once", "--upgrade=never",
+            "--kubectl=/nonexistent"]
     assert k8svent.main([*argv, f"--state={folder}"], {}) == 2
     assert folder.is_dir() and not list(tmp_path.glob("*.corrupt-*"))
     assert k8svent.main([*argv, f"--state={tmp_path}/missing/s.db"], {}) == 2
@@ -278,11 +287,12 @@ def test_a_locked_database_is_not_taken_for_corruption(tmp_path):
 
 def test_another_scope_starts_a_fresh_snapshot(tmp_path, caplog):
     path = str(tmp_path / "s.db")
-    s = k8svent.Store(path, scope="")
+    settings = k8svent.Settings()
+    s = k8svent.Store(path, scope=k8svent.state_scope(settings, "https://a:6443"))
     s.set_endpoints(["e1"])
     poll(s, named("a"))
     s.close()
-    s = k8svent.Store(path, scope="/shop")
+    s = k8svent.Store(path, scope=k8svent.state_scope(settings, "https://b:6443"))
     s.set_endpoints(["e1"])
     assert poll(s) == {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
     assert "starting a fresh snapshot" in caplog.text
@@ -297,9 +307,9 @@ def test_a_failed_poll_changes_nothing(store):
     a2["metadata"]["resourceVersion"] = "2"
     store.begin_poll()
     store.apply_page(entries(a2))     # then the listing fails
-    assert store.owed("e1") == []             # nothing owed from a failed poll
+    assert owed(store, "e1") == []            # nothing owed from a failed poll
     assert poll(store, a2)["changed"] == 1    # the next poll sees the change
-    assert store.owed("e1") == [("ns/a", 0)]
+    assert owed(store, "e1") == ["ns/a"]
 
 
 def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
