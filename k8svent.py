@@ -42,14 +42,15 @@ Options:
   --state=PATH                 SQLite file that remembers what each webhook
                                got, across restarts (default: a temporary
                                file, removed at exit). Env: K8SVENT_STATE.
-  --image=REPO                 Image repository to watch for newer versions.
+  --image=REPO                 Image repository to watch for newer versions
+                               (auto: the one the pod runs, unless given).
                                Env: K8SVENT_IMAGE
                                [default: docker.io/atomist/k8svent].
   --upgrade=MODE               auto, always or never: exit (for Kubernetes to
                                restart onto the new image) when the registry
                                has a newer version; auto only in a pod that
-                               runs a channel tag. Env: K8SVENT_UPGRADE
-                               [default: auto].
+                               runs a channel tag, once that tag has moved.
+                               Env: K8SVENT_UPGRADE [default: auto].
   --upgrade-interval=SECONDS   Seconds between checks (+-10 %); 86400 when
                                running a release, 14400 a prerelease.
                                Env: K8SVENT_UPGRADE_INTERVAL.
