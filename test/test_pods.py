@@ -98,9 +98,22 @@ def test_sign_known_answers(secret, body, header, expected):
     assert k8svent.sign(body, secret)[header] == expected
 
 
-def test_redact_url_and_label():
-    assert k8svent.redact_url("https://user:pw@host:8443/p?q=1") == "https://user:***@host:8443/p?q=1"
-    assert k8svent.redact_url("https://host/p") == "https://host/p"
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:pw@host:8443/p?q=1", "https://***@host:8443"),
+    # a token as the user name alone, as GitHub and others issue them
+    ("https://ghp_T0K3N@host/hooks", "https://***@host:443"),
+    ("https://:pw@host/", "https://***@host:443"),
+    ("https://@host/", "https://***@host:443"),
+    ("https://host/p/T0K3N?token=T0K3N", "https://host:443"),
+    ("http://[::1]:8080/x", "http://[::1]:8080"),
+])
+def test_redact_url(url, shown):
+    assert k8svent.redact_url(url) == shown
+    endpoint = k8svent.Endpoint(url, k8svent.Settings(urls=(url,)))
+    assert endpoint.shown == shown
+
+
+def test_endpoint_label():
     assert k8svent.endpoint_label("https://user:pw@Host/hooks/T0K3N?x=1") == "https://host:443"
     assert k8svent.endpoint_label("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
 

@@ -128,8 +128,24 @@ def test_bad_url_error_hides_password_and_path(capsys):
 
 
 def test_settings_repr_hides_secrets():
-    shown = repr(settings(["-u", "https://u:hunter2@h/x", "-s", "topsecret"]))
-    assert "hunter2" not in shown and "topsecret" not in shown
+    shown = repr(settings(["-u", "https://u:hunter2@h/x", "-s", "topsecret",
+                           "-u", "https://T0K3N@h/hook/PATHTOKEN?q=QUERYTOKEN"]))
+    for secret in ("hunter2", "topsecret", "T0K3N", "u:", "PATHTOKEN", "QUERYTOKEN"):
+        assert secret not in shown
+    assert "https://***@h:443" in shown
+
+
+@pytest.mark.parametrize("url", [
+    "T0K3N:x@host/PATHTOKEN",                       # a user name taken for a scheme
+    "https://T0K3N:x@host:abc/PATHTOKEN?q=QUERYTOKEN",  # a bad port
+    "https://T0K3N@[::1/PATHTOKEN",
+    "ftp://T0K3N@host/PATHTOKEN?q=QUERYTOKEN",
+])
+def test_bad_url_errors_name_no_part_of_it(url):
+    with pytest.raises(k8svent.SettingsError) as caught:
+        settings(["-u", url])
+    assert "T0K3N" not in str(caught.value) and "QUERYTOKEN" not in str(caught.value)
+    assert "PATHTOKEN" not in str(caught.value)
 
 
 def test_help_is_the_readme_usage(capsys):

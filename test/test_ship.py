@@ -23,6 +23,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy.yaml"
 KUBECTL_REQUIREMENTS = ROOT / "requirements-kubectl.txt"
+REQUIREMENTS = ROOT / "requirements.txt"
+LOCK = ROOT / "requirements.lock"
 
 # Oldest and newest Kubernetes minor versions deploy.yaml is validated against.
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
@@ -388,6 +390,39 @@ def test_dockerfile_verifies_kubectl_by_hash():
     assert f"--require-hashes -r {KUBECTL_REQUIREMENTS.name}" in runs
     text = KUBECTL_REQUIREMENTS.read_text()
     assert len(re.findall(r"--hash=sha256:[0-9a-f]{64}", text)) == 2  # amd64, arm64
+
+
+def _requirements(path):
+    """{name: (version, [sha256, ...])} of a requirements file, continuations joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    found = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        pin = re.match(r"([A-Za-z0-9._-]+)==(\S+)", line)
+        assert pin, f"{path.name}: not pinned with ==: {line}"
+        name = re.sub(r"[-_.]+", "-", pin[1]).lower()
+        found[name] = (pin[2], re.findall(r"--hash=sha256:([0-9a-f]{64})\b", line))
+    return found
+
+
+def test_dockerfile_installs_the_lock_by_hash():
+    runs = " ".join(instructions("RUN"))
+    install = re.search(r"pip install [^&]*-r " + re.escape(LOCK.name), runs)
+    assert install and "--require-hashes" in install[0] and "--no-deps" in install[0]
+    assert "requirements.txt" not in runs
+    locked = _requirements(LOCK)
+    assert all(hashes for _, hashes in locked.values()), "a locked package has no hash"
+    # Same versions as requirements.txt, and its dependencies pinned too.
+    for name, (version, _) in _requirements(REQUIREMENTS).items():
+        assert locked.get(name, (None,))[0] == version, name
+    assert {"urllib3", "idna", "charset-normalizer"} <= set(locked)
+    for name, (version, _) in locked.items():
+        try:
+            assert importlib.metadata.version(name) == version, name
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{name} is locked for the image but not installed for the tests")
 
 
 def test_image_and_tests_run_the_same_kubectl():

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import semver
 
 import k8svent
@@ -250,6 +252,13 @@ def test_parse_link_next(header, expected):
     assert k8svent.parse_link_next(header, BASE) == expected
 
 
+@pytest.mark.parametrize("value", [
+    "99999999999", "9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT",
+])
+def test_retry_after_is_clamped_to_a_day(value):
+    assert k8svent.retry_after_seconds(value, 1445412420.0) == 86400
+
+
 @pytest.mark.parametrize("value, expected", [
     ("120", 120.0), (" 5 ", 5.0), ("", None), (None, None), ("soon", None),
     ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0), ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),
@@ -369,6 +378,115 @@ def test_list_tags_401_without_challenge(fake_registry):
     fake_registry.status = 401
     with pytest.raises(k8svent.RegistryError, match="without a bearer challenge"):
         _client(fake_registry).list_tags()
+
+
+# --- the registry as an attack surface --------------------------------------
+
+@pytest.fixture
+def other_registry():
+    registry = FakeRegistry().start()
+    yield registry
+    registry.close()
+
+
+def test_next_link_to_another_origin_is_not_followed(fake_registry, other_registry):
+    fake_registry.tags = other_registry.tags = ["1.0.0", "2.0.0"]
+    fake_registry.page_size = 1
+    fake_registry.auth = True
+    fake_registry.link_origin = f"http://{other_registry.address}"
+    with pytest.raises(k8svent.RegistryError, match="links to another origin"):
+        _client(fake_registry).list_tags()
+    assert other_registry.requests == []
+
+
+def test_redirects_to_another_origin_are_not_followed(fake_registry, other_registry):
+    other_registry.tags = ["9.0.0"]
+    fake_registry.mode = "redirect"
+    fake_registry.location = f"http://{other_registry.address}/v2/atomist/k8svent/tags/list"
+    with pytest.raises(k8svent.RegistryError, match="redirects to another origin"):
+        _client(fake_registry).list_tags()
+    assert other_registry.requests == []
+
+
+def test_redirects_on_the_same_origin_are_followed(fake_registry):
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.mode = "redirect"
+    fake_registry.location = "/v2/atomist/k8svent/tags/list?again=1"
+    client = _client(fake_registry)
+    with pytest.raises(k8svent.RegistryError, match="redirects more than 5 times"):
+        client.list_tags()
+    assert len(fake_registry.tag_requests()) == 6
+
+
+@pytest.mark.parametrize("realm, words", [
+    ("http://registry.example/token", "not an https URL"),
+    ("ftp://127.0.0.1/token", "not an https URL"),
+    ("/token", "not an https URL"),
+])
+def test_token_realm_only_over_https(fake_registry, realm, words):
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.auth = True
+    fake_registry.realm = realm
+    with pytest.raises(k8svent.RegistryError, match=words):
+        _client(fake_registry).list_tags()
+    assert fake_registry.token_requests() == []
+
+
+def test_netrc_credentials_are_never_sent(fake_registry, tmp_path, monkeypatch):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password NETRCSECRET\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    fake_registry.tags = ["1.0.0"]
+    fake_registry.auth = True
+    assert _client(fake_registry).list_tags() == ["1.0.0"]
+    for request in fake_registry.requests:
+        assert "Basic" not in request["headers"].get("Authorization", "")
+
+
+def test_proxies_from_the_environment_still_apply(fake_registry, monkeypatch):
+    fake_registry.tags = ["1.0.0"]
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")    # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(k8svent.RegistryError, match="ProxyError|ConnectionError"):
+        _client(fake_registry).list_tags()
+    assert fake_registry.requests == []
+
+
+def test_a_huge_page_is_refused(fake_registry):
+    fake_registry.mode = "huge"
+    with pytest.raises(k8svent.RegistryError, match="more than 1048576 bytes"):
+        _client(fake_registry).list_tags()
+
+
+def test_page_count_is_capped(fake_registry):
+    fake_registry.tags = [f"0.0.{i}" for i in range(150)]
+    fake_registry.page_size = 1
+    with pytest.raises(k8svent.RegistryError, match="more than 100 pages"):
+        _client(fake_registry).list_tags()
+    assert len(fake_registry.tag_requests()) == 100
+
+
+def test_registry_bodies_are_logged_cut_and_on_one_line(fake_registry):
+    fake_registry.mode = "status"
+    fake_registry.status = 404
+    fake_registry.body = b"nope\n2030-01-01 00:00:00,000 ERROR forged\x1b[2J" + b"x" * 5000
+    with pytest.raises(k8svent.RegistryError) as caught:
+        _client(fake_registry).list_tags()
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 600
+    assert "forged\\x1b[2J" in message
+
+
+def test_a_huge_retry_after_waits_a_day(fake_registry, mocker):
+    fake_registry.mode = "status"
+    fake_registry.status = 429
+    fake_registry.headers = {"Retry-After": "99999999999"}
+    upgrader, calls, recorder = _upgrader(fake_registry, "1.0.0", mocker, 1)
+    upgrader.start()
+    upgrader.join(10)
+    assert not upgrader.is_alive()
+    assert recorder.delays == [0.0, 86400]
 
 
 # --- upgrader ---------------------------------------------------------------
@@ -552,6 +670,7 @@ def _write_oci_layout(layout):
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
                        "annotations": {"org.opencontainers.image.ref.name": "k8svent"}}],
     }))
+    return manifest["digest"]
 
 
 @pytest.fixture(scope="module")
@@ -586,7 +705,7 @@ def real_registry(tmp_path_factory):
         (port,) = ports
         address = f"127.0.0.1:{port}"
         layout = base / "oci"
-        _write_oci_layout(layout)
+        digest = _write_oci_layout(layout)
         (base / "policy.json").write_text(
             json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         env = {**os.environ, "HOME": str(base), "XDG_RUNTIME_DIR": str(base)}
@@ -597,7 +716,7 @@ def real_registry(tmp_path_factory):
                  f"--dest-creds={token_server.PUSH_USER}:{token_server.PUSH_PASSWORD}",
                  f"oci:{layout}:k8svent", f"docker://{address}/atomist/k8svent:{tag}"],
                 check=True, env=env, timeout=120, capture_output=True)
-        yield {"address": address, "tokens": tokens}
+        yield {"address": address, "tokens": tokens, "digest": digest}
     finally:
         process.terminate()
         try:
@@ -648,6 +767,38 @@ def test_real_registry_upgrader_finds_newer(real_registry, mocker, caplog):
         assert token not in caplog.text
 
 
+def test_real_registry_gives_the_channel_tags_digest(real_registry):
+    client = k8svent.RegistryClient(f"{real_registry['address']}/atomist/k8svent",
+                                    timeout_seconds=10)
+    assert client.manifest_digest("latest") == real_registry["digest"]
+    with pytest.raises(k8svent.RegistryError) as caught:
+        client.manifest_digest("no-such-tag")
+    assert caught.value.status == 404
+
+
+@pytest.mark.parametrize("running, exits", [("same", False), ("other", True)])
+def test_real_registry_upgrader_exits_only_when_the_tag_moved(real_registry, caplog,
+                                                             running, exits):
+    caplog.set_level(logging.INFO, logger="k8svent")
+    image = f"{real_registry['address']}/atomist/k8svent"
+    digest = real_registry["digest"] if running == "same" else "sha256:" + "0" * 64
+    calls, available = [], []
+    upgrader = k8svent.Upgrader(
+        k8svent.RegistryClient(image, timeout_seconds=10), "0.14.0", 1000, calls.append,
+        logging.getLogger("k8svent"), on_available=available.append,
+        decide=lambda: (k8svent.UpgradePlan(image, "latest", digest), "a channel"))
+    delay = upgrader.check_once()
+    if exits:
+        assert delay is None and calls == ["v0.15.0"] and available == []
+        assert "exiting to upgrade" in caplog.text
+    else:
+        assert 900 <= delay <= 1100 and calls == [] and available == ["v0.15.0"]
+        assert "latest is still the image running; not restarting" in caplog.text
+        upgrader.check_once()
+        assert caplog.text.count("newer version v0.15.0 found") == 1
+        assert available == ["v0.15.0", "v0.15.0"]
+
+
 def test_real_registry_unknown_repository(real_registry):
     client = k8svent.RegistryClient(f"{real_registry['address']}/atomist/nothing",
                                     timeout_seconds=10)
@@ -664,9 +815,16 @@ from test.pods import make_pod  # noqa: E402
 from test.test_e2e import start  # noqa: E402,F401  (a fixture)
 
 
-def _own_pod(image):
+RUNNING = "sha256:" + "a" * 64
+MOVED = "sha256:" + "b" * 64
+
+
+def _own_pod(image, digest=RUNNING):
     pod = make_pod("k8svent", "k8svent-5d8f7c9b6-x2x4q")
     pod["spec"]["containers"][0].update(name="k8svent", image=image)
+    pod["status"]["containerStatuses"][0].update(
+        name="k8svent", image=image,
+        imageID=f"{k8svent.split_image_ref(image)[0]}@{digest}" if digest else "")
     return pod
 
 
@@ -686,6 +844,7 @@ def _upgrade_env():
 
 def test_process_exits_0_to_upgrade_on_a_channel(kubeapi, start, receivers, fake_registry):
     fake_registry.tags = ["0.9.0", "1.0.0", "1.1.0-next.3", "1.1.0", "latest", "next"]
+    fake_registry.digests = {"latest": MOVED, "next": RUNNING}
     kubeapi.put_pod(_own_pod("atomist/k8svent:latest"))
     receiver = receivers()
     service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
@@ -694,6 +853,98 @@ def test_process_exits_0_to_upgrade_on_a_channel(kubeapi, start, receivers, fake
     log = service.log()
     assert "newer version 1.1.0 found (running 1.0.0); exiting to upgrade" in log
     assert "stopped" in log
+    # The first check follows the first poll, and asks for the channel tag's digest.
+    assert log.index("poll: ") < log.index("checking ")
+    (head,) = fake_registry.manifest_requests()
+    assert head["path"].endswith("/manifests/latest") and head["method"] == "HEAD"
+    accepted = head["headers"]["Accept"]
+    for media_type in ("application/vnd.oci.image.index.v1+json",
+                       "application/vnd.docker.distribution.manifest.list.v2+json",
+                       "application/vnd.oci.image.manifest.v1+json",
+                       "application/vnd.docker.distribution.manifest.v2+json"):
+        assert media_type in accepted
+
+
+def test_process_stays_while_the_channel_tag_is_the_image_running(
+        kubeapi, start, receivers, fake_registry):
+    # A stray newer tag (a release whose image did not build, a lagging
+    # mirror): restarting would pull the same image, again and again.
+    fake_registry.tags = ["1.0.0", "1.1.0", "latest"]
+    fake_registry.digests = {"latest": RUNNING}
+    kubeapi.put_pod(_own_pod("atomist/k8svent:latest"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", f"--image={fake_registry.image}",
+                    "--upgrade-interval=1", "--listen=127.0.0.1:0", env=_upgrade_env())
+    service.wait_log("newer version 1.1.0 found .*but .*:latest is still the image running; "
+                     "not restarting")
+    _wait_until(lambda: len(fake_registry.manifest_requests()) >= 3)
+    assert service.count("newer version 1.1.0 found") == 1
+    port = re.search(r"listening on http://127.0.0.1:(\d+)", service.log())[1]
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'k8svent_newer_version_available{version="1.1.0"} 1.0' in metrics
+    # Once the tag moves, it restarts.
+    fake_registry.digests = {"latest": MOVED}
+    assert service.wait(timeout=30) == 0
+    assert "newer version 1.1.0 found (running 1.0.0); exiting to upgrade" in service.log()
+
+
+def test_process_watches_the_repository_its_pod_runs(kubeapi, start, receivers, fake_registry):
+    fake_registry.tags = ["1.0.0", "1.1.0"]
+    fake_registry.digests = {"next": MOVED}
+    kubeapi.put_pod(_own_pod(f"{fake_registry.image}:next"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", env=_upgrade_env())   # no --image
+    assert service.wait(timeout=30) == 0
+    assert f"checking {fake_registry.image} for a version newer than 1.0.0" in service.log()
+    assert fake_registry.manifest_requests()[0]["path"].endswith("/manifests/next")
+
+
+def test_process_retries_a_failed_look_up_of_its_pod(mocker, fake_registry):
+    fake_registry.tags = ["1.0.0", "1.1.0"]
+    fake_registry.digests = {"latest": MOVED}
+    answers = [k8svent.KubectlError("cannot look up own pod k8svent/x: NotFound"),
+               (k8svent.UpgradePlan(fake_registry.image, "latest", RUNNING), "a channel")]
+
+    def decide():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    upgrader, calls, recorder = _upgrader(fake_registry, "1.0.0", mocker, 5, decide=decide)
+    upgrader.start()
+    upgrader.join(10)
+    assert calls == ["1.1.0"]
+    assert recorder.delays == [0.0, 3600]
+
+
+def _wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("image, digest, given, expected", [
+    ("ghcr.io/me/k8svent:latest", RUNNING, False,
+     k8svent.UpgradePlan("ghcr.io/me/k8svent", "latest", RUNNING)),
+    ("ghcr.io/me/k8svent", RUNNING, False,
+     k8svent.UpgradePlan("ghcr.io/me/k8svent", "latest", RUNNING)),
+    ("ghcr.io/me/k8svent:next", RUNNING, True,
+     k8svent.UpgradePlan("docker.io/atomist/k8svent", "next", RUNNING)),
+    ("atomist/k8svent:latest", "", False,
+     k8svent.UpgradePlan("atomist/k8svent", "latest", None)),
+    ("atomist/k8svent:1.0.0", RUNNING, False, None),
+])
+def test_upgrade_plan_in_auto(image, digest, given, expected):
+    pod = _own_pod(image, digest)
+    plan, _ = k8svent.upgrade_plan("auto", True, pod, "docker.io/atomist/k8svent", given)
+    assert plan == expected
+
+
+def test_upgrade_plan_always_watches_the_configured_repository():
+    plan, _ = k8svent.upgrade_plan("always", False, None, "docker.io/atomist/k8svent", False)
+    assert plan == k8svent.UpgradePlan("docker.io/atomist/k8svent")
 
 
 def test_process_pinned_does_not_check(kubeapi, start, receivers, fake_registry):
