@@ -134,6 +134,8 @@ WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 MESSAGE_ID_PREFIX = "msg_"
 MESSAGE_ID_RANDOM_BYTES = 13  # 26 hex characters
+NAME_MAX_CHARS = 63         # a namespace, a label name or value
+SUBDOMAIN_MAX_CHARS = 253   # a label key's prefix
 DELETED_PHASE = "Deleted"
 DEFAULT_IMAGE = "docker.io/atomist/k8svent"
 UPGRADE_MODES = ("auto", "always", "never")
@@ -621,8 +623,6 @@ def cut(text, limit=FOREIGN_TEXT_CHARS):
 # --- Selection: which pods are listed ---------------------------------------
 
 # Kubernetes' grammar of names (apimachinery's validation package).
-NAME_MAX_CHARS = 63
-SUBDOMAIN_MAX_CHARS = 253
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")

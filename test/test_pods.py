@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import standardwebhooks
@@ -394,3 +395,20 @@ def test_state_scope(fields, scope):
 ])
 def test_list_query(fields, token, query):
     assert k8svent.list_query(k8svent.Settings(**fields), token) == query
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+def test_readme_verifiers_accept_what_sign_makes(secret):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Receiving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    namespace = {}
+    for block in blocks:
+        exec(block, namespace)  # noqa: S102 - our own README
+    body = b'{"pod":{"metadata":{"name":"p"}}}'
+    headers = k8svent.sign(body, secret, k8svent.new_message_id(), int(time.time()))
+    assert namespace["verified_sha1"](body, headers, secret)
+    assert namespace["verified_sha256"](body, headers, secret)
+    assert namespace["verified_pod"](body, headers, secret) == json.loads(body)
+    assert not namespace["verified_sha256"](body + b" ", headers, secret)
