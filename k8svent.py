@@ -1,7 +1,7 @@
 """k8svent: send Kubernetes pods, as JSON, to webhook endpoints.
 
 Usage:
-  k8svent.py [options] [--url=URL ...]
+  k8svent.py [options] [--url=URL ...] [--exclude-namespace=NS ...]
   k8svent.py --version
   k8svent.py -h | --help
 
@@ -15,6 +15,13 @@ Options:
                                Env: K8SVENT_WEBHOOK_SECRET_FILE.
   -n NS, --namespace=NS        Only pods of this namespace (default: all).
                                Env: K8SVENT_NAMESPACE.
+  --exclude-namespace=NS       Leave out the pods of this namespace; repeat
+                               for several (not with --namespace).
+                               Env: K8SVENT_EXCLUDE_NAMESPACES (comma-separated),
+                               used only when none is given here.
+  --selector=SELECTOR          Only pods whose labels match this Kubernetes
+                               label selector, such as app=web,tier!=cache.
+                               Env: K8SVENT_SELECTOR.
   -l LEVEL, --log-level=LEVEL  debug, info, warning or error.
                                Env: K8SVENT_LOG_LEVEL [default: info].
   --log-format=FORMAT          text, or json for one object per line.
@@ -63,6 +70,7 @@ Options:
 """
 
 import base64
+import binascii
 import collections
 import dataclasses
 import email.utils
@@ -79,6 +87,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -125,6 +134,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
+WEBHOOK_ID_HEADER = "webhook-id"
+WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
+WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MESSAGE_ID_PREFIX = "msg_"
+MESSAGE_ID_RANDOM_BYTES = 13  # 26 hex characters
+NAME_MAX_CHARS = 63         # a namespace, a label name or value
+SUBDOMAIN_MAX_CHARS = 253   # a label key's prefix
 DELETED_PHASE = "Deleted"
 DEFAULT_IMAGE = "docker.io/atomist/k8svent"
 UPGRADE_MODES = ("auto", "always", "never")
@@ -211,6 +228,8 @@ class Settings:
     urls: tuple = ()
     secret: str | None = None
     namespace: str | None = None
+    exclude_namespaces: tuple = ()
+    selector: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     listen: tuple | None = None
@@ -391,6 +410,31 @@ def settings_from(args, environ):
                             f"semantic version; fix it or use --upgrade=never")
     listen = pick("--listen", "K8SVENT_LISTEN")
     listen = parse_listen(listen) if listen else None
+    if secret is not None and secret.startswith(WEBHOOK_SECRET_PREFIX):
+        try:
+            standard_webhooks_key(secret)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+
+    namespace = pick("--namespace", "K8SVENT_NAMESPACE") or None
+    if namespace is not None:
+        _check_namespace(namespace, "K8SVENT_NAMESPACE (--namespace)")
+    excluded = args.get("--exclude-namespace") or []
+    if not excluded:
+        excluded = [environ.get("K8SVENT_EXCLUDE_NAMESPACES", "")]
+    excluded = [n.strip() for names in excluded for n in names.split(",")]
+    excluded = tuple(sorted({_check_namespace(
+        n, "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace)") for n in excluded if n}))
+    if excluded and namespace is not None:
+        raise SettingsError("K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace) cannot be "
+                            "combined with K8SVENT_NAMESPACE (--namespace)")
+    selector = pick("--selector", "K8SVENT_SELECTOR")
+    if selector:
+        try:
+            selector = format_label_selector(parse_label_selector(selector))
+        except ValueError as exc:
+            raise SettingsError(f"K8SVENT_SELECTOR (--selector) {selector!r} is not a "
+                                f"label selector: {exc}") from None
 
     dry_run = bool(args.get("--dry-run"))
     if not urls and not dry_run:
@@ -400,7 +444,9 @@ def settings_from(args, environ):
     return Settings(
         urls=urls,
         secret=secret,
-        namespace=pick("--namespace", "K8SVENT_NAMESPACE"),
+        namespace=namespace,
+        exclude_namespaces=excluded,
+        selector=selector or None,
         log_level=log_level,
         log_format=log_format,
         listen=listen,
@@ -512,15 +558,45 @@ def mark_deleted(pod_bytes):
     return encode_pod(pod)
 
 
-def sign(body, secret):
-    """The signature headers for a body: HMAC-SHA1 (Atomist) and -SHA256."""
+def standard_webhooks_key(secret):
+    """The Standard Webhooks key: whsec_<base64> decoded, else the UTF-8 bytes."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return secret.encode()
+    text = secret[len(WEBHOOK_SECRET_PREFIX):]
+    try:
+        # Padding may be left out, as the standardwebhooks package allows.
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        # Never the secret itself in the message: it ends up in logs.
+        raise ValueError(f"the secret starts with {WEBHOOK_SECRET_PREFIX} but the rest is "
+                         f"not base64 of at least one byte")
+    return key
+
+
+def new_message_id():
+    """A new Standard Webhooks message id: msg_ and 26 random hex digits."""
+    return MESSAGE_ID_PREFIX + secrets.token_hex(MESSAGE_ID_RANDOM_BYTES)
+
+
+def sign(body, secret, message_id=None, timestamp=None):
+    """Signature headers of a body; with an id and Unix time, Standard Webhooks' too."""
     key = secret.encode()
-    return {
+    headers = {
         SIGNATURE_SHA1_HEADER:
             "sha1=" + hmac.new(key, body, hashlib.sha1).hexdigest(),
         SIGNATURE_SHA256_HEADER:
             "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
     }
+    if message_id is not None:
+        timestamp = int(timestamp)
+        signed = f"{message_id}.{timestamp}.".encode() + body
+        digest = hmac.new(standard_webhooks_key(secret), signed, hashlib.sha256).digest()
+        headers[WEBHOOK_ID_HEADER] = message_id
+        headers[WEBHOOK_TIMESTAMP_HEADER] = str(timestamp)
+        headers[WEBHOOK_SIGNATURE_HEADER] = "v1," + base64.b64encode(digest).decode()
+    return headers
 
 
 def redact_url(url):
@@ -591,6 +667,129 @@ def escape_controls(text):
     # A newline in a pod name must not start a forged log line, nor an ESC
     # sequence reach a terminal.
     return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+# --- Selection: which pods are listed ---------------------------------------
+
+# Kubernetes' grammar of names (apimachinery's validation package).
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+# A label selector's tokens, as apimachinery's lexer splits them.
+_SELECTOR_TOKEN_RE = re.compile(r"!=|==|=|!|\(|\)|,|<|>|[^\s!=,()<>]+")
+_SET_OPERATORS = ("in", "notin")
+_VALUE_OPERATORS = ("=", "==", "!=", "<", ">")
+
+
+def is_namespace_name(name):
+    """Whether a name is a valid namespace name (an RFC 1123 DNS label)."""
+    return len(name) <= NAME_MAX_CHARS and _DNS_LABEL_RE.fullmatch(name) is not None
+
+
+def _check_namespace(name, source):
+    """Return a namespace name, or raise SettingsError naming its source."""
+    if not is_namespace_name(name):
+        raise SettingsError(f"{source} {name!r} is not a namespace name (at most "
+                            f"{NAME_MAX_CHARS} lowercase letters, digits and '-', "
+                            f"starting and ending with a letter or digit)")
+    return name
+
+
+def _check_label_key(key):
+    """Return a label key ([prefix/]name), or raise ValueError."""
+    if key is None:
+        raise ValueError("expected a label key, found the end")
+    if key in (",", "(", ")", "!", *_VALUE_OPERATORS, *_SET_OPERATORS):
+        raise ValueError(f"expected a label key, found {key!r}")
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > SUBDOMAIN_MAX_CHARS
+                  or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
+        raise ValueError(f"the prefix of label key {key!r} is not a DNS subdomain")
+    if len(name) > NAME_MAX_CHARS or not _LABEL_NAME_RE.fullmatch(name):
+        raise ValueError(f"{key!r} is not a label key (a name of at most "
+                         f"{NAME_MAX_CHARS} letters, digits, '-', '_' and '.', "
+                         f"starting and ending with a letter or digit)")
+    return key
+
+
+def _check_label_value(value):
+    """Return a label value (may be empty), or raise ValueError."""
+    if value and (len(value) > NAME_MAX_CHARS or not _LABEL_NAME_RE.fullmatch(value)):
+        raise ValueError(f"{value!r} is not a label value (at most {NAME_MAX_CHARS} "
+                         f"letters, digits, '-', '_' and '.', starting and ending "
+                         f"with a letter or digit)")
+    return value
+
+
+def parse_label_selector(text):
+    """The requirements of a label selector, (key, operator, values), or ValueError.
+
+    The operators are Kubernetes': = == != in notin < >, "exists" for a bare
+    key and "!" for !key. An empty selector selects every pod.
+    """
+    tokens = _SELECTOR_TOKEN_RE.findall(text)
+    requirements = []
+    i = 0
+
+    def at(index):
+        return tokens[index] if index < len(tokens) else None
+
+    while tokens:
+        if at(i) == "!":
+            requirements.append((_check_label_key(at(i + 1)), "!", ()))
+            i += 2
+        else:
+            key = _check_label_key(at(i))
+            operator = at(i + 1)
+            i += 2
+            if operator in (None, ","):
+                requirements.append((key, "exists", ()))
+                i -= 1
+            elif operator in _SET_OPERATORS:
+                if at(i) != "(":
+                    raise ValueError(f"expected ( after {key} {operator}")
+                values, i = set(), i + 1
+                while True:
+                    value = "" if at(i) in (",", ")", None) else at(i)
+                    values.add(_check_label_value(value))
+                    i += 1 if value else 0
+                    if at(i) == ")":
+                        break
+                    if at(i) != ",":
+                        raise ValueError(f"expected , or ) in the values of {key}")
+                    i += 1
+                i += 1
+                requirements.append((key, operator, tuple(sorted(values))))
+            elif operator in _VALUE_OPERATORS:
+                value = "" if at(i) in (",", None) else at(i)
+                _check_label_value(value)
+                if operator in ("<", ">") and not re.fullmatch(r"-?[0-9]+", value):
+                    raise ValueError(f"{key}{operator} needs an integer, not {value!r}")
+                requirements.append((key, operator, (value,)))
+                i += 1 if value else 0
+            else:
+                raise ValueError(f"expected an operator after {key}, found {operator!r}")
+        if at(i) is None:
+            break
+        if at(i) != ",":
+            raise ValueError(f"expected , or the end, found {at(i)!r}")
+        i += 1
+    return tuple(requirements)
+
+
+def format_label_selector(requirements):
+    """The text of parsed requirements, spaced as Kubernetes prints them."""
+    terms = []
+    for key, operator, values in requirements:
+        if operator == "exists":
+            terms.append(key)
+        elif operator == "!":
+            terms.append("!" + key)
+        elif operator in _SET_OPERATORS:
+            terms.append(f"{key} {operator} ({','.join(values)})")
+        else:
+            terms.append(f"{key}{operator}{values[0]}")
+    return ",".join(terms)
 
 
 # --- Versions ----------------------------------------------------------------
@@ -956,8 +1155,12 @@ def _open_private(path, create):
 
 
 def state_scope(settings, server=""):
-    """What a snapshot is of: the API server kubectl talks to, and the namespace."""
-    return f"{server}|{settings.namespace or ''}"
+    """What a snapshot is of: the API server kubectl talks to, namespace and selection."""
+    scope = f"{server}|{settings.namespace or ''}"
+    selection = selection_query(settings)
+    if selection:
+        scope += "?" + "&".join(f"{name}={value}" for name, value in selection.items())
+    return scope
 
 
 def endpoint_id(url):
@@ -1102,8 +1305,9 @@ class Store:
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
             if row is not None and row[0] != scope and not _same_scope(row[0], scope):
-                log.warning("state file %s was written for another cluster or "
-                            "selection (%s, now %s); starting a fresh snapshot",
+                log.warning("state file %s was written for another cluster, "
+                            "namespace or selection (%s, now %s); starting a "
+                            "fresh snapshot",
                             self.path, row[0] or "default", scope or "default")
                 for table in ("pods", "bodies", "outbox"):
                     db.execute(f"DELETE FROM {table}")
@@ -1400,6 +1604,26 @@ def pods_path(namespace):
     return "/api/v1/pods"
 
 
+def selection_query(settings):
+    """The labelSelector and fieldSelector of every list (and watch) of pods."""
+    query = {}
+    if settings.selector:
+        query["labelSelector"] = settings.selector
+    if settings.exclude_namespaces:
+        # Terms of a field selector are ANDed.
+        query["fieldSelector"] = ",".join(
+            f"metadata.namespace!={namespace}" for namespace in settings.exclude_namespaces)
+    return query
+
+
+def list_query(settings, continue_token=None):
+    """The query string of one page of the list of pods."""
+    query = {"limit": settings.chunk_size, **selection_query(settings)}
+    if continue_token:
+        query["continue"] = continue_token
+    return urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+
+
 def _kubectl_command(settings):
     """The sh.Command for kubectl, or raise KubectlError."""
     try:
@@ -1580,12 +1804,9 @@ def list_pods(settings, stop=None):
     path = pods_path(settings.namespace)
     token, restarts = None, 0
     while True:
-        query = {"limit": settings.chunk_size}
-        if token:
-            query["continue"] = token
         try:
             token = yield from stream_pod_page(
-                settings, stop=stop, path=f"{path}?{urllib.parse.urlencode(query)}")
+                settings, stop=stop, path=f"{path}?{list_query(settings, token)}")
         except ContinueExpired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
@@ -1723,21 +1944,25 @@ class Endpoint:
         return {"Proxy-Authorization": _basic_auth(self._proxy.username,
                                                    self._proxy.password)}
 
-    def post(self, body):
-        """POST one body; return the Response (redirects are not followed)."""
+    def post(self, body, message_id):
+        """POST one body; return the Response (redirects are not followed).
+
+        Every attempt of one delivery gives the same message id; the
+        Standard Webhooks timestamp is the attempt's.
+        """
         started = time.monotonic()
         try:
-            return self._post(body)
+            return self._post(body, message_id)
         finally:
             metrics.posted(self.label, time.monotonic() - started)
 
-    def _post(self, body):
+    def _post(self, body, message_id):
         """post() without the timing."""
         # One deadline for the whole attempt, a new connection included.
         deadline = time.monotonic() + self._deadline_seconds
         headers = dict(self._headers)
         if self._secret:
-            headers.update(sign(body, self._secret))
+            headers.update(sign(body, self._secret, message_id, int(time.time())))
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             try:
@@ -1819,7 +2044,7 @@ class StdoutEndpoint:
         self._stream = stream or sys.stdout
         self._lock = threading.Lock()
 
-    def post(self, body):
+    def post(self, body, message_id=None):
         try:
             with self._lock:
                 self._stream.write(body.decode() + "\n")
@@ -1981,7 +2206,7 @@ class Sender:
     def _attempt(self, owed):
         """POST the newest state of one pod: (outcome, reason, status, retry_after)."""
         try:
-            response = self.endpoint.post(payload(owed.body))
+            response = self.endpoint.post(payload(owed.body), owed.msg_id)
         except OutputClosed:
             raise
         except (OSError, http.client.HTTPException) as exc:

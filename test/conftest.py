@@ -41,11 +41,13 @@ def receivers():
     """A factory of webhook receivers on 127.0.0.1, closed after the test."""
     made = []
 
-    def make(answers=()):
-        receiver = Receiver(answers)
+    def make(answers=(), secret=None):
+        receiver = Receiver(answers, secret)
         made.append(receiver)
         return receiver
 
     yield make
     for receiver in made:
         receiver.close()
+    for receiver in made:
+        assert not receiver.problems, f"requests that did not verify: {receiver.problems}"

@@ -17,8 +17,12 @@ What it speaks (enough for kubectl 1.37):
   are consistent: every page after the first is cut from the snapshot the first
   page came from, as etcd does; a continue token that names an unknown or
   evicted snapshot gets ``410 Expired``, like a compacted resource version.
-  ``labelSelector``, ``fieldSelector``, ``watch`` and ``resourceVersion`` are
-  ignored.
+  ``labelSelector`` (equality, set-based, existence, ``<``/``>``) and
+  ``fieldSelector`` (``metadata.namespace`` and ``metadata.name`` with ``=``,
+  ``==``, ``!=``) filter the list as the real server does (``matches``): a page
+  holds up to ``limit`` selected pods and may come back short, or empty, with a
+  continue token; no ``remainingItemCount``; a malformed selector gets ``400``.
+  ``watch`` and ``resourceVersion`` are ignored.
 - ``GET /api/v1/namespaces/NS/pods/NAME``: the Pod, with ``apiVersion``/``kind``.
 - Every error is a ``Status`` object, as the real server sends it.
 - No authentication: the kubeconfig has a user with a token, but client-go
@@ -39,8 +43,10 @@ import base64
 import binascii
 import bisect
 import collections
+import functools
 import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -144,6 +150,97 @@ def status_object(code, message, reason=None, details=None):
 def _compact(obj):
     """Compact JSON bytes, non-ASCII kept as UTF-8 like Go's encoder."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class SelectorError(ValueError):
+    """A labelSelector or fieldSelector the real server refuses with 400."""
+
+
+_WORD = r"[^\s!=,()<>]+"
+_LABEL_TERM_RES = (
+    ("!", re.compile(rf"!\s*(?P<key>{_WORD})")),
+    ("set", re.compile(rf"(?P<key>{_WORD})\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)")),
+    ("value", re.compile(rf"(?P<key>{_WORD})\s*(?P<op>==|!=|=|<|>)\s*(?P<value>{_WORD})?")),
+    ("exists", re.compile(rf"(?P<key>{_WORD})")),
+)
+FIELD_PATHS = {"metadata.namespace": ("metadata", "namespace"),
+               "metadata.name": ("metadata", "name")}
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_selector(text):
+    """(key, operator, values) terms of a labelSelector, or SelectorError."""
+    terms = []
+    # Commas separate terms, except inside the parentheses of in/notin.
+    for term in re.split(r",(?![^()]*\))", text) if text.strip() else ():
+        term = term.strip()
+        for kind, pattern in _LABEL_TERM_RES:
+            found = pattern.fullmatch(term)
+            if found:
+                break
+        else:
+            raise SelectorError(f"unable to parse requirement: {term!r}")
+        key = found["key"]
+        if kind in ("!", "exists"):
+            terms.append((key, kind, ()))
+        elif kind == "set":
+            values = frozenset(v.strip() for v in found["values"].split(","))
+            terms.append((key, found["op"], values))
+        else:
+            value = found["value"] or ""
+            if found["op"] in ("<", ">") and not re.fullmatch(r"-?\d+", value):
+                raise SelectorError(f"invalid value {value!r}: for 'Gt', 'Lt' operators, "
+                                    f"the value must be an integer")
+            terms.append((key, found["op"], (value,)))
+    return tuple(terms)
+
+
+@functools.lru_cache(maxsize=64)
+def parse_field_selector(text):
+    """(field, operator, value) terms of a pods fieldSelector, or SelectorError."""
+    terms = []
+    for term in text.split(",") if text.strip() else ():
+        found = re.fullmatch(r"\s*([^!=\s]+)\s*(==|!=|=)\s*(\S*)\s*", term)
+        if not found:
+            raise SelectorError(f"invalid selector: {term!r}; can't understand {term!r}")
+        if found[1] not in FIELD_PATHS:
+            raise SelectorError(f'field label not supported: {found[1]}')
+        terms.append((found[1], "!=" if found[2] == "!=" else "=", found[3]))
+    return tuple(terms)
+
+
+def _label_matches(labels, key, operator, values):
+    """Whether labels meet one requirement (apimachinery's Requirement.Matches)."""
+    if operator == "exists":
+        return key in labels
+    if operator in ("!", "notin", "!="):
+        return key not in labels or (operator != "!" and labels[key] not in values)
+    if key not in labels:
+        return False
+    if operator in ("<", ">"):
+        try:
+            have, want = int(labels[key]), int(values[0])
+        except ValueError:
+            return False
+        return have < want if operator == "<" else have > want
+    return labels[key] in values      # =, ==, in
+
+
+def matches(pod, label_selector="", field_selector=""):
+    """Whether a pod (a dict) is selected by a labelSelector and a fieldSelector.
+
+    The selectors are the query's strings; a malformed one raises SelectorError.
+    """
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    if not all(_label_matches(labels, *term) for term in parse_label_selector(label_selector)):
+        return False
+    for field, operator, value in parse_field_selector(field_selector):
+        section, name = FIELD_PATHS[field]
+        have = (pod.get(section) or {}).get(name, "")
+        if (have == value) != (operator == "="):
+            return False
+    return True
 
 
 @dataclass
@@ -643,19 +740,38 @@ class _Handler(BaseHTTPRequestHandler):
             high = bisect.bisect_left(snapshot.keys, (namespace + "\x00",))
         if start is not None:
             low = max(low, start)
-        end = min(high, low + limit) if limit else high
+        label_selector = query.get("labelSelector", "")
+        field_selector = query.get("fieldSelector", "")
+        items = snapshot.items
+        try:
+            selecting = bool(parse_label_selector(label_selector)
+                             or parse_field_selector(field_selector))
+        except SelectorError as exc:
+            self._send_status(400, str(exc))
+            return
+        if selecting:
+            # Like etcd's list: walk the snapshot until `limit` pods match;
+            # a continue token whenever keys remain, matching or not.
+            chosen, end = [], low
+            while end < high and not (limit and len(chosen) >= limit):
+                if matches(json.loads(items[end]), label_selector, field_selector):
+                    chosen.append(items[end])
+                end += 1
+            items, low, stop = chosen, 0, len(chosen)
+        else:
+            end = stop = min(high, low + limit) if limit else high
         metadata = {"resourceVersion": str(snapshot.resource_version)}
         if end < high:
             api._remember(snapshot)
             metadata["continue"] = _encode_continue(snapshot, end, page + 1, namespace)
-            metadata["remainingItemCount"] = high - end
+            if not selecting:   # the real server leaves it out for selectors
+                metadata["remainingItemCount"] = high - end
         head = b'{"kind":"PodList","apiVersion":"v1","metadata":' + _compact(metadata) + b',"items":['
         tail = b"]}\n"
-        items = snapshot.items
-        length = len(head) + len(tail) + max(0, end - low - 1)
-        for i in range(low, end):
+        length = len(head) + len(tail) + max(0, stop - low - 1)
+        for i in range(low, stop):
             length += len(items[i])
-        pieces = self._list_pieces(head, items, low, end, tail)
+        pieces = self._list_pieces(head, items, low, stop, tail)
         self._send_stream(200, length, pieces)
 
     @staticmethod

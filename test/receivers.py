@@ -1,11 +1,15 @@
 """Webhook receivers for tests: real HTTP servers on 127.0.0.1, port 0."""
 
 import collections
+import hashlib
+import hmac
 import json
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import standardwebhooks
 
 Received = collections.namedtuple("Received", "path headers body")
 
@@ -41,16 +45,44 @@ class _Server(ThreadingHTTPServer):
             self.connections.clear()
 
 
+def signature_problem(secret, headers, body):
+    """Why a request's signatures do not verify with a secret, or None.
+
+    Standard Webhooks is checked by its reference package, as a receiver
+    would: Webhook(secret) for a whsec_ secret, else Webhook(secret.encode()).
+    """
+    if secret is None:
+        return "signed, but the receiver has no secret" if "webhook-signature" in headers \
+            or "x-atomist-signature" in headers else None
+    verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_")
+                                        else secret.encode())
+    try:
+        verifier.verify(body, headers, json_parse=False)
+    except standardwebhooks.webhooks.WebhookVerificationError as exc:
+        return f"Standard Webhooks: {exc}"
+    for header, name, digest in (("x-atomist-signature", "sha1", hashlib.sha1),
+                                 ("x-hub-signature-256", "sha256", hashlib.sha256)):
+        expected = f"{name}=" + hmac.new(secret.encode(), body, digest).hexdigest()
+        if not hmac.compare_digest(headers.get(header, ""), expected):
+            return f"{header} does not verify"
+    return None
+
+
 class Receiver:
     """Records every POST; answers with scripted statuses (200 when none left).
 
     `answers` is a list of statuses or (status, headers, body) tuples, taken
     in order. `down()` closes the listening socket (connections are refused)
-    and `up()` listens again on the same port.
+    and `up()` listens again on the same port. With a `secret`, every request
+    must verify (all three signatures); without, none may be signed. A request
+    that fails is answered 401 and its reason kept in `problems`.
     """
 
-    def __init__(self, answers=()):
+    def __init__(self, answers=(), secret=None):
         self.received = []
+        self.requests = []      # every request, whatever the answer
+        self.problems = []
+        self.secret = secret
         self.answers = collections.deque(answers)
         self.statuses = []
         self._cond = threading.Condition()
@@ -73,8 +105,16 @@ class Receiver:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = Received(
+                    self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                problem = signature_problem(receiver.secret, request.headers, body)
                 with receiver._cond:
-                    answer = receiver.answers.popleft() if receiver.answers else 200
+                    receiver.requests.append(request)
+                    if problem:
+                        receiver.problems.append(problem)
+                        answer = 401
+                    else:
+                        answer = receiver.answers.popleft() if receiver.answers else 200
                 status, headers, reply = (answer if isinstance(answer, tuple)
                                           else (answer, {}, b""))
                 self.send_response(status)
@@ -86,9 +126,7 @@ class Receiver:
                 with receiver._cond:
                     receiver.statuses.append(status)
                     if 200 <= status < 300:
-                        receiver.received.append(Received(
-                            self.path, {k.lower(): v for k, v in self.headers.items()},
-                            body))
+                        receiver.received.append(request)
                     receiver._cond.notify_all()
 
         self._server = _Server(("127.0.0.1", self.port), Handler)
@@ -110,7 +148,7 @@ class Receiver:
                 if left <= 0:
                     raise AssertionError(
                         f"{len(self.received)} of {count} deliveries arrived: "
-                        f"{sorted(self.keys())}")
+                        f"{sorted(self.keys())}; refused: {self.problems}")
                 self._cond.wait(left)
             return list(self.received)
 
@@ -135,6 +173,7 @@ class Receiver:
     def clear(self):
         with self._cond:
             self.received.clear()
+            self.requests.clear()
             self.statuses.clear()
 
     def close(self):

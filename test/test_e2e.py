@@ -1,10 +1,12 @@
 """End to end: the real kubectl, the test API server, receivers on 127.0.0.1."""
 
 import base64
+import collections
 import copy
 import hashlib
 import hmac
 import json
+import re
 import subprocess
 import time
 
@@ -116,19 +118,65 @@ def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, s
     assert received.headers["user-agent"].startswith("k8svent/")
 
 
-def test_signatures_verify(kubeapi, start, receivers):
+@pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+def test_signatures_verify(kubeapi, start, receivers, secret):
     put(kubeapi, make_pod("default", "web"))
-    receiver = receivers()
-    service = start(f"--url={receiver.url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
+    receiver = receivers(secret=secret)     # verifies all three signatures
+    began = int(time.time())
+    service = start(f"--url={receiver.url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": secret})
     assert service.wait() == 0
     (received,) = receiver.received
     body = received.body
     assert received.headers["x-atomist-signature"] == \
-        "sha1=" + hmac.new(b"s3cr3t", body, hashlib.sha1).hexdigest()
+        "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
     assert received.headers["x-hub-signature-256"] == \
-        "sha256=" + hmac.new(b"s3cr3t", body, hashlib.sha256).hexdigest()
-    assert "s3cr3t" not in service.log()
-    assert received.headers["x-atomist-signature"][5:] not in service.log()
+        "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert re.fullmatch(r"msg_[0-9a-f]{26}", received.headers["webhook-id"])
+    assert began <= int(received.headers["webhook-timestamp"]) <= time.time()
+    assert received.headers["webhook-signature"].startswith("v1,")
+    log = service.log()
+    assert secret not in log
+    for header in ("x-atomist-signature", "x-hub-signature-256", "webhook-signature"):
+        assert received.headers[header][5:] not in log
+
+
+def test_unsigned_without_a_secret(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers()      # refuses any signed request
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 0
+    (received,) = receiver.received
+    assert not {"webhook-id", "webhook-timestamp", "webhook-signature"} & received.headers.keys()
+
+
+def test_retries_repeat_the_webhook_id(kubeapi, start, receivers):
+    put(kubeapi, make_pod("default", "web"))
+    receiver = receivers([503], secret="s3cr3t")
+    service = start(f"--url={receiver.url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
+    assert service.wait() == 0
+    assert receiver.statuses == [503, 200]
+    first, second = receiver.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.body == second.body
+
+
+def test_new_deliveries_get_new_webhook_ids(kubeapi, start, receivers):
+    web, sick = make_pod("default", "web"), make_pod("default", "sick", healthy=False)
+    put(kubeapi, web, sick)
+    receiver = receivers(secret="s3cr3t")
+    service = start(f"--url={receiver.url}", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
+    receiver.wait_for(3)            # web, and sick twice: re-sent on the next poll
+    kubeapi.put_pod(relabel(web, "changed"))
+    deadline = time.monotonic() + 20
+    while receiver.keys().count("default/web") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.stop() == 0
+    ids = collections.defaultdict(list)
+    for received in receiver.received:
+        ids[key(json.loads(received.body)["pod"])].append(received.headers["webhook-id"])
+    assert len(ids["default/sick"]) >= 2 and len(ids["default/web"]) == 2
+    every = ids["default/sick"] + ids["default/web"]
+    assert len(set(every)) == len(every)
 
 
 def test_503_then_200_gets_the_newest_state(kubeapi, start, receivers):
@@ -297,7 +345,7 @@ def test_dry_run_once_prints_the_payloads(kubeapi, start):
 
 def test_url_password_never_logged(kubeapi, start, receivers):
     put(kubeapi, make_pod("default", "web"))
-    receiver = receivers([503])
+    receiver = receivers([503], secret="s3cr3t")
     url = receiver.url.replace("http://", "http://user:hunter2@")
     service = start(f"--url={url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
     assert service.wait() == 0
@@ -343,3 +391,60 @@ def test_http_proxy_is_used_and_no_proxy_honoured(kubeapi, start, receivers):
     assert via_proxy.headers["proxy-authorization"] == \
         "Basic " + base64.b64encode(b"user:pw").decode()
     assert direct.keys() == ["default/web"] and direct.received[0].path == "/hook"
+
+
+def labelled(namespace, name, **labels):
+    pod = make_pod(namespace, name)
+    pod["metadata"]["labels"] = labels
+    return pod
+
+
+SELECTION_PODS = [
+    labelled("prod", "web", app="web", tier="front"),
+    labelled("prod", "cache", app="web", tier="cache"),
+    labelled("staging", "web", app="web", canary="yes"),
+    labelled("dev", "web", app="web"),
+    labelled("dev", "api", app="api"),
+    labelled("kube-system", "dns", app="dns"),
+]
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["--selector=app=web,tier!=cache"], {}, ["dev/web", "prod/web", "staging/web"]),
+    ([], {"K8SVENT_SELECTOR": "app in (web, dns), !canary"},
+     ["dev/web", "kube-system/dns", "prod/cache", "prod/web"]),
+    (["--exclude-namespace=kube-system", "--exclude-namespace=dev"], {},
+     ["prod/cache", "prod/web", "staging/web"]),
+    (["--selector=app=web"], {"K8SVENT_EXCLUDE_NAMESPACES": "prod,staging"}, ["dev/web"]),
+])
+def test_only_selected_pods_arrive(kubeapi, start, receivers, args, env, expected):
+    put(kubeapi, *SELECTION_PODS)
+    receiver = receivers()
+    # one pod a page: most pages of a selected list come back short or empty
+    service = start(f"--url={receiver.url}", "--once", "--chunk-size=1", *args, env=env)
+    assert service.wait() == 0, service.log()
+    assert sorted(receiver.keys()) == expected
+    lists = [path for _, path in kubeapi.requests if path.startswith("/api/v1/pods?")]
+    assert lists and all("labelSelector=" in p or "fieldSelector=" in p for p in lists)
+
+
+def test_another_selection_starts_a_fresh_snapshot(kubeapi, start, receivers, tmp_path):
+    put(kubeapi, *SELECTION_PODS)
+    receiver = receivers()
+    state = f"--state={tmp_path / 'state.db'}"
+    assert start(f"--url={receiver.url}", "--once", state, "--selector=app=web").wait() == 0
+    assert len(receiver.received) == 4
+    receiver.clear()
+    service = start(f"--url={receiver.url}", "--once", state, "--selector=app=api")
+    assert service.wait() == 0
+    # the pods that left the selection are not reported deleted
+    assert receiver.keys() == ["dev/api"]
+    assert [p["status"]["phase"] for p in receiver.pods()] == ["Running"]
+    assert "starting a fresh snapshot" in service.log()
+
+
+def test_bad_selector_exits_2_in_one_line(kubeapi, start):
+    service = start("--url=http://127.0.0.1:9/hook", "--selector=app in (web")
+    assert service.wait() == 2
+    assert service.log() == ("k8svent: error: K8SVENT_SELECTOR (--selector) 'app in (web' is "
+                             "not a label selector: expected , or ) in the values of app\n")

@@ -33,6 +33,7 @@ import urllib.request
 
 import pytest
 
+from test import kubeapi as kubeapi_module
 from test.kubeapi import EXPIRED_MESSAGE
 from test.pods import generate, make_pod
 
@@ -270,3 +271,121 @@ def generate_items_for_test(n):
     from test.pods import generate_items
 
     return generate_items(n)
+
+
+# -- selectors ------------------------------------------------------------------
+
+
+def labelled(namespace, name, **labels):
+    pod = make_pod(namespace, name)
+    pod["metadata"]["labels"] = labels
+    return pod
+
+
+@pytest.fixture
+def labelled_pods(kubeapi):
+    pods = [
+        labelled("prod", "web", app="web", env="prod", tier="front"),
+        labelled("prod", "cache", app="web", env="prod", tier="cache"),
+        labelled("staging", "web", app="web", env="staging", canary="yes"),
+        labelled("dev", "api", app="api", env="dev", replicas="3"),
+        labelled("kube-system", "dns", **{"k8s-app": "kube-dns"}),
+    ]
+    kubeapi.set_pods(pods)
+    return pods
+
+
+@pytest.mark.parametrize("selector, expected", [
+    ("app=web", ["prod/cache", "prod/web", "staging/web"]),
+    ("app==web,tier!=cache", ["prod/web", "staging/web"]),
+    ("env in (prod,staging)", ["prod/cache", "prod/web", "staging/web"]),
+    ("env notin (prod, staging)", ["dev/api", "kube-system/dns"]),
+    ("canary", ["staging/web"]),
+    ("!canary,app", ["dev/api", "prod/cache", "prod/web"]),
+    ("replicas>2", ["dev/api"]),
+    ("replicas<3", []),
+    ("app=nothing", []),
+])
+def test_kubectl_label_selector(kubeapi, kubeconfig, kubectl_path, labelled_pods, selector,
+                                expected):
+    result = kubectl(kubectl_path, "get", "pods", "-A", "-l", selector, "-o", "json",
+                     "--chunk-size=1")
+    assert result.returncode == 0, result.stderr
+    keys = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}'
+            for p in json.loads(result.stdout)["items"]]
+    assert keys == expected
+    assert any("labelSelector=" in path for _, path in kubeapi.requests)
+
+
+@pytest.mark.parametrize("selector, expected", [
+    ("metadata.namespace!=prod,metadata.namespace!=kube-system", ["dev/api", "staging/web"]),
+    ("metadata.namespace=prod", ["prod/cache", "prod/web"]),
+    ("metadata.namespace==dev", ["dev/api"]),
+    ("metadata.name=web,metadata.namespace!=prod", ["staging/web"]),
+])
+def test_kubectl_field_selector(kubeapi, kubeconfig, kubectl_path, labelled_pods, selector,
+                                expected):
+    result = kubectl(kubectl_path, "get", "pods", "-A", "--field-selector", selector,
+                     "-o", "json", "--chunk-size=2")
+    assert result.returncode == 0, result.stderr
+    keys = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}'
+            for p in json.loads(result.stdout)["items"]]
+    assert keys == expected
+
+
+def test_selected_pages_are_short_and_consistent(kubeapi, labelled_pods):
+    query = "labelSelector=" + urllib.parse.quote("app=web") + \
+        "&fieldSelector=" + urllib.parse.quote("metadata.namespace!=staging")
+    status, first = fetch(kubeapi, f"/api/v1/pods?limit=1&{query}")
+    # dev/api does not match: the first page walks past it to prod/cache
+    assert status == 200 and [p["metadata"]["name"] for p in first["items"]] == ["cache"]
+    assert "remainingItemCount" not in first["metadata"]
+    kubeapi.delete_pod("prod", "web")
+    kubeapi.put_pod(labelled("prod", "late", app="web"))
+    seen, token = [], first["metadata"]["continue"]
+    while token:
+        _, page = fetch(kubeapi, f"/api/v1/pods?limit=1&{query}&continue="
+                        + urllib.parse.quote(token))
+        assert page["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+        seen += [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}' for p in page["items"]]
+        token = page["metadata"].get("continue")
+    # the snapshot of the first page: prod/web still there, prod/late not yet;
+    # the last page (staging/web does not match) is empty
+    assert seen == ["prod/web"]
+    assert page["items"] == []
+
+
+@pytest.mark.parametrize("query, message", [
+    ("labelSelector=" + urllib.parse.quote("app in (web"), "unable to parse requirement"),
+    ("labelSelector=" + urllib.parse.quote("replicas>many"), "must be an integer"),
+    ("fieldSelector=" + urllib.parse.quote("spec.secret=x"), "field label not supported"),
+    ("fieldSelector=" + urllib.parse.quote("metadata.namespace"), "invalid selector"),
+])
+def test_bad_selector_is_a_bad_request(kubeapi, labelled_pods, query, message):
+    status, body = fetch(kubeapi, f"/api/v1/pods?{query}")
+    assert (status, body["reason"]) == (400, "BadRequest")
+    assert message in body["message"]
+
+
+@pytest.mark.parametrize("labels, label_selector, field_selector, selected", [
+    ({"a": "1"}, "", "", True),
+    ({"a": "1"}, "a", "", True),
+    ({"a": "1"}, "!a", "", False),
+    ({}, "!a", "", True),
+    ({"a": "1"}, "a=1", "", True),
+    ({"a": "1"}, "a==2", "", False),
+    ({}, "a!=1", "", True),
+    ({"a": "1"}, "a in (1,2)", "", True),
+    ({}, "a in (1,2)", "", False),
+    ({}, "a notin (1,2)", "", True),
+    ({"a": "3"}, "a notin (1,2)", "", True),
+    ({"a": "x"}, "a>1", "", False),
+    ({"a": ""}, "a=", "", True),
+    ({"a": "1"}, "a=1,b", "", False),
+    ({"a": "1"}, "", "metadata.namespace=ns", True),
+    ({"a": "1"}, "", "metadata.namespace!=ns", False),
+    ({"a": "1"}, "a=1", "metadata.namespace!=other,metadata.name==p", True),
+])
+def test_matches(labels, label_selector, field_selector, selected):
+    pod = {"metadata": {"namespace": "ns", "name": "p", "labels": labels}}
+    assert kubeapi_module.matches(pod, label_selector, field_selector) is selected

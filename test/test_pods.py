@@ -2,8 +2,12 @@
 
 import copy
 import json
+import re
+import time
+from pathlib import Path
 
 import pytest
+import standardwebhooks
 
 import k8svent
 
@@ -96,6 +100,60 @@ def test_payload_and_deleted():
 ])
 def test_sign_known_answers(secret, body, header, expected):
     assert k8svent.sign(body, secret)[header] == expected
+
+
+# Known answers of Standard Webhooks: the first is the specification's own
+# (standard-webhooks, also Svix's libraries); the others were made with the
+# standardwebhooks package: Webhook(secret) for whsec_, else Webhook(secret.encode()).
+STANDARD_WEBHOOKS_VECTORS = [
+    ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+     b'{"test": 2432232314}', "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+    ("The400Unit", "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", 1700000000,
+     b'{"jason":"isbell"}', "v1,ZzojFwvDfxrHy8k55FjKQClTv0LYoJxO3cDDmiULlk8="),
+    ("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "msg_loFOjxBNrRLzqYUf", 1731705121,
+     b'{"pod":{}}', "v1,1qF0ZcxjFhqcnnvu8mYz9tCfHvPAwsIEL5BvBA+Z1NE="),
+    # unpadded base64, which the package accepts
+    ("whsec_YWI", "msg_1", 1, b"x", "v1,WCxiHgOruXUZip89JISTAUIP52U+rVtS0itFVm/658s="),
+]
+
+
+@pytest.mark.parametrize("secret, message_id, timestamp, body, expected",
+                         STANDARD_WEBHOOKS_VECTORS)
+def test_standard_webhooks_known_answers(secret, message_id, timestamp, body, expected):
+    headers = k8svent.sign(body, secret, message_id, timestamp)
+    assert headers["webhook-id"] == message_id
+    assert headers["webhook-timestamp"] == str(timestamp)
+    assert headers["webhook-signature"] == expected
+    # the two older signatures stay, over the same body
+    assert headers["x-atomist-signature"] == k8svent.sign(body, secret)["x-atomist-signature"]
+    assert headers["X-Hub-Signature-256"] == k8svent.sign(body, secret)["X-Hub-Signature-256"]
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                    "ünïcödé", "whsec_YWI"])
+def test_standard_webhooks_package_verifies(secret):
+    body = b'{"pod":{"metadata":{"name":"p"}}}'
+    verifier = standardwebhooks.Webhook(
+        secret if secret.startswith("whsec_") else secret.encode())
+    headers = k8svent.sign(body, secret, k8svent.new_message_id(), int(time.time()))
+    assert verifier.verify(body, headers) == json.loads(body)
+    stale = k8svent.sign(body, secret, "msg_1", int(time.time()) - 301)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verifier.verify(body, stale)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verifier.verify(body + b" ", headers)
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_!!!!", "whsec_a", "whsec_YW-_"])
+def test_bad_whsec_secret_is_refused(secret):
+    with pytest.raises(ValueError, match="not base64"):
+        k8svent.standard_webhooks_key(secret)
+
+
+def test_message_ids_are_new_and_well_formed():
+    ids = {k8svent.new_message_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"msg_[0-9a-f]{26}", i) for i in ids)
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -333,3 +391,47 @@ def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
     t.start()
     t.join()
     assert free == [True]
+
+
+# A scope other than the file's starts a fresh snapshot: the API server that
+# kubectl talks to (whatever context names it), the namespace and the selection.
+@pytest.mark.parametrize("fields, scope", [
+    ({}, "https://a:6443|"),
+    ({"namespace": "shop"}, "https://a:6443|shop"),
+    ({"context": "prod"}, "https://a:6443|"),
+    ({"selector": "app=web"}, "https://a:6443|?labelSelector=app=web"),
+    ({"exclude_namespaces": ("a", "b")},
+     "https://a:6443|?fieldSelector=metadata.namespace!=a,metadata.namespace!=b"),
+    ({"context": "c", "selector": "!canary", "exclude_namespaces": ("a",)},
+     "https://a:6443|?labelSelector=!canary&fieldSelector=metadata.namespace!=a"),
+])
+def test_state_scope(fields, scope):
+    assert k8svent.state_scope(k8svent.Settings(**fields), "https://a:6443") == scope
+
+
+@pytest.mark.parametrize("fields, token, query", [
+    ({}, None, "limit=500"),
+    ({"chunk_size": 2}, "abc=", "limit=2&continue=abc%3D"),
+    ({"selector": "env in (a,b)", "exclude_namespaces": ("x", "y")}, None,
+     "limit=500&labelSelector=env%20in%20%28a%2Cb%29"
+     "&fieldSelector=metadata.namespace%21%3Dx%2Cmetadata.namespace%21%3Dy"),
+])
+def test_list_query(fields, token, query):
+    assert k8svent.list_query(k8svent.Settings(**fields), token) == query
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+def test_readme_verifiers_accept_what_sign_makes(secret):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Receiving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    namespace = {}
+    for block in blocks:
+        exec(block, namespace)  # noqa: S102 - our own README
+    body = b'{"pod":{"metadata":{"name":"p"}}}'
+    headers = k8svent.sign(body, secret, k8svent.new_message_id(), int(time.time()))
+    assert namespace["verified_sha1"](body, headers, secret)
+    assert namespace["verified_sha256"](body, headers, secret)
+    assert namespace["verified_pod"](body, headers, secret) == json.loads(body)
+    assert not namespace["verified_sha256"](body + b" ", headers, secret)

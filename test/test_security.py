@@ -237,7 +237,7 @@ def test_a_dripping_answer_ends_at_the_deadline():
     started = time.monotonic()
     try:
         with pytest.raises(TimeoutError):
-            endpoint.post(b"{}")
+            endpoint.post(b"{}", "msg_1")
         assert time.monotonic() - started < 3
     finally:
         receiver.close()
@@ -285,7 +285,7 @@ def _recorded(tmp_path):
 def test_kubectl_never_sees_k8svents_secrets(kubeapi, start, receivers, tmp_path,
                                              kubectl_path):
     kubeapi.put_pod(make_pod("default", "web"))
-    receiver = receivers()
+    receiver = receivers(secret="s3cr3t")
     kubectl = _recording_kubectl(tmp_path, kubectl_path)
     service = start("--once", kubectl=str(kubectl), env={
         "K8SVENT_WEBHOOKS": receiver.url + "?token=HOOKTOKEN",

@@ -28,6 +28,20 @@ def settings(argv, environ=None):
     (["-u", "http://a", "-n", "flag"], {"K8SVENT_NAMESPACE": "env"}, "namespace", "flag"),
     (["-u", "http://a"], {"K8SVENT_NAMESPACE": "env"}, "namespace", "env"),
     (["-u", "http://a"], {}, "log_level", "info"),
+    (["-u", "http://a", "--namespace="], {}, "namespace", None),
+    (["-u", "http://a"], {}, "exclude_namespaces", ()),
+    (["-u", "http://a", "--exclude-namespace=b", "--exclude-namespace", "a"],
+     {"K8SVENT_EXCLUDE_NAMESPACES": "env"}, "exclude_namespaces", ("a", "b")),
+    (["-u", "http://a"], {"K8SVENT_EXCLUDE_NAMESPACES": "kube-system, ,x,kube-system"},
+     "exclude_namespaces", ("kube-system", "x")),
+    (["-u", "http://a"], {}, "selector", None),
+    (["-u", "http://a", "--selector="], {}, "selector", None),
+    (["-u", "http://a", "--selector=app=web"], {"K8SVENT_SELECTOR": "env"}, "selector",
+     "app=web"),
+    (["-u", "http://a"], {"K8SVENT_SELECTOR": " app = web , tier!=cache "}, "selector",
+     "app=web,tier!=cache"),
+    (["-u", "http://a"], {"K8SVENT_SELECTOR": "env in ( staging, prod )"}, "selector",
+     "env in (prod,staging)"),
     (["-u", "http://a", "-l", "DEBUG"], {"K8SVENT_LOG_LEVEL": "error"}, "log_level", "debug"),
     (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "warning"}, "log_level", "warning"),
     (["-u", "http://a"], {"K8SVENT_LOG_FORMAT": "json"}, "log_format", "json"),
@@ -108,10 +122,83 @@ def test_secret_file(tmp_path):
     (["-u", "http://a", "--upgrade=sometimes"], {}, "upgrade must be auto, always or never"),
     (["-u", "http://a", "--upgrade-interval=0"], {}, "--upgrade-interval must be at least 1"),
     (["-u", "http://a"], {"K8SVENT_VERSION": "latest"}, "is not a semantic version"),
+    (["-u", "http://a", "-s", "whsec_not*base64"], {}, "starts with whsec_ but the rest"),
+    (["-u", "http://a"], {"K8SVENT_WEBHOOK_SECRET": "whsec_"}, "is not base64"),
+    (["-u", "http://a", "-n", "Shop"], {}, "K8SVENT_NAMESPACE (--namespace) 'Shop' is not a "
+     "namespace name"),
+    (["-u", "http://a"], {"K8SVENT_NAMESPACE": "a" * 64}, "is not a namespace name"),
+    (["-u", "http://a", "--exclude-namespace=kube_system"], {},
+     "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace) 'kube_system' is not a namespace"),
+    (["-u", "http://a"], {"K8SVENT_EXCLUDE_NAMESPACES": "a,-b"}, "'-b' is not a namespace"),
+    (["-u", "http://a", "-n", "shop", "--exclude-namespace=x"], {},
+     "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace) cannot be combined with "
+     "K8SVENT_NAMESPACE (--namespace)"),
+    (["-u", "http://a"], {"K8SVENT_NAMESPACE": "shop", "K8SVENT_EXCLUDE_NAMESPACES": "x"},
+     "cannot be combined"),
+    (["-u", "http://a", "--selector=app=we b"], {},
+     "K8SVENT_SELECTOR (--selector) 'app=we b' is not a label selector"),
 ])
 def test_bad_input(argv, environ, message):
     with pytest.raises(k8svent.SettingsError, match=re.escape(message)):
         settings(argv, environ)
+
+
+# Label selectors in Kubernetes' grammar (apimachinery's labels.Parse), and
+# the text k8svent sends for them.
+@pytest.mark.parametrize("typed, sent", [
+    ("app=web,tier!=cache", "app=web,tier!=cache"),
+    ("env in (prod,staging)", "env in (prod,staging)"),
+    ("env notin (a, b),  app", "env notin (a,b),app"),
+    ("!canary", "!canary"),
+    ("canary", "canary"),
+    ("a==b", "a==b"),
+    ("a=", "a="),
+    ("env in ()", "env in ()"),
+    ("example.com/tier=x.y_z-1", "example.com/tier=x.y_z-1"),
+    ("replicas>1,replicas<5", "replicas>1,replicas<5"),
+    ("k" * 63 + "=" + "v" * 63, "k" * 63 + "=" + "v" * 63),
+    ("", ""),
+])
+def test_label_selectors(typed, sent):
+    assert k8svent.format_label_selector(k8svent.parse_label_selector(typed)) == sent
+
+
+@pytest.mark.parametrize("typed, message", [
+    ("app=web,", "expected a label key, found the end"),
+    (",app", "expected a label key, found ','"),
+    ("app web", "expected an operator after app, found 'web'"),
+    ("env in prod", "expected ( after env in"),
+    ("env in (prod", "expected , or ) in the values of env"),
+    ("env in (a b)", "expected , or ) in the values of env"),
+    ("a=b=c", "expected , or the end, found '='"),
+    ("!", "expected a label key, found the end"),
+    ("in", "expected a label key, found 'in'"),
+    ("-app=web", "'-app' is not a label key"),
+    ("k" * 64, "is not a label key"),
+    ("a/b/c=d", "is not a DNS subdomain"),
+    ("Example.com/a", "is not a DNS subdomain"),
+    ("/a", "is not a DNS subdomain"),
+    ("app=web_", "'web_' is not a label value"),
+    ("app=" + "v" * 64, "is not a label value"),
+    ("replicas>many", "needs an integer"),
+])
+def test_bad_label_selectors(typed, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        k8svent.parse_label_selector(typed)
+
+
+def test_bad_selector_names_what_was_typed_in_one_line(capsys):
+    assert k8svent.main(["-u", "http://a"], {"K8SVENT_SELECTOR": "env in (a b)"}) == 2
+    err = capsys.readouterr().err
+    assert err == ("k8svent: error: K8SVENT_SELECTOR (--selector) 'env in (a b)' is not a "
+                   "label selector: expected , or ) in the values of env\n")
+
+
+def test_bad_whsec_secret_is_one_line_without_the_secret(capsys):
+    assert k8svent.main(["-u", "http://a", "-s", "whsec_SEKRET*"], {}) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("k8svent: error: ")
+    assert "SEKRET" not in err
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys):
