@@ -55,7 +55,8 @@ Failure injection (``fail``, ``truncate``, ``hang``, ``expire_continue``,
 watch is one, but never ``truncate``'s or a ``page``'s); discovery is never
 affected unless ``fail`` is given a ``path_prefix`` that covers it.
 ``cut_watches`` closes the open watch streams at once, as a dropped connection
-does; ``open_watches`` says how many there are, for tests to wait on.
+does; ``open_watches`` says how many there are and ``wait_open_watches``
+waits for a number of them.
 """
 
 import base64
@@ -64,6 +65,8 @@ import bisect
 import collections
 import itertools
 import json
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -88,6 +91,7 @@ SNAPSHOTS_KEPT = 16
 WATCH_HISTORY_EVENTS = 1000
 BOOKMARK_SECONDS = 60
 WATCH_TIMEOUT_SECONDS = 1800
+HANG_UP_CHECK_SECONDS = 0.1  # how often an idle watch looks for a client that went away
 WRITE_CHUNK_ITEMS = 256
 TOKEN = "fake-token"
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
@@ -438,6 +442,11 @@ class FakeKubeAPI:
         with self._lock:
             return self._open_watches
 
+    def wait_open_watches(self, count, timeout=10):
+        """Wait until exactly ``count`` watch streams are open; return whether they were."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._open_watches == count, timeout)
+
     def cut_watches(self):
         """Close every open watch stream at once, without its end; return how many."""
         with self._lock:
@@ -469,16 +478,16 @@ class FakeKubeAPI:
         self._compacted = self._last_resource_version
         self._changed.notify_all()
 
-    def _watch_step(self, position, cuts, wake_at):
+    def _watch_step(self, position, cuts, wake_at, hung_up):
         """What a watch at ``position`` does next, waiting until ``wake_at`` for news.
 
         ("cut", None), ("expired", compacted RV), ("events", [(RV, type,
         namespace, bytes)]), or ("idle", RV it can bookmark) when it woke with
-        nothing to send.
+        nothing to send. ``hung_up()`` tells whether the client went away.
         """
         with self._lock:
             while True:
-                if self._stopping.is_set() or cuts != self._cuts:
+                if self._stopping.is_set() or cuts != self._cuts or hung_up():
                     return "cut", None
                 if position < self._compacted:
                     return "expired", self._compacted
@@ -488,7 +497,7 @@ class FakeKubeAPI:
                 remaining = wake_at - time.monotonic()
                 if remaining <= 0:
                     return "idle", max(position, self._last_resource_version)
-                self._changed.wait(remaining)
+                self._changed.wait(min(remaining, HANG_UP_CHECK_SECONDS))
 
     def _snapshot(self):
         """The current state as an immutable snapshot (built once per change)."""
@@ -823,6 +832,7 @@ class _Handler(BaseHTTPRequestHandler):
         with api._lock:
             cuts = api._cuts
             api._open_watches += 1
+            api._changed.notify_all()
         try:
             self._start_chunked()
             if rule is not None:
@@ -837,6 +847,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with api._lock:
                 api._open_watches -= 1
+                api._changed.notify_all()
 
     def _stream_events(self, namespace, position, initial, cuts, deadline, bookmarks):
         """Write events as they happen; False when cut, True at timeoutSeconds or expiry."""
@@ -850,7 +861,7 @@ class _Handler(BaseHTTPRequestHandler):
         next_bookmark = time.monotonic() + api.bookmark_seconds
         while True:
             wake_at = min(deadline, next_bookmark) if bookmarks else deadline
-            step, value = api._watch_step(position, cuts, wake_at)
+            step, value = api._watch_step(position, cuts, wake_at, self._hung_up)
             if step == "cut":
                 return False
             if step == "expired":
@@ -868,6 +879,15 @@ class _Handler(BaseHTTPRequestHandler):
             if bookmarks and now >= next_bookmark:
                 self._write_bookmark(position)
                 next_bookmark = now + api.bookmark_seconds
+
+    def _hung_up(self):
+        """Whether the client closed the connection (a watch's client sends nothing more)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _write_events(self, events):
         """Write (type, list-item bytes) events as lines of one chunk."""

@@ -249,27 +249,20 @@ class Watch:
 def watch(kubeapi, kubeconfig, kubectl_path):
     """Start kubectl watching a path; killed after the test.
 
-    ``opened`` waits until the server holds the stream open (not for streams that end at once).
+    ``opened`` waits until the server holds it open (not for streams that end at once,
+    nor while an earlier one is open).
     """
     started = []
 
     def start(path, opened=True):
-        before = kubeapi.open_watches
         started.append(Watch(kubectl_path, path))
         if opened:
-            wait_for(lambda: kubeapi.open_watches > before)
+            assert kubeapi.wait_open_watches(len(started))
         return started[-1]
 
     yield start
     for one in started:
         one.close()
-
-
-def wait_for(condition, seconds=10):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def watch_path(resource_version=None, *, namespace=None, timeout=30, bookmarks=False):
@@ -381,7 +374,7 @@ def test_watch_timeout_ends_the_stream_normally(kubeapi, watch):
     events, status, stderr = watch(watch_path(kubeapi.resource_version, timeout=1)).rest()
     assert (events, status, stderr) == ([], 0, "")
     assert 1 <= time.monotonic() - started < 5
-    assert kubeapi.open_watches == 0
+    assert kubeapi.wait_open_watches(0)
 
 
 def test_watch_from_a_compacted_resource_version_gets_410(kubeapi, watch):
@@ -396,7 +389,7 @@ def test_watch_from_a_compacted_resource_version_gets_410(kubeapi, watch):
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": f"too old resource version: {start} ({first})", "reason": "Expired",
         "code": 410}}]
-    events, status, _ = watch(watch_path(first, timeout=1)).rest()
+    events, status, _ = watch(watch_path(first, timeout=1), opened=False).rest()
     assert ([e["type"] for e in events], status) == (["MODIFIED", "MODIFIED"], 0)
 
 
@@ -432,7 +425,7 @@ def test_cut_watches_drops_the_stream(kubeapi, watch):
     assert kubeapi.cut_watches() == 1
     events, status, stderr = watching.rest()
     assert (events, status, stderr) == ([], 1, "error: unexpected EOF\n")
-    assert kubeapi.open_watches == 0
+    assert kubeapi.wait_open_watches(0)
 
 
 def test_failures_apply_to_watches(kubeapi, watch):
