@@ -33,7 +33,7 @@ Options:
   --kubectl-timeout=SECONDS    Kill a kubectl that runs longer than this.
                                Env: K8SVENT_KUBECTL_TIMEOUT [default: 60].
   --chunk-size=N               Pods per page of the API list.
-                               Env: K8SVENT_CHUNK_SIZE [default: 500].
+                               Env: K8SVENT_CHUNK_SIZE [default: 5000].
   --workers=N                  Concurrent deliveries per webhook.
                                Env: K8SVENT_WORKERS [default: 8].
   --retry-budget=SECONDS       How long to retry one delivery before leaving
@@ -200,7 +200,7 @@ class Settings:
     context: str | None = None
     kubectl: str = "kubectl"
     kubectl_timeout: float = 60.0
-    chunk_size: int = 500
+    chunk_size: int = 5000
     workers: int = 8
     retry_budget: float = 900.0
     state: str | None = None
