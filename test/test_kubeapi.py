@@ -22,6 +22,13 @@ On failure kubectl exits 1 but still prints a valid List on stdout: an empty
 one when the first request fails (error status, truncated body, timeout),
 and the pods of the pages before the failure when a later page fails. So only
 the exit status tells a failed poll from an empty or shrunken cluster.
+
+``kubectl get --raw`` of a watch path (``?watch=1&...``; kubectl sends the
+query's parameters sorted by name) prints each event line as it arrives,
+while the stream is still open. A stream the server ends (``timeoutSeconds``,
+or after an ``ERROR`` event) exits 0; a dropped one exits 1 with ``error:
+unexpected EOF`` after the events that came whole; an HTTP error prints
+``Error from server (REASON): MESSAGE`` and nothing on stdout.
 """
 
 import json
