@@ -40,7 +40,7 @@ Options:
   --kubectl-timeout=SECONDS    Kill a kubectl that runs longer than this.
                                Env: K8SVENT_KUBECTL_TIMEOUT [default: 60].
   --chunk-size=N               Pods per page of the API list.
-                               Env: K8SVENT_CHUNK_SIZE [default: 500].
+                               Env: K8SVENT_CHUNK_SIZE [default: 5000].
   --workers=N                  Concurrent deliveries per webhook.
                                Env: K8SVENT_WORKERS [default: 8].
   --retry-budget=SECONDS       How long to retry one delivery before leaving
@@ -127,6 +127,8 @@ DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
 PIPE_BUFFER_BYTES = 1 << 20
+WATCH_TIMEOUT_SECONDS = 300
+WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
 CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
@@ -205,8 +207,8 @@ class StateError(K8sventError):
     """The state file cannot be used (not corruption: that is set aside)."""
 
 
-class ContinueExpired(KubectlError):
-    """The API server no longer knows the continue token (HTTP 410)."""
+class Expired(KubectlError):
+    """A continue token or a watch's resourceVersion the API server no longer has (410)."""
 
 
 class RegistryError(K8sventError):
@@ -238,7 +240,7 @@ class Settings:
     context: str | None = None
     kubectl: str = "kubectl"
     kubectl_timeout: float = 60.0
-    chunk_size: int = 500
+    chunk_size: int = 5000
     workers: int = 8
     retry_budget: float = 900.0
     state: str | None = None
@@ -1597,13 +1599,6 @@ class _Transaction:
 
 # --- kubectl -----------------------------------------------------------------
 
-def pods_path(namespace):
-    """The API path that lists pods, in one namespace or all."""
-    if namespace:
-        return f"/api/v1/namespaces/{urllib.parse.quote(namespace, safe='')}/pods"
-    return "/api/v1/pods"
-
-
 def selection_query(settings):
     """The labelSelector and fieldSelector of every list (and watch) of pods."""
     query = {}
@@ -1616,12 +1611,22 @@ def selection_query(settings):
     return query
 
 
-def list_query(settings, continue_token=None):
-    """The query string of one page of the list of pods."""
-    query = {"limit": settings.chunk_size, **selection_query(settings)}
-    if continue_token:
-        query["continue"] = continue_token
-    return urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+def pods_url(settings, **query):
+    """The API path and query that list or watch the pods (of one namespace or all).
+
+    The selection (labelSelector, fieldSelector) comes with every one.
+    Parameters that are None are left out, a trailing underscore is dropped
+    from a name (``continue_``) and booleans are written true or false.
+    """
+    path = "/api/v1/pods"
+    if settings.namespace:
+        path = f"/api/v1/namespaces/{urllib.parse.quote(settings.namespace, safe='')}/pods"
+    pairs = [(name.rstrip("_"), str(value).lower() if isinstance(value, bool) else value)
+             for name, value in {**query, **selection_query(settings)}.items()
+             if value is not None]
+    if not pairs:
+        return path
+    return f"{path}?{urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote)}"
 
 
 def _kubectl_command(settings):
@@ -1639,7 +1644,7 @@ def _kubectl_failure(exc, settings):
                             f"without finishing")
     if isinstance(exc, sh.ErrorReturnCode):
         stderr = exc.stderr or b""
-        kind = ContinueExpired if b"(Expired)" in stderr or b" 410" in stderr \
+        kind = Expired if any(mark in stderr for mark in (b"(Expired)", b"(Gone)", b" 410")) \
             else KubectlError
         return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}", stderr)
     return KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
@@ -1722,13 +1727,13 @@ class _Watchdog(threading.Thread):
 
     def __init__(self, process, timeout, stop=None):
         super().__init__(name="kubectl-watchdog", daemon=True)
-        self._process, self._timeout, self._stop = process, timeout, stop
+        self._process, self.timeout, self._stop = process, timeout, stop
         self._done = threading.Event()
         self.finished = threading.Event()   # killed for taking too long
         self.stopped = threading.Event()    # killed because of a stop
 
     def run(self):
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self.timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -1748,11 +1753,11 @@ class _Watchdog(threading.Thread):
         self._done.set()
 
 
-def stream_pod_page(settings, path, stop=None):
-    """Yield the items of one page as kubectl prints them; return its continue token.
+def _start_get_raw(settings, path, timeout, stop):
+    """Start `kubectl get --raw PATH` in the background, printing into a pipe.
 
-    kubectl writes into a pipe that is parsed as it arrives (ijson), so only
-    the pod being read is in memory, whatever the size of the page.
+    Returns (process, its _Watchdog, the pipe's read end); `_end_get_raw`
+    releases them.
     """
     context = ("--context", settings.context) if settings.context else ()
     command = _kubectl_command(settings)
@@ -1765,8 +1770,26 @@ def stream_pod_page(settings, path, stop=None):
         raise _kubectl_failure(exc, settings) from None
     finally:
         os.close(write_fd)      # kubectl has its own copy: EOF when it exits
-    timer = _Watchdog(process, settings.kubectl_timeout, stop)
+    timer = _Watchdog(process, timeout, stop)
     timer.start()
+    return process, timer, read_fd
+
+
+def _end_get_raw(process, timer, stream):
+    """Cancel the watchdog, close the pipe and reap kubectl, killed if still running."""
+    timer.cancel()
+    stream.close()
+    if process.is_alive():
+        _stop_quietly(process, kill=True)
+
+
+def stream_pod_page(settings, path, stop=None):
+    """Yield the items of one page as kubectl prints them; return its continue token.
+
+    kubectl writes into a pipe that is parsed as it arrives (ijson), so only
+    the pod being read is in memory, whatever the size of the page.
+    """
+    process, timer, read_fd = _start_get_raw(settings, path, settings.kubectl_timeout, stop)
     head = _PageHead(read_fd)
     try:
         try:
@@ -1781,33 +1804,35 @@ def stream_pod_page(settings, path, stop=None):
             raise KubectlError("kubectl printed no valid pod list (no items)")
         return head.token
     finally:
-        timer.cancel()
-        head.close()
-        if process.is_alive():
-            _stop_quietly(process, kill=True)
+        _end_get_raw(process, timer, head)
 
 
-def _wait_kubectl(process, timer, settings):
+def _wait_kubectl(process, timer, settings, doing="listing pods"):
     """Wait for a kubectl to exit; raise KubectlError unless it succeeded."""
+    failure = None
     try:
         process.wait()
     except sh.ErrorReturnCode as exc:
-        if timer.stopped.is_set():
-            raise PollStopped("stopped while kubectl was listing pods") from None
-        if timer.finished.is_set():
-            exc = sh.TimeoutException(exc.exit_code, exc.full_cmd)
-        raise _kubectl_failure(exc, settings) from None
+        failure = exc
+    # Asked after the wait, not only on a failure: sh raises for an exit once,
+    # and the watchdog that killed kubectl may have reaped it first.
+    if timer.stopped.is_set():
+        raise PollStopped(f"stopped while kubectl was {doing}")
+    if timer.finished.is_set():
+        raise KubectlError(f"kubectl killed after {timer.timeout:g} s without finishing")
+    if failure is not None:
+        raise _kubectl_failure(failure, settings)
 
 
 def list_pods(settings, stop=None):
     """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run."""
-    path = pods_path(settings.namespace)
     token, restarts = None, 0
     while True:
         try:
             token = yield from stream_pod_page(
-                settings, stop=stop, path=f"{path}?{list_query(settings, token)}")
-        except ContinueExpired:
+                settings, stop=stop,
+                path=pods_url(settings, limit=settings.chunk_size, continue_=token))
+        except Expired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
             restarts += 1
@@ -1818,6 +1843,60 @@ def list_pods(settings, stop=None):
             continue
         if not token:
             return
+
+
+def watch_event(line):
+    """The (type, object) of one line of a watch, its pod normalised like a list item.
+
+    An ERROR event raises Expired (code 410: list again) or KubectlError;
+    a line that is not an event raises KubectlError.
+    """
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise KubectlError(f"kubectl printed no valid watch event ({cut(str(exc), 100)})") \
+            from None
+    kind = event.get("type") if isinstance(event, dict) else None
+    obj = event.get("object") if isinstance(event, dict) else None
+    if kind not in WATCH_EVENT_TYPES or not isinstance(obj, dict):
+        raise KubectlError("kubectl printed no valid watch event (no type or object)")
+    if kind == "ERROR":
+        error = Expired if obj.get("code") == 410 else KubectlError
+        raise error(f"watch failed: {obj.get('code')} {obj.get('reason')}: "
+                    f"{cut(str(obj.get('message', '')))}")
+    if kind == "BOOKMARK":
+        return kind, obj
+    if not _looks_like_pod(obj):
+        raise KubectlError(f"kubectl printed a {kind} watch event whose object is not a pod")
+    return kind, pod_from_item(obj)
+
+
+def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIMEOUT_SECONDS):
+    """Yield (type, object) for each pod event after resource_version until the watch ends.
+
+    One kubectl streams the watch for up to timeout_seconds (whole seconds),
+    read a line (an event) at a time as it prints it. ADDED, MODIFIED and
+    DELETED carry the pod normalised as `pod_from_item` does; a BOOKMARK's
+    object is as sent: only its metadata.resourceVersion means anything.
+    Returns when the server ends the stream; raises Expired on a 410 (an
+    ERROR event or the HTTP status), PollStopped when stop is set, and
+    KubectlError on any other failure.
+    """
+    path = pods_url(settings, watch=1, resourceVersion=resource_version,
+                    allowWatchBookmarks=True, timeoutSeconds=math.ceil(timeout_seconds))
+    process, timer, read_fd = _start_get_raw(
+        settings, path, timeout_seconds + settings.kubectl_timeout, stop)
+    stream = os.fdopen(read_fd, "rb")
+    try:
+        for line in stream:
+            if not line.endswith(b"\n"):   # cut short: a kubectl that failed explains it better
+                _wait_kubectl(process, timer, settings, "watching pods")
+                raise KubectlError("kubectl printed a partial watch event")
+            if line.strip():
+                yield watch_event(line)
+        _wait_kubectl(process, timer, settings, "watching pods")
+    finally:
+        _end_get_raw(process, timer, stream)
 
 
 # --- Webhooks ----------------------------------------------------------------

@@ -41,7 +41,6 @@ MIB = 1 << 20
 SAMPLE_SECONDS = 0.01
 SECRET = "bench-secret"
 SLOW_SECONDS = 0.05
-CHUNK_SIZE = 5000   # what deploy.yaml sets (K8SVENT_CHUNK_SIZE); the default is 500
 
 
 # --- measuring processes -----------------------------------------------------
@@ -124,7 +123,7 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 gc.collect()
 before = rss()
-settings = k8svent.Settings(dry_run=True, state=sys.argv[2], chunk_size=int(sys.argv[3]))
+settings = k8svent.Settings(dry_run=True, state=sys.argv[2])
 store = k8svent.Store(settings.state)
 poller = k8svent.Poller(settings, store, [])
 for _ in range(2):
@@ -146,12 +145,12 @@ def bench_size(n, runs, original_max, env, tmp):
         floors.append(run_measured(python(FLOOR, KUBECTL, str(n)), env))
         state = tmp / f"state-{n}-{run}.db"
         base = [sys.executable, str(K8SVENT), f"--kubectl={KUBECTL}", f"--state={state}",
-                f"--chunk-size={CHUNK_SIZE}", "--dry-run", "--once", "--log-level=warning"]
+                "--dry-run", "--once", "--log-level=warning"]
         first.append(run_measured(base, env))
         steady.append(run_measured(base, env))
         if n <= original_max:
             original.append(run_measured(python(ORIGINAL, KUBECTL, str(n)), env))
-        out = subprocess.run(python(RETAINED, str(ROOT), str(state), str(CHUNK_SIZE)), env=env,
+        out = subprocess.run(python(RETAINED, str(ROOT), str(state)), env=env,
                              capture_output=True, check=True, text=True).stdout
         retained.append(int(out) / n)
         for path in tmp.glob(f"state-{n}-{run}.db*"):

@@ -22,7 +22,22 @@ What it speaks (enough for kubectl 1.37):
   ``==``, ``!=``) filter the list as the real server does (``matches``): a page
   holds up to ``limit`` selected pods and may come back short, or empty, with a
   continue token; no ``remainingItemCount``; a malformed selector gets ``400``.
-  ``watch`` and ``resourceVersion`` are ignored.
+  ``metadata.resourceVersion`` is the server's resourceVersion when the list
+  (its first page) was cut; every pod carries the resourceVersion of its last
+  write.
+- The same paths with ``watch=1`` (or ``true``): a watch, streamed with chunked
+  transfer encoding, one JSON event a line, ``{"type": ..., "object": ...}``,
+  written as it happens. ``resourceVersion=RV`` replays the recorded events
+  after RV, then streams live ones; no ``resourceVersion`` (or ``0``) sends an
+  ``ADDED`` for every pod first. An RV older than the history kept gets an
+  ``ERROR`` event (a ``Status`` with code 410, reason ``Expired``, "too old
+  resource version") and the end of the stream. ``allowWatchBookmarks=true``
+  adds a ``BOOKMARK`` every ``bookmark_seconds`` (its object a Pod with only
+  ``metadata.resourceVersion`` meaningful, as the real server sends it);
+  ``timeoutSeconds`` ends the stream normally (default 1800). Objects carry
+  ``managedFields``, and ``apiVersion``/``kind`` as the real server sends them
+  unless ``typed_watch_objects`` is false; a ``DELETED`` event's object is the
+  pod's last state with the resourceVersion of its deletion.
 - ``GET /api/v1/namespaces/NS/pods/NAME``: the Pod, with ``apiVersion``/``kind``.
 - Every error is a ``Status`` object, as the real server sends it.
 - No authentication: the kubeconfig has a user with a token, but client-go
@@ -34,9 +49,19 @@ Pods are held as compact JSON bytes, each page is joined from them and large
 bodies are written in pieces with a Content-Length, so 150,000 pods of 6 KB
 (about 900 MB unpaged) cost little more than their bytes.
 
-Failure injection (``fail``, ``truncate``, ``hang``, ``expire_continue``)
-applies to the next ``count`` matching pod requests; discovery is never
+Every write (``put_pod``, ``set_pods``, ``delete_pod``) takes the next
+resourceVersion of one server-wide counter and is recorded as a watch event;
+the history keeps the last ``watch_history`` events (``set_watch_history``).
+``load_items`` and ``clear`` replace everything at once and forget the
+history: watches from before them expire.
+
+Failure injection (``fail``, ``truncate``, ``hang``, ``expire_continue``,
+``expire_watch``) applies to the next ``count`` matching pod requests (a
+watch is one, but never ``truncate``'s or a ``page``'s); discovery is never
 affected unless ``fail`` is given a ``path_prefix`` that covers it.
+``cut_watches`` closes the open watch streams at once, as a dropped connection
+does; ``open_watches`` says how many there are and ``wait_open_watches``
+waits for a number of them.
 """
 
 import base64
@@ -47,7 +72,10 @@ import functools
 import itertools
 import json
 import re
+import select
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +95,10 @@ SERVER_VERSION = {
 }
 FIRST_RESOURCE_VERSION = 1000
 SNAPSHOTS_KEPT = 16
+WATCH_HISTORY_EVENTS = 1000
+BOOKMARK_SECONDS = 60
+WATCH_TIMEOUT_SECONDS = 1800
+HANG_UP_CHECK_SECONDS = 0.1  # how often an idle watch looks for a client that went away
 WRITE_CHUNK_ITEMS = 256
 TOKEN = "fake-token"
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
@@ -247,7 +279,7 @@ def matches(pod, label_selector="", field_selector=""):
 class _Rule:
     """One injected failure: what it does, how often, and what it matches."""
 
-    kind: str  # "fail", "truncate", "hang" or "expire"
+    kind: str  # "fail", "truncate", "hang", "expire" or "expire_watch"
     count: int
     status: int = 500
     page: int | None = None
@@ -255,6 +287,8 @@ class _Rule:
     seconds: float = 0.0
     message: str | None = None
     retry_after: int | None = None
+    http: bool = False
+    reason: str | None = None
 
     def matches(self, path, page, has_continue, is_pod_request):
         """Whether this rule applies to a request."""
@@ -284,12 +318,15 @@ class _Request:
     def __init__(self):
         self.page = None
         self.has_continue = False
+        self.watch = False
 
 
 class FakeKubeAPI:
     """A Kubernetes API server for pods, good enough for the real kubectl."""
 
-    def __init__(self, host="127.0.0.1", port=0, token=TOKEN):
+    def __init__(self, host="127.0.0.1", port=0, token=TOKEN, *,
+                 watch_history=WATCH_HISTORY_EVENTS, bookmark_seconds=BOOKMARK_SECONDS,
+                 typed_watch_objects=True):
         self.host = host
         self.token = token
         self._requested_port = port
@@ -306,6 +343,14 @@ class FakeKubeAPI:
         self._snapshot_ids = itertools.count(1)
         self._rules = []
         self.requests = []  # (method, path with query), in arrival order
+        self._changed = threading.Condition(self._lock)  # wakes the watches
+        self._history = collections.deque()  # (resourceVersion, type, namespace, bytes)
+        self._history_limit = watch_history
+        self._compacted = FIRST_RESOURCE_VERSION  # watches from an older RV expire
+        self._open_watches = 0
+        self._cuts = 0  # cut_watches() calls so far
+        self.bookmark_seconds = bookmark_seconds
+        self.typed_watch_objects = typed_watch_objects
 
     # -- life cycle -------------------------------------------------------
 
@@ -328,6 +373,8 @@ class FakeKubeAPI:
         if self._server is None:
             return
         self._stopping.set()
+        with self._lock:
+            self._changed.notify_all()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -381,29 +428,35 @@ class FakeKubeAPI:
     # -- state ------------------------------------------------------------
 
     def put_pod(self, pod, *, bump_resource_version=True):
-        """Add or replace a pod; return its resourceVersion.
+        """Add or replace a pod (an ADDED or MODIFIED event); return its resourceVersion.
 
         With ``bump_resource_version`` the pod gets the next resourceVersion of
         the server's counter, as every write to a real server does; without it
-        the pod's own ``metadata.resourceVersion`` is kept.
+        the pod's own ``metadata.resourceVersion`` is kept (the counter and the
+        event still move on).
         """
         with self._lock:
             key, data, version = self._encode(pod, bump_resource_version)
-            if key not in self._pods:
+            existed = key in self._pods
+            if not existed:
                 bisect.insort(self._keys, key)
             self._pods[key] = data
             self._current = None
+            self._record_event("MODIFIED" if existed else "ADDED", key[0], data)
             return version
 
     def set_pods(self, pods, *, bump_resource_version=True):
-        """Replace every pod with these."""
+        """Replace every pod with these: an event for each pod written or gone."""
         with self._lock:
-            self._pods = {}
+            old, self._pods = self._pods, {}
             for pod in pods:
                 key, data, _ = self._encode(pod, bump_resource_version)
+                existed = key in old or key in self._pods
                 self._pods[key] = data
+                self._record_event("MODIFIED" if existed else "ADDED", key[0], data)
+            for key in sorted(old.keys() - self._pods.keys()):
+                self._record_deletion(key, old[key])
             self._keys = sorted(self._pods)
-            self._last_resource_version = next(self._resource_version)
             self._current = None
 
     def load_items(self, items):
@@ -412,21 +465,24 @@ class FakeKubeAPI:
         The bytes are compact JSON of the pod without ``apiVersion``/``kind``
         (``pods.generate_items`` makes them) and are served as they are; their
         resourceVersions are the caller's. The fast way to hold 150,000 pods.
+        No events are recorded: the history is forgotten, so watches from before
+        expire.
         """
         with self._lock:
             self._pods = {(namespace, name): data for namespace, name, data in items}
             self._keys = sorted(self._pods)
-            self._last_resource_version = next(self._resource_version)
             self._current = None
+            self._forget_history()
 
     def delete_pod(self, namespace, name):
-        """Remove a pod; return whether it was there."""
+        """Remove a pod (a DELETED event); return whether it was there."""
         with self._lock:
-            if self._pods.pop((namespace, name), None) is None:
+            data = self._pods.pop((namespace, name), None)
+            if data is None:
                 return False
             del self._keys[bisect.bisect_left(self._keys, (namespace, name))]
-            self._last_resource_version = next(self._resource_version)
             self._current = None
+            self._record_deletion((namespace, name), data)
             return True
 
     def get_pod(self, namespace, name):
@@ -442,8 +498,14 @@ class FakeKubeAPI:
         with self._lock:
             return [f"{ns}/{name}" for ns, name in self._keys]
 
+    @property
+    def resource_version(self):
+        """The server's current resourceVersion (of its last write), as a string."""
+        with self._lock:
+            return str(self._last_resource_version)
+
     def clear(self):
-        """Forget every pod, snapshot, injected failure and recorded request."""
+        """Forget every pod, snapshot, injected failure, recorded request and event."""
         with self._lock:
             self._pods = {}
             self._keys = []
@@ -451,17 +513,89 @@ class FakeKubeAPI:
             self._snapshots.clear()
             self._rules = []
             self.requests = []
+            self._forget_history()
 
     def _encode(self, pod, bump_resource_version):
-        """Key, list-item bytes and resourceVersion of a pod dict."""
+        """Key, list-item bytes and resourceVersion of a pod dict; moves the counter."""
         metadata = dict(pod["metadata"])
+        self._last_resource_version = next(self._resource_version)
         if bump_resource_version or "resourceVersion" not in metadata:
-            self._last_resource_version = next(self._resource_version)
             metadata["resourceVersion"] = str(self._last_resource_version)
         item = {"metadata": metadata}
         item.update((k, v) for k, v in pod.items() if k not in ("apiVersion", "kind", "metadata"))
         key = (metadata.get("namespace", "default"), metadata["name"])
         return key, _compact(item), metadata["resourceVersion"]
+
+    # -- watch events -----------------------------------------------------
+
+    def set_watch_history(self, events):
+        """Keep only the last ``events`` events for watches to replay."""
+        with self._lock:
+            self._history_limit = events
+            self._trim_history()
+
+    @property
+    def open_watches(self):
+        """How many watch streams are open now."""
+        with self._lock:
+            return self._open_watches
+
+    def wait_open_watches(self, count, timeout=10):
+        """Wait until exactly ``count`` watch streams are open; return whether they were."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._open_watches == count, timeout)
+
+    def cut_watches(self):
+        """Close every open watch stream at once, without its end; return how many."""
+        with self._lock:
+            self._cuts += 1
+            self._changed.notify_all()
+            return self._open_watches
+
+    def _record_event(self, kind, namespace, data):
+        """Remember an event at the current resourceVersion and wake the watches."""
+        self._history.append((self._last_resource_version, kind, namespace, data))
+        self._trim_history()
+        self._changed.notify_all()
+
+    def _record_deletion(self, key, data):
+        """Move the counter and record a DELETED event: the last state, at the new RV."""
+        self._last_resource_version = next(self._resource_version)
+        item = json.loads(data)
+        item["metadata"]["resourceVersion"] = str(self._last_resource_version)
+        self._record_event("DELETED", key[0], _compact(item))
+
+    def _trim_history(self):
+        while len(self._history) > self._history_limit:
+            self._compacted = self._history.popleft()[0]
+
+    def _forget_history(self):
+        """Move the counter past a wholesale change: older watches expire."""
+        self._last_resource_version = next(self._resource_version)
+        self._history.clear()
+        self._compacted = self._last_resource_version
+        self._changed.notify_all()
+
+    def _watch_step(self, position, cuts, wake_at, hung_up):
+        """What a watch at ``position`` does next, waiting until ``wake_at`` for news.
+
+        ("cut", None), ("expired", compacted RV), ("events", [(RV, type,
+        namespace, bytes)]), or ("idle", RV it can bookmark) when it woke with
+        nothing to send. ``hung_up()`` tells whether the client went away.
+        """
+        with self._lock:
+            while True:
+                if self._stopping.is_set() or cuts != self._cuts or hung_up():
+                    return "cut", None
+                if position < self._compacted:
+                    return "expired", self._compacted
+                if self._history and self._history[-1][0] > position:
+                    start = bisect.bisect_right(self._history, position, key=lambda e: e[0])
+                    return "events", list(itertools.islice(self._history, start, None))
+                remaining = wake_at - time.monotonic()
+                if remaining <= 0:
+                    return "idle", max(position, self._last_resource_version)
+                self._changed.wait(min(remaining, HANG_UP_CHECK_SECONDS))
 
     def _snapshot(self):
         """The current state as an immutable snapshot (built once per change)."""
@@ -519,6 +653,15 @@ class FakeKubeAPI:
     def expire_continue(self, count=1):
         """Answer the next ``count`` requests carrying a continue token with 410."""
         self._add(_Rule("expire", count))
+
+    def expire_watch(self, count=1, *, http=False, reason="Expired"):
+        """Expire the next ``count`` watch requests, whatever their resourceVersion.
+
+        The stream opens, sends one ERROR event (a Status of code 410) and ends,
+        as the real server does; with ``http`` the request is answered with an
+        HTTP 410 Status instead. ``reason`` is the Status's reason.
+        """
+        self._add(_Rule("expire_watch", count, status=410, http=http, reason=reason))
 
     def _add(self, rule):
         with self._lock:
@@ -596,7 +739,8 @@ class _Handler(BaseHTTPRequestHandler):
         pod_request = self._pod_route(parts)
         if pod_request is not None:
             request.has_continue = bool(query.get("continue"))
-            if pod_request[0] == "list":
+            request.watch = pod_request[0] == "list" and query.get("watch") in ("1", "true")
+            if pod_request[0] == "list" and not request.watch:
                 request.page = self._page_of(query)
         if self._inject(url.path, request, pod_request is not None):
             return
@@ -604,6 +748,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._namespace(parts[3])
         elif pod_request is None:
             self._discovery(url.path)
+        elif request.watch:
+            self._watch(pod_request[1], query)
         elif pod_request[0] == "list":
             self._list(pod_request[1], query, request)
         else:
@@ -660,7 +806,8 @@ class _Handler(BaseHTTPRequestHandler):
             message = rule.message or _failure_message(rule.status)
             self._send_status(rule.status, message, headers=headers)
             return True
-        self._truncating = api._take("truncate", path, request, is_pod_request) is not None
+        if not request.watch:
+            self._truncating = api._take("truncate", path, request, is_pod_request) is not None
         return False
 
     # -- answers ----------------------------------------------------------
@@ -782,7 +929,117 @@ class _Handler(BaseHTTPRequestHandler):
             yield (b"," + chunk) if chunk_start > low else chunk
         yield tail
 
+    def _watch(self, namespace, query):
+        """Stream watch events until timeoutSeconds, an expiry, a cut or the server's stop."""
+        api = self.server.api
+        version = query.get("resourceVersion") or "0"
+        try:
+            timeout = float(query.get("timeoutSeconds") or WATCH_TIMEOUT_SECONDS)
+            position = int(version)
+        except ValueError:
+            self._send_status(400, f"invalid watch parameters: {self.path}")
+            return
+        bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
+        rule = api._take("expire_watch", "", _Request(), True)
+        if rule is not None and rule.http:
+            self._send_json(410, status_object(410, _too_old(position, api.resource_version),
+                                               reason=rule.reason))
+            return
+        deadline = time.monotonic() + timeout
+        with api._lock:
+            cuts = api._cuts
+            api._open_watches += 1
+            api._changed.notify_all()
+        try:
+            self._start_chunked()
+            if rule is not None:
+                self._send_error_event(position, api.resource_version, rule.reason)
+            elif not self._stream_events(namespace, position, version == "0", cuts, deadline,
+                                         bookmarks):
+                self.close_connection = True    # cut: no last chunk, as a dropped connection
+                return
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            with api._lock:
+                api._open_watches -= 1
+                api._changed.notify_all()
+
+    def _stream_events(self, namespace, position, initial, cuts, deadline, bookmarks):
+        """Write events as they happen; False when cut, True at timeoutSeconds or expiry."""
+        api = self.server.api
+        if initial:
+            snapshot = api._snapshot()
+            position = snapshot.resource_version
+            self._write_events(
+                ("ADDED", data) for key, data in zip(snapshot.keys, snapshot.items)
+                if namespace in (None, key[0]))
+        next_bookmark = time.monotonic() + api.bookmark_seconds
+        while True:
+            wake_at = min(deadline, next_bookmark) if bookmarks else deadline
+            step, value = api._watch_step(position, cuts, wake_at, self._hung_up)
+            if step == "cut":
+                return False
+            if step == "expired":
+                self._send_error_event(position, value)
+                return True
+            if step == "events":
+                position = value[-1][0]
+                self._write_events((kind, data) for _, kind, ns, data in value
+                                   if namespace in (None, ns))
+                continue
+            position = value
+            now = time.monotonic()
+            if now >= deadline:
+                return True
+            if bookmarks and now >= next_bookmark:
+                self._write_bookmark(position)
+                next_bookmark = now + api.bookmark_seconds
+
+    def _hung_up(self):
+        """Whether the client closed the connection (a watch's client sends nothing more)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def _write_events(self, events):
+        """Write (type, list-item bytes) events as lines of one chunk."""
+        typed = self.server.api.typed_watch_objects
+        lines = []
+        for kind, data in events:
+            if typed:  # the item starts with '{"metadata":'; the real server puts these first
+                data = b'{"kind":"Pod","apiVersion":"v1",' + data[1:]
+            lines.append(b'{"type":"' + kind.encode() + b'","object":' + data + b"}\n")
+        if lines:
+            self._write_chunk(b"".join(lines))
+
+    def _write_bookmark(self, position):
+        # What the real server sends: a Pod that is empty but for its resourceVersion.
+        bookmark = {"type": "BOOKMARK", "object": {
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(position), "creationTimestamp": None},
+            "spec": {"containers": None}, "status": {}}}
+        self._write_chunk(_compact(bookmark) + b"\n")
+
+    def _send_error_event(self, position, compacted, reason="Expired"):
+        status = status_object(410, _too_old(position, compacted), reason=reason)
+        self._write_chunk(_compact({"type": "ERROR", "object": status}) + b"\n")
+
     # -- writing ----------------------------------------------------------
+
+    def _start_chunked(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _write_chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _send_status(self, code, message, *, details=None, headers=None):
         self._send_json(code, status_object(code, message, details=details), headers=headers)
@@ -816,6 +1073,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self._truncating:
             self._truncating = False
             self.close_connection = True
+
+
+def _too_old(position, compacted):
+    """The real server's message for a watch from a compacted resourceVersion."""
+    return f"too old resource version: {position} ({compacted})"
 
 
 def _failure_message(code):

@@ -22,10 +22,19 @@ On failure kubectl exits 1 but still prints a valid List on stdout: an empty
 one when the first request fails (error status, truncated body, timeout),
 and the pods of the pages before the failure when a later page fails. So only
 the exit status tells a failed poll from an empty or shrunken cluster.
+
+``kubectl get --raw`` of a watch path (``?watch=1&...``; kubectl sends the
+query's parameters sorted by name) prints each event line as it arrives,
+while the stream is still open. A stream the server ends (``timeoutSeconds``,
+or after an ``ERROR`` event) exits 0; a dropped one exits 1 with ``error:
+unexpected EOF`` after the events that came whole; an HTTP error prints
+``Error from server (REASON): MESSAGE`` and nothing on stdout.
 """
 
 import json
+import queue
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -203,7 +212,251 @@ def test_hang_meets_the_request_timeout(kubeapi, kubeconfig, kubectl_path, five_
     assert result.stderr.startswith("Unable to connect to the server: ")
 
 
+# -- watch, with kubectl ---------------------------------------------------------
+
+LINE_WAIT_SECONDS = 10
+
+
+class Watch:
+    """``kubectl get --raw`` of a watch path, its stdout read line by line as it comes."""
+
+    def __init__(self, kubectl_path, path):
+        self.process = subprocess.Popen([kubectl_path, "get", "--raw", path],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next_event(self):
+        """The next event kubectl prints (parsed), or None at the end of its output."""
+        line = self._lines.get(timeout=LINE_WAIT_SECONDS)
+        if line is None:
+            return None
+        assert line.endswith(b"\n")
+        return json.loads(line)
+
+    def rest(self):
+        """Every event until kubectl exits; then (events, exit status, stderr)."""
+        events = list(iter(self.next_event, None))
+        status = self.process.wait(timeout=LINE_WAIT_SECONDS)
+        return events, status, self.process.stderr.read().decode()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def watch(kubeapi, kubeconfig, kubectl_path):
+    """Start kubectl watching a path; killed after the test.
+
+    ``opened`` waits until the server holds it open (not for streams that end at once,
+    nor while an earlier one is open).
+    """
+    started = []
+
+    def start(path, opened=True):
+        started.append(Watch(kubectl_path, path))
+        if opened:
+            assert kubeapi.wait_open_watches(len(started))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.close()
+
+
+def watch_path(resource_version=None, *, namespace=None, timeout=30, bookmarks=False):
+    path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+    query = {"watch": 1}
+    if resource_version is not None:
+        query["resourceVersion"] = resource_version
+    if bookmarks:
+        query["allowWatchBookmarks"] = "true"
+    query["timeoutSeconds"] = timeout
+    return f"{path}?{urllib.parse.urlencode(query)}"
+
+
+def summary(event):
+    """(type, namespace/name, resourceVersion) of an event."""
+    meta = event["object"]["metadata"]
+    return event["type"], f'{meta.get("namespace")}/{meta.get("name")}', meta["resourceVersion"]
+
+
+def test_watch_prints_each_event_while_the_stream_is_open(kubeapi, watch):
+    pod = make_pod("shop", "web-7c79c4bf97-x2kq9")
+    watching = watch(watch_path(kubeapi.resource_version))
+    added = kubeapi.put_pod(pod)
+    event = watching.next_event()
+    # Read while kubectl still runs and the server still holds the stream open.
+    assert watching.process.poll() is None and kubeapi.open_watches == 1
+    assert summary(event) == ("ADDED", "shop/web-7c79c4bf97-x2kq9", added)
+    assert event["object"] == dict(kubeapi.get_pod("shop", "web-7c79c4bf97-x2kq9"))
+    assert list(event["object"])[:3] == ["kind", "apiVersion", "metadata"]
+    assert event["object"]["metadata"]["managedFields"]
+    modified = kubeapi.put_pod(pod)
+    assert summary(watching.next_event()) == ("MODIFIED", "shop/web-7c79c4bf97-x2kq9", modified)
+    last = kubeapi.get_pod("shop", "web-7c79c4bf97-x2kq9")
+    kubeapi.delete_pod("shop", "web-7c79c4bf97-x2kq9")
+    event = watching.next_event()
+    assert summary(event) == ("DELETED", "shop/web-7c79c4bf97-x2kq9", kubeapi.resource_version)
+    assert int(kubeapi.resource_version) > int(modified)
+    # The last state, but for the resourceVersion of the deletion.
+    assert event["object"] == dict(last, metadata=dict(
+        last["metadata"], resourceVersion=kubeapi.resource_version))
+    assert watching.process.poll() is None
+
+
+@pytest.mark.parametrize("typed", [True, False])
+def test_watch_replays_from_a_resource_version(kubeapi, watch, typed):
+    kubeapi.typed_watch_objects = typed
+    first = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    second = kubeapi.put_pod(make_pod("shop", "b-7c79c4bf97-x2kq9"))
+    third = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9", healthy=False))
+    kubeapi.delete_pod("shop", "b-7c79c4bf97-x2kq9")
+    events, status, stderr = watch(watch_path(first, timeout=1)).rest()
+    assert (status, stderr) == (0, "")
+    assert [summary(e) for e in events] == [
+        ("ADDED", "shop/b-7c79c4bf97-x2kq9", second),
+        ("MODIFIED", "shop/a-7c79c4bf97-x2kq9", third),
+        ("DELETED", "shop/b-7c79c4bf97-x2kq9", kubeapi.resource_version),
+    ]
+    for event in events:
+        assert ("kind" in event["object"]) is typed and ("apiVersion" in event["object"]) is typed
+        assert event["object"]["metadata"]["managedFields"]
+
+
+def test_watch_without_a_resource_version_starts_with_every_pod(kubeapi, watch, five_pods):
+    watching = watch(watch_path())
+    initial = [watching.next_event() for _ in five_pods]
+    assert [summary(e)[:2] for e in initial] == [("ADDED", key) for key in five_pods]
+    added = kubeapi.put_pod(make_pod("aaa", "new-7c79c4bf97-x2kq9"))
+    assert summary(watching.next_event()) == ("ADDED", "aaa/new-7c79c4bf97-x2kq9", added)
+
+
+def test_watch_of_one_namespace(kubeapi, watch):
+    start = kubeapi.resource_version
+    kubeapi.put_pod(make_pod("other", "a-7c79c4bf97-x2kq9"))
+    replayed = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    watching = watch(watch_path(start, namespace="shop"))
+    assert summary(watching.next_event()) == ("ADDED", "shop/a-7c79c4bf97-x2kq9", replayed)
+    kubeapi.put_pod(make_pod("other", "b-7c79c4bf97-x2kq9"))
+    live = kubeapi.put_pod(make_pod("shop", "b-7c79c4bf97-x2kq9"))
+    assert summary(watching.next_event()) == ("ADDED", "shop/b-7c79c4bf97-x2kq9", live)
+    # kubectl sorts the query's parameters by name.
+    assert kubeapi.requests == [
+        ("GET", f"/api/v1/namespaces/shop/pods?resourceVersion={start}&timeoutSeconds=30&watch=1")]
+
+
+def test_watch_bookmarks_carry_the_current_resource_version(kubeapi, watch):
+    kubeapi.bookmark_seconds = 0.2
+    start = kubeapi.resource_version
+    watching = watch(watch_path(start, bookmarks=True))
+    assert watching.next_event() == {"type": "BOOKMARK", "object": {
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"resourceVersion": start, "creationTimestamp": None},
+        "spec": {"containers": None}, "status": {}}}
+    added = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    event = watching.next_event()
+    while event["type"] == "BOOKMARK":
+        event = watching.next_event()
+    assert summary(event) == ("ADDED", "shop/a-7c79c4bf97-x2kq9", added)
+    assert summary(watching.next_event()) == ("BOOKMARK", "None/None", added)
+
+
+def test_watch_without_bookmarks_allowed_gets_none(kubeapi, watch):
+    kubeapi.bookmark_seconds = 0.1
+    events, status, _ = watch(watch_path(kubeapi.resource_version, timeout=1)).rest()
+    assert (events, status) == ([], 0)
+
+
+def test_watch_timeout_ends_the_stream_normally(kubeapi, watch):
+    started = time.monotonic()
+    events, status, stderr = watch(watch_path(kubeapi.resource_version, timeout=1)).rest()
+    assert (events, status, stderr) == ([], 0, "")
+    assert 1 <= time.monotonic() - started < 5
+    assert kubeapi.wait_open_watches(0)
+
+
+def test_watch_from_a_compacted_resource_version_gets_410(kubeapi, watch):
+    kubeapi.set_watch_history(2)
+    start = kubeapi.resource_version
+    first = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))  # the event at `first` goes
+    events, status, stderr = watch(watch_path(start), opened=False).rest()
+    assert (status, stderr) == (0, "")
+    assert events == [{"type": "ERROR", "object": {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": f"too old resource version: {start} ({first})", "reason": "Expired",
+        "code": 410}}]
+    events, status, _ = watch(watch_path(first, timeout=1), opened=False).rest()
+    assert ([e["type"] for e in events], status) == (["MODIFIED", "MODIFIED"], 0)
+
+
+def test_loading_items_expires_open_watches(kubeapi, watch):
+    watching = watch(watch_path(kubeapi.resource_version))
+    kubeapi.load_items(generate_items_for_test(3))
+    events, status, _ = watching.rest()
+    assert [(e["type"], e["object"]["code"]) for e in events] == [("ERROR", 410)]
+    assert status == 0
+
+
+def test_expire_watch_sends_an_error_event(kubeapi, watch):
+    kubeapi.expire_watch()
+    events, status, _ = watch(watch_path(kubeapi.resource_version), opened=False).rest()
+    assert [(e["type"], e["object"]["code"], e["object"]["reason"]) for e in events] == [
+        ("ERROR", 410, "Expired")]
+    assert status == 0
+
+
+@pytest.mark.parametrize("reason", ["Expired", "Gone"])
+def test_expire_watch_with_http_410(kubeapi, watch, reason):
+    start = kubeapi.resource_version
+    kubeapi.expire_watch(http=True, reason=reason)
+    events, status, stderr = watch(watch_path(start), opened=False).rest()
+    assert (events, status) == ([], 1)
+    assert stderr == f"Error from server ({reason}): too old resource version: {start} ({start})\n"
+
+
+def test_cut_watches_drops_the_stream(kubeapi, watch):
+    watching = watch(watch_path(kubeapi.resource_version))
+    added = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    assert summary(watching.next_event())[2] == added
+    assert kubeapi.cut_watches() == 1
+    events, status, stderr = watching.rest()
+    assert (events, status, stderr) == ([], 1, "error: unexpected EOF\n")
+    assert kubeapi.wait_open_watches(0)
+
+
+def test_failures_apply_to_watches(kubeapi, watch):
+    kubeapi.fail(500)
+    events, status, stderr = watch(watch_path(kubeapi.resource_version), opened=False).rest()
+    assert (events, status) == ([], 1)
+    assert "(InternalError)" in stderr
+
+
 # -- the server on its own ------------------------------------------------------
+
+
+def test_list_carries_the_servers_resource_version(kubeapi, five_pods):
+    _, listed = fetch(kubeapi, "/api/v1/pods")
+    assert listed["metadata"]["resourceVersion"] == kubeapi.resource_version
+    before = {p["metadata"]["name"]: p["metadata"]["resourceVersion"] for p in listed["items"]}
+    namespace, name = five_pods[0].split("/")
+    modified = kubeapi.put_pod(kubeapi.get_pod(namespace, name))
+    _, listed = fetch(kubeapi, "/api/v1/pods")
+    after = {p["metadata"]["name"]: p["metadata"]["resourceVersion"] for p in listed["items"]}
+    assert listed["metadata"]["resourceVersion"] == kubeapi.resource_version == modified
+    assert after == dict(before, **{name: modified})
+    assert int(modified) > max(int(v) for v in before.values())
 
 
 def test_unknown_continue_token_is_expired(kubeapi):

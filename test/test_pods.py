@@ -417,7 +417,9 @@ def test_state_scope(fields, scope):
      "&fieldSelector=metadata.namespace%21%3Dx%2Cmetadata.namespace%21%3Dy"),
 ])
 def test_list_query(fields, token, query):
-    assert k8svent.list_query(k8svent.Settings(**fields), token) == query
+    settings = k8svent.Settings(**{"chunk_size": 500, **fields})
+    assert k8svent.pods_url(settings, limit=settings.chunk_size, continue_=token) == \
+        "/api/v1/pods?" + query
 
 
 @pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])

@@ -59,7 +59,7 @@ def settings(argv, environ=None):
     (["-u", "http://a"], {}, "kubectl", "kubectl"),
     (["-u", "http://a", "--kubectl=/k"], {"K8SVENT_KUBECTL": "/e"}, "kubectl", "/k"),
     (["-u", "http://a", "--context=c"], {}, "context", "c"),
-    (["-u", "http://a"], {}, "chunk_size", 500),
+    (["-u", "http://a"], {}, "chunk_size", 5000),
     (["-u", "http://a"], {}, "workers", 8),
     (["-u", "http://a", "--workers=2"], {}, "workers", 2),
     (["-u", "http://a"], {}, "retry_budget", 900.0),
