@@ -29,9 +29,16 @@ Options:
   --listen=ADDR:PORT           Serve /healthz, /readyz and /metrics on this
                                address, such as 0.0.0.0:8080 (default: off).
                                Env: K8SVENT_LISTEN.
-  --interval=SECONDS           Seconds between successful polls.
+  --mode=MODE                  watch: list, then report each change as the
+                               API server sends it; poll: list every interval.
+                               Env: K8SVENT_MODE [default: watch].
+  --interval=SECONDS           Seconds between successful polls (poll), or
+                               between re-sends of pods under duress (watch).
                                Env: K8SVENT_INTERVAL [default: 120].
-  --retry-interval=SECONDS     Seconds before polling again after a failure.
+  --resync=SECONDS             watch: list every pod this often and send what
+                               the watch missed; 0 for never.
+                               Env: K8SVENT_RESYNC [default: 600].
+  --retry-interval=SECONDS     Seconds before listing again after a failure.
                                Env: K8SVENT_RETRY_INTERVAL [default: 30].
   --context=NAME               kubectl context (KUBECONFIG works as usual).
                                Env: K8SVENT_CONTEXT.
@@ -133,6 +140,10 @@ FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
 CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODES = ("watch", "poll")
+WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
+WATCH_RESTART_REASONS = ("ended", "expired", "error", "resync")
+WATCH_RELIST_AFTER = 3      # failed watches in a row before listing again
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
@@ -235,7 +246,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     listen: tuple | None = None
+    mode: str = "watch"
     interval: float = 120.0
+    resync: float = 600.0
     retry_interval: float = 30.0
     context: str | None = None
     kubectl: str = "kubectl"
@@ -410,6 +423,9 @@ def settings_from(args, environ):
     if upgrade != "never" and parse_version(running) is None:
         raise SettingsError(f"version {running!r} (K8SVENT_VERSION) is not a "
                             f"semantic version; fix it or use --upgrade=never")
+    mode = pick("--mode", "K8SVENT_MODE").lower()
+    if mode not in MODES:
+        raise SettingsError(f"mode must be watch or poll, not {mode!r}")
     listen = pick("--listen", "K8SVENT_LISTEN")
     listen = parse_listen(listen) if listen else None
     if secret is not None and secret.startswith(WEBHOOK_SECRET_PREFIX):
@@ -452,7 +468,9 @@ def settings_from(args, environ):
         log_level=log_level,
         log_format=log_format,
         listen=listen,
+        mode=mode,
         interval=_number("--interval", pick("--interval", "K8SVENT_INTERVAL")),
+        resync=_number("--resync", pick("--resync", "K8SVENT_RESYNC")),
         retry_interval=_number("--retry-interval", pick(
             "--retry-interval", "K8SVENT_RETRY_INTERVAL")),
         context=pick("--context", "K8SVENT_CONTEXT"),
@@ -1376,8 +1394,11 @@ class Store:
         with self._transaction() as db:
             db.execute("DELETE FROM staged")
 
-    def apply_page(self, entries):
-        """Stage one page of PodEntry; count by reason (new, changed, unhealthy)."""
+    def apply_page(self, entries, staged=None):
+        """Stage one page of PodEntry; count by reason (new, changed, unhealthy).
+
+        The keys of new and changed pods are added to the list `staged` if given.
+        """
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
         keys = [e.key for e in entries]
         # The keys seen by this poll, for its deletions: in memory for the
@@ -1403,16 +1424,19 @@ class Store:
                     continue
                 upserts.append((entry.key, entry.fp, int(entry.duress),
                                 zlib.compress(entry.body, 1), entry.uid))
+            if staged is not None:
+                staged.extend(u[0] for u in upserts)
             # New and changed pods wait in `staged` until the listing is
             # complete: a poll that fails changes nothing.
             db.executemany("INSERT OR REPLACE INTO staged (key, fp, duress, body, uid)"
                            " VALUES (?, ?, ?, ?, ?)", upserts)
         return counts
 
-    def finish_poll(self):
+    def finish_poll(self, delete=True):
         """After a complete listing: take what changed, delete pods not seen, owe.
 
-        Returns how many pods were deleted.
+        Returns the keys of the pods not seen: deleted, or with delete=False
+        left as they are (a resync lets the watch tell first).
         """
         seen, self._seen = self._seen, set()
         with self._transaction() as db:
@@ -1420,10 +1444,59 @@ class Store:
             gone = [key for key, in db.execute(
                 "SELECT key FROM pods WHERE deleted = 0") if key not in seen]
             del seen
-            self._mark_deleted(db, gone)
+            if delete:
+                self._mark_deleted(db, gone)
             self._owe_marked(db)
             self._owe_duress(db)
-        return len(gone)
+        return gone
+
+    def delete(self, keys):
+        """Mark these pods (those still there) deleted and owe their deletion; return how many."""
+        with self._transaction() as db:
+            known = [key for key in keys if db.execute(
+                "SELECT 1 FROM pods WHERE key = ? AND deleted = 0", (key,)).fetchone()]
+            self._mark_deleted(db, known)
+            self._owe_marked(db)
+        return len(known)
+
+    def see(self, keys):
+        """Count these keys as seen by the poll under way (not deleted), changed or not."""
+        self._seen.update(keys)
+
+    def apply_event(self, entry):
+        """A watch event ADDED or MODIFIED: take the pod and owe it if new or changed.
+
+        Returns the reason ("new", "changed") or None when nothing changed.
+        """
+        with self._transaction() as db:
+            db.execute("DELETE FROM staged")
+        counts = self.apply_page([entry])
+        self._seen.discard(entry.key)
+        reason = next((r for r in ("new", "changed") if counts[r]), None)
+        if reason is not None:
+            with self._transaction() as db:
+                self._merge_staged(db)
+                self._owe_marked(db)
+        return reason
+
+    def apply_deletion(self, entry):
+        """A watch event DELETED: the pod's last state goes out as deleted; True if owed."""
+        pod_bytes = mark_deleted(entry.body)
+        with self._transaction() as db:
+            row = db.execute("SELECT uid, deleted FROM pods WHERE key = ?",
+                             (entry.key,)).fetchone()
+            if row is None or row[1]:
+                return False      # never listed (nothing to tell), or a list found it first
+            key = entry.key
+            if row is not None and _other_pod(row[0], entry.uid):
+                key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"   # not the pod we know
+            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+                       " VALUES (?, ?, 0, 1, ?)", (key, fingerprint(pod_bytes), entry.uid))
+            db.execute("INSERT OR REPLACE INTO bodies VALUES (?, ?)",
+                       (key, zlib.compress(pod_bytes, 1)))
+            db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (key,))
+            self._owe_marked(db)
+        return True
 
     def owe_duress(self):
         """Owe every pod under duress again (a no-op where one is still owed)."""
@@ -1685,6 +1758,7 @@ class _PageHead:
         self._stream = os.fdopen(fd, "rb", buffering=0)
         self._events = ijson.parse_coro(self)
         self.token = None
+        self.resource_version = None
         self.has_items = False
         self.has_metadata = False
         self.at_eof = False
@@ -1703,6 +1777,8 @@ class _PageHead:
         prefix, kind, value = event
         if prefix == "metadata.continue" and kind == "string":
             self.token = value
+        elif prefix == "metadata.resourceVersion" and kind == "string":
+            self.resource_version = value
         elif prefix == "metadata" and kind == "end_map":
             self.has_metadata = True
         elif prefix == "" and kind == "map_key" and value == "items":
@@ -1727,7 +1803,7 @@ class _Watchdog(threading.Thread):
 
     def __init__(self, process, timeout, stop=None):
         super().__init__(name="kubectl-watchdog", daemon=True)
-        self._process, self.timeout, self._stop = process, timeout, stop
+        self._process, self.timeout, self._stop_event = process, timeout, stop
         self._done = threading.Event()
         self.finished = threading.Event()   # killed for taking too long
         self.stopped = threading.Event()    # killed because of a stop
@@ -1741,10 +1817,10 @@ class _Watchdog(threading.Thread):
                 break
             # Our own watch rather than sh's _timeout, whose watcher notices
             # the end of a process only every 0.1 s: a poll runs one a page.
-            if self._done.wait(remaining if self._stop is None
+            if self._done.wait(remaining if self._stop_event is None
                                else min(remaining, 0.2)):
                 return
-            if self._stop is not None and self._stop.is_set():
+            if self._stop_event is not None and self._stop_event.is_set():
                 self.stopped.set()
                 break
         _stop_quietly(self._process, True)
@@ -1784,7 +1860,7 @@ def _end_get_raw(process, timer, stream):
 
 
 def stream_pod_page(settings, path, stop=None):
-    """Yield the items of one page as kubectl prints them; return its continue token.
+    """Yield the items of one page as kubectl prints them; return (continue token, RV).
 
     kubectl writes into a pipe that is parsed as it arrives (ijson), so only
     the pod being read is in memory, whatever the size of the page.
@@ -1802,7 +1878,7 @@ def stream_pod_page(settings, path, stop=None):
         _wait_kubectl(process, timer, settings)
         if not head.has_items:
             raise KubectlError("kubectl printed no valid pod list (no items)")
-        return head.token
+        return head.token, head.resource_version
     finally:
         _end_get_raw(process, timer, head)
 
@@ -1824,14 +1900,20 @@ def _wait_kubectl(process, timer, settings, doing="listing pods"):
         raise _kubectl_failure(failure, settings)
 
 
-def list_pods(settings, stop=None):
-    """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run."""
+def list_pods(settings, stop=None, listed=None):
+    """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run.
+
+    `listed`, a dict, gets the list's resourceVersion (to watch from).
+    """
     token, restarts = None, 0
     while True:
         try:
-            token = yield from stream_pod_page(
+            first = token is None
+            token, resource_version = yield from stream_pod_page(
                 settings, stop=stop,
                 path=pods_url(settings, limit=settings.chunk_size, continue_=token))
+            if first and listed is not None:
+                listed["resourceVersion"] = resource_version
         except Expired:
             # The list took longer than the server keeps a snapshot: start
             # again; pods already seen merge again as unchanged.
@@ -2711,32 +2793,48 @@ class Poller:
         self._senders = senders
         self.stop_event = threading.Event()
         self.last_poll_ok = None
+        self.listed_rv = None
+        self.unseen = []
+        self.pending = {}
         self.last_progress = time.monotonic()   # for Health: is it stuck?
         self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller",
                                         daemon=True)
 
-    def poll_once(self):
-        """One whole cycle: list, merge, mark deletions, deliver; True if ok."""
+    def poll_once(self, watched_rv=None):
+        """One whole cycle: list, merge, mark deletions, deliver; True if ok.
+
+        The list's resourceVersion is kept in `listed_rv`. With `watched_rv`
+        (a resync: the watch has told everything up to it), a pod whose
+        resourceVersion is not newer and that differs from the store was
+        missed by the watch: it is taken and counted in counts["missed"];
+        newer ones are left for the watch, which goes on from watched_rv, and
+        so are the pods not seen (kept in `unseen`) until it has caught up.
+        """
         started = time.monotonic()
         store = self._store
         store.begin_poll()
-        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
+        self.pending = {}
+        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
         seen = 0
+        listed = {}
         try:
-            batch = []
-            for item in list_pods(self._settings, self.stop_event):
+            batch, versions = [], {}
+            for item in list_pods(self._settings, self.stop_event, listed):
                 if not _looks_like_pod(item):
                     raise KubectlError("kubectl printed a pod list with an item "
                                        "that is not a pod")
-                batch.append(pod_entry(pod_from_item(item)))
+                entry = pod_entry(pod_from_item(item))
+                batch.append(entry)
+                if watched_rv is not None:
+                    versions[entry.key] = item["metadata"].get("resourceVersion")
                 if len(batch) >= _SQL_BATCH:
                     if self.stop_event.is_set():
                         raise PollStopped("stopped while listing pods")
-                    self._apply(batch, counts)
+                    self._apply(batch, counts, watched_rv, versions)
                     seen += len(batch)
-                    batch = []
-            self._apply(batch, counts)
+                    batch, versions = [], {}
+            self._apply(batch, counts, watched_rv, versions)
             seen += len(batch)
         except PollStopped:
             log.info("poll stopped before it finished; nothing changed")
@@ -2746,23 +2844,40 @@ class Poller:
             log.error("poll failed, nothing changed; retrying in %g s: %s",
                       self._settings.retry_interval, exc)
             return False
-        counts["deleted"] = store.finish_poll()
-        for sender in self._senders:
-            sender.wake()
+        self.unseen = store.finish_poll(delete=watched_rv is None)
+        counts["deleted"] = 0 if watched_rv is not None else len(self.unseen)
+        self._wake_senders()
         store.prune()
+        self.listed_rv = listed.get("resourceVersion")
         self.last_poll_ok = time.time()
+        missed = counts.pop("missed")
         metrics.polled("success", time.monotonic() - started, seen, counts)
+        if watched_rv is not None:
+            _report_missed(missed, "new or changed pods")
         log.info("poll: %d pods seen; sending %d new, %d changed, %d unhealthy, "
                  "%d deleted (%.2f s)", seen, counts["new"], counts["changed"],
                  counts["unhealthy"], counts["deleted"],
                  time.monotonic() - started)
         return True
 
-    def _apply(self, batch, counts):
+    def _apply(self, batch, counts, watched_rv=None, versions=None):
         """Merge a batch of pods into the store and add up the reasons."""
-        for reason, n in self._store.apply_page(batch).items():
+        if watched_rv is not None:
+            # What changed after watched_rv is the watch's to tell: those pods
+            # wait (in `pending`) until it has caught up with the list.
+            self._store.see([e.key for e in batch])
+            later = [e for e in batch if _newer_rv(versions.get(e.key), watched_rv)]
+            self.pending.update((e.key, e) for e in later)
+            batch = [e for e in batch if not _newer_rv(versions.get(e.key), watched_rv)]
+        staged = []
+        for reason, n in self._store.apply_page(batch, staged).items():
             counts[reason] += n
+        counts["missed"] += len(staged)
         self.last_progress = time.monotonic()   # for /healthz: not stuck
+
+    def _wake_senders(self):
+        for sender in self._senders:
+            sender.wake()
 
     def run(self):
         """Poll at once, then every interval (retry interval after a failure)."""
@@ -2792,6 +2907,160 @@ class Poller:
 
     def is_alive(self):
         return self._thread.is_alive()
+
+
+def _report_missed(count, what):
+    """Count and log what a resync found that the watch had missed."""
+    metrics.resync_changes.inc(count)
+    if count:
+        log.warning("resync: the watch missed %d changes (%s); sending them now", count, what)
+
+
+def _newer_rv(resource_version, than):
+    """Whether a resourceVersion is later than another (False when either is not a number)."""
+    # resourceVersions are opaque to clients, but every Kubernetes API server
+    # writes etcd's revision: comparing them tells a change made after the
+    # watch stopped (not missed) from one it never reported.
+    try:
+        return int(resource_version) > int(than)
+    except (TypeError, ValueError):
+        return False
+
+
+class Watcher(Poller):
+    """--mode=watch: list, then watch for changes; re-send pods under duress and resync on timers.
+
+    One thread: a paged list (a poll) gives the snapshot and a resourceVersion;
+    one kubectl then streams the watch from it, each event applied to the
+    store as it arrives. Every --interval the pods under duress are owed
+    again, from the store; every --resync a full list is diffed against the
+    store. A 410 (the resourceVersion is too old) lists again.
+    """
+
+    def __init__(self, settings, store, senders, clock=time.monotonic):
+        super().__init__(settings, store, senders)
+        self._clock = clock
+        self._rv = None
+        # After a resync the watch goes on from where it was. The pods the
+        # list did not have are deleted, and its pods newer than the watch
+        # are as listed, unless the watch says otherwise before it has told
+        # everything up to the list's resourceVersion.
+        self._suspects = set()
+        self._suspects_rv = None
+        self._thread.name = "watcher"
+
+    def run(self):
+        """List, then watch from the list's resourceVersion, until stopped."""
+        settings = self._settings
+        now = self._clock()
+        next_duress = now + settings.interval
+        next_resync = now + settings.resync if settings.resync else math.inf
+        failures = 0
+        resync_from = None
+        while not self.stop_event.is_set():
+            try:
+                if self._rv is None:
+                    if not self.poll_once(resync_from):
+                        self._pause(settings.retry_interval)
+                        continue
+                    self.first_poll_done.set()
+                    self._suspects.clear()
+                    if resync_from is not None:     # go on from where the watch was
+                        self._rv = resync_from
+                        self._suspects.update(self.unseen)
+                        self._suspects_rv = self.listed_rv
+                        self._confirm_suspects(resync_from)
+                    else:
+                        self._rv = self.listed_rv
+                    resync_from = None
+                    if self._rv is None:
+                        log.warning("the pod list carried no resourceVersion; "
+                                    "watching from now")
+                now = self._clock()
+                if now >= next_duress:
+                    next_duress = now + settings.interval
+                    self._store.owe_duress()
+                    self._wake_senders()
+                if now >= next_resync:
+                    next_resync = now + settings.resync
+                    metrics.watch_restarts.labels("resync").inc()
+                    resync_from, self._rv = self._rv, None
+                    continue
+                seconds = max(1.0, min(next_duress, next_resync) - now)
+                self._watch(seconds)
+                failures = 0
+                metrics.watch_restarts.labels("ended").inc()
+            except PollStopped:
+                return
+            except Expired as exc:
+                log.info("watch expired (%s); listing pods again", exc)
+                metrics.watch_restarts.labels("expired").inc()
+                self._rv = None
+            except KubectlError as exc:
+                failures += 1
+                metrics.watch_restarts.labels("error").inc()
+                delay = min(backoff_delay(failures), settings.retry_interval)
+                # Each failure is logged: they are minutes apart once backed off.
+                log.error("watch failed (%s); watching again in %.1f s%s", exc, delay,
+                          "" if failures < WATCH_RELIST_AFTER else ", after a new list")
+                if failures >= WATCH_RELIST_AFTER:
+                    self._rv, failures = None, 0
+                self._pause(delay)
+            except Exception:  # never let the watcher die silently
+                log.exception("watch crashed; listing again in %g s", settings.retry_interval)
+                metrics.polled("error")
+                self._rv = None
+                self._pause(settings.retry_interval)
+
+    def _pause(self, seconds):
+        if self.stop_event.wait(seconds):
+            raise PollStopped("stopped")
+
+    def _watch(self, seconds):
+        """Apply the events of one watch of up to `seconds` to the store."""
+        for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds):
+            self.last_progress = self._clock()      # a live watch is not stuck
+            metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
+            rv = (obj.get("metadata") or {}).get("resourceVersion")
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                if not _looks_like_pod(obj):
+                    raise KubectlError(f"a watch event {kind} carried no pod")
+                entry = pod_entry(obj)
+                if kind == "DELETED":
+                    owed = self._store.apply_deletion(entry)
+                    reason = "deleted" if owed else None
+                else:
+                    reason = self._store.apply_event(entry)
+                if reason is not None:
+                    metrics.pods_selected.labels(reason).inc()
+                    log.debug("watch: %s %s (%s)", kind, entry.key, reason,
+                              extra={"pod": entry.key})
+                    self._wake_senders()
+                self._suspects.discard(entry.key)
+                self.pending.pop(entry.key, None)
+            if rv:
+                self._rv = rv
+                self._confirm_suspects(rv)
+        self.last_progress = self._clock()
+
+    def _confirm_suspects(self, rv):
+        """Once the watch has caught up with a resync's list, take what it did not tell."""
+        if not (self._suspects or self.pending) or _newer_rv(self._suspects_rv, rv):
+            return
+        changed = 0
+        for entry in self.pending.values():
+            reason = self._store.apply_event(entry)
+            if reason is not None:
+                metrics.pods_selected.labels(reason).inc()
+                changed += 1
+        self.pending = {}
+        deleted = self._store.delete(sorted(self._suspects))
+        self._suspects.clear()
+        metrics.pods_selected.labels("deleted").inc(deleted)
+        if changed or deleted:
+            self._wake_senders()
+        _report_missed(changed, "new or changed pods, found by the list")
+        _report_missed(deleted, "deleted pods")
 
 
 # --- Upgrades ----------------------------------------------------------------
@@ -2998,6 +3267,17 @@ class Metrics:
             "k8svent_last_successful_poll_timestamp_seconds",
             "Unix time at which the last successful poll finished.",
             registry=registry)
+        self.watch_events = prometheus_client.Counter(
+            "k8svent_watch_events", "Watch events received, by type: ADDED, MODIFIED, "
+            "DELETED, BOOKMARK, ERROR (or other).", ["type"], registry=registry)
+        self.watch_restarts = prometheus_client.Counter(
+            "k8svent_watch_restarts", "Watches started again, by why the last one "
+            "ended: ended (its timeout, or the server closed it), expired (410: "
+            "listed again), error (kubectl failed) or resync.", ["reason"],
+            registry=registry)
+        self.resync_changes = prometheus_client.Counter(
+            "k8svent_resync_changes", "Changes a resync list found that the watch "
+            "had missed (new, changed or deleted pods).", registry=registry)
         self.newer_version = prometheus_client.Gauge(
             "k8svent_newer_version_available",
             "1 when the registry has a newer version (its label), else 0.",
@@ -3013,6 +3293,10 @@ class Metrics:
             self.polls.labels(outcome)
         for reason in SELECT_REASONS:
             self.pods_selected.labels(reason)
+        for kind in (*WATCH_EVENT_TYPES, "other"):
+            self.watch_events.labels(kind)
+        for reason in WATCH_RESTART_REASONS:
+            self.watch_restarts.labels(reason)
         self.set_newer_version(None)
 
     def watch(self, senders, store, running_version):
@@ -3396,7 +3680,7 @@ def main(argv=None, environ=None):
     stop = threading.Event()
     store.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
-    poller = Poller(settings, store, senders)
+    poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
     metrics.watch(senders, store, version())
     log.info("k8svent %s starting: %s, webhooks %s", version(),
              f"namespace {settings.namespace}" if settings.namespace

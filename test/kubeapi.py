@@ -258,6 +258,13 @@ def _label_matches(labels, key, operator, values):
     return labels[key] in values      # =, ==, in
 
 
+def _selection(query):
+    """(labelSelector, fieldSelector) of a query, or None when it selects every pod."""
+    label_selector = query.get("labelSelector", "")
+    field_selector = query.get("fieldSelector", "")
+    return (label_selector, field_selector) if label_selector or field_selector else None
+
+
 def matches(pod, label_selector="", field_selector=""):
     """Whether a pod (a dict) is selected by a labelSelector and a fieldSelector.
 
@@ -427,13 +434,14 @@ class FakeKubeAPI:
 
     # -- state ------------------------------------------------------------
 
-    def put_pod(self, pod, *, bump_resource_version=True):
+    def put_pod(self, pod, *, bump_resource_version=True, missed=False):
         """Add or replace a pod (an ADDED or MODIFIED event); return its resourceVersion.
 
         With ``bump_resource_version`` the pod gets the next resourceVersion of
         the server's counter, as every write to a real server does; without it
         the pod's own ``metadata.resourceVersion`` is kept (the counter and the
-        event still move on).
+        event still move on). ``missed`` records no event: a watch never hears
+        of the change (as a watch cache that lost an event), only a list does.
         """
         with self._lock:
             key, data, version = self._encode(pod, bump_resource_version)
@@ -442,7 +450,8 @@ class FakeKubeAPI:
                 bisect.insort(self._keys, key)
             self._pods[key] = data
             self._current = None
-            self._record_event("MODIFIED" if existed else "ADDED", key[0], data)
+            if not missed:
+                self._record_event("MODIFIED" if existed else "ADDED", key[0], data)
             return version
 
     def set_pods(self, pods, *, bump_resource_version=True):
@@ -474,15 +483,18 @@ class FakeKubeAPI:
             self._current = None
             self._forget_history()
 
-    def delete_pod(self, namespace, name):
-        """Remove a pod (a DELETED event); return whether it was there."""
+    def delete_pod(self, namespace, name, *, missed=False):
+        """Remove a pod (a DELETED event, none if ``missed``); return whether it was there."""
         with self._lock:
             data = self._pods.pop((namespace, name), None)
             if data is None:
                 return False
             del self._keys[bisect.bisect_left(self._keys, (namespace, name))]
             self._current = None
-            self._record_deletion((namespace, name), data)
+            if missed:
+                self._last_resource_version = next(self._resource_version)
+            else:
+                self._record_deletion((namespace, name), data)
             return True
 
     def get_pod(self, namespace, name):
@@ -955,7 +967,7 @@ class _Handler(BaseHTTPRequestHandler):
             if rule is not None:
                 self._send_error_event(position, api.resource_version, rule.reason)
             elif not self._stream_events(namespace, position, version == "0", cuts, deadline,
-                                         bookmarks):
+                                         bookmarks, _selection(query)):
                 self.close_connection = True    # cut: no last chunk, as a dropped connection
                 return
             self.wfile.write(b"0\r\n\r\n")
@@ -966,15 +978,26 @@ class _Handler(BaseHTTPRequestHandler):
                 api._open_watches -= 1
                 api._changed.notify_all()
 
-    def _stream_events(self, namespace, position, initial, cuts, deadline, bookmarks):
-        """Write events as they happen; False when cut, True at timeoutSeconds or expiry."""
+    def _stream_events(self, namespace, position, initial, cuts, deadline, bookmarks,
+                       selection=None):
+        """Write events as they happen; False when cut, True at timeoutSeconds or expiry.
+
+        With a selection (labelSelector, fieldSelector), only the events whose
+        object it selects (the real server also turns a MODIFIED that leaves
+        the selection into a DELETED; this one leaves such events out).
+        """
         api = self.server.api
+
+        def wanted(ns, data):
+            return namespace in (None, ns) and (
+                selection is None or matches(json.loads(data), *selection))
+
         if initial:
             snapshot = api._snapshot()
             position = snapshot.resource_version
             self._write_events(
                 ("ADDED", data) for key, data in zip(snapshot.keys, snapshot.items)
-                if namespace in (None, key[0]))
+                if wanted(key[0], data))
         next_bookmark = time.monotonic() + api.bookmark_seconds
         while True:
             wake_at = min(deadline, next_bookmark) if bookmarks else deadline
@@ -987,7 +1010,7 @@ class _Handler(BaseHTTPRequestHandler):
             if step == "events":
                 position = value[-1][0]
                 self._write_events((kind, data) for _, kind, ns, data in value
-                                   if namespace in (None, ns))
+                                   if wanted(ns, data))
                 continue
             position = value
             now = time.monotonic()

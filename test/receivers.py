@@ -162,6 +162,17 @@ class Receiver:
                     raise AssertionError(f"{len(self.statuses)} of {count} attempts")
                 self._cond.wait(left)
 
+    def wait_until(self, predicate, what="the condition", timeout=20):
+        """Wait until predicate(pods received so far) is true; return those pods."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(pods := [json.loads(r.body)["pod"] for r in self.received]):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {what} in {len(pods)} deliveries")
+                self._cond.wait(left)
+            return pods
+
     def pods(self):
         """The pods received, in order."""
         with self._cond:

@@ -15,7 +15,8 @@ import pytest
 from test.pods import make_pod
 from test.service import Service, service_env, signal
 
-FAST = ["--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
+# The poll mode, whose tests count polls; test_watch.py has the watch mode.
+FAST = ["--mode=poll", "--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from test.pods import make_pod
 from test.service import Service, service_env
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-FAST = ["--interval=0.3", "--retry-interval=0.3", "--log-level=debug"]
+FAST = ["--mode=poll", "--interval=0.3", "--retry-interval=0.3", "--log-level=debug"]
 
 
 @pytest.fixture

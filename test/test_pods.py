@@ -204,7 +204,7 @@ def named(name, **status):
 def poll(store, *pods):
     store.begin_poll()
     counts = store.apply_page(entries(*pods))
-    counts["deleted"] = store.finish_poll()
+    counts["deleted"] = len(store.finish_poll())
     return counts
 
 

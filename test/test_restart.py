@@ -8,7 +8,8 @@ from test.pods import generate_items, make_pod
 from test.receivers import Receiver
 from test.service import Service, service_env
 
-FAST = ["--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
+# The poll mode, whose tests count polls; test_watch.py has the watch mode.
+FAST = ["--mode=poll", "--interval=0.5", "--retry-interval=0.3", "--log-level=debug"]
 
 
 @pytest.fixture

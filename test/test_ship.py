@@ -39,7 +39,8 @@ KUBECTL_PEAK_MIB = 64
 
 # What the code runs: `kubectl get --raw /api/v1/pods` and
 # `kubectl get pod POD_NAME -o json`.
-ALLOWED_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+ALLOWED_RULES = [{"apiGroups": [""], "resources": ["pods"],
+                  "verbs": ["get", "list", "watch"]}]
 
 # Pod Security Standards, "restricted" profile.
 RESTRICTED_VOLUME_TYPES = {
@@ -222,7 +223,7 @@ def test_read_only_root_has_a_writable_tmp():
 
 # ---- deploy.yaml: RBAC -------------------------------------------------------------
 
-def test_rbac_grants_only_get_and_list_pods():
+def test_rbac_grants_only_get_list_and_watch_pods():
     roles = objects_of_kind("ClusterRole") + objects_of_kind("Role")
     assert len(roles) == 1
     rules = [{key: sorted(rule.get(key, [])) for key in rule} for rule in roles[0]["rules"]]

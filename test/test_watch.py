@@ -1,0 +1,261 @@
+"""Watch mode: list, then watch; the real kubectl against the test API server."""
+
+import copy
+import re
+import time
+import urllib.request
+
+import pytest
+
+from test.pods import make_pod
+from test.service import Service, service_env
+
+# No duress re-sends nor resyncs unless a test asks: each event is what it sees.
+QUIET = ["--mode=watch", "--interval=600", "--resync=0", "--retry-interval=0.3",
+         "--log-level=debug"]
+
+
+@pytest.fixture
+def start(kubeapi, kubeconfig, kubectl_path, tmp_path):
+    """Start k8svent in watch mode with args; kill it afterwards."""
+    started = []
+
+    def run(*args):
+        service = Service([f"--kubectl={kubectl_path}", *QUIET, *args],
+                          service_env(kubeconfig), tmp_path / f"run{len(started)}")
+        started.append(service)
+        return service
+
+    yield run
+    for service in started:
+        service.kill()
+
+
+def key(pod):
+    return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+
+
+def changed(pod, value):
+    pod = copy.deepcopy(pod)
+    pod["metadata"].setdefault("labels", {})["change"] = value
+    return pod
+
+
+def has(key_, **want):
+    """A predicate: some pod received has this key and these labels/phase/uid."""
+    def check(pods):
+        return any(key(p) == key_ and all(_field(p, f) == v for f, v in want.items())
+                   for p in pods)
+    return check
+
+
+def _field(pod, name):
+    if name == "phase":
+        return pod["status"]["phase"]
+    if name == "uid":
+        return pod["metadata"]["uid"]
+    return pod["metadata"].get("labels", {}).get(name)
+
+
+def watching(kubeapi, count=1):
+    assert kubeapi.wait_open_watches(count), "k8svent is not watching"
+
+
+def lists(kubeapi):
+    return sum(1 for method, path in kubeapi.requests
+               if method == "GET" and "/pods?" in path and "watch=" not in path)
+
+
+def test_a_change_arrives_within_a_second(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    latencies = []
+    for i in range(5):
+        began = time.monotonic()
+        kubeapi.put_pod(changed(pod, str(i)))
+        receiver.wait_until(has("default/web", change=str(i)), f"change {i}")
+        latencies.append(time.monotonic() - began)
+    assert sorted(latencies)[2] < 1.0, latencies   # the median, on a busy machine
+    assert lists(kubeapi) == 1                      # one list, then only the watch
+    assert service.count(r"WARNING|ERROR") == 0, service.log()
+
+
+def test_deletion_sends_the_last_state_as_deleted(kubeapi, start, receivers):
+    kubeapi.put_pod(make_pod("default", "web"))
+    kubeapi.put_pod(make_pod("default", "gone"))
+    receiver = receivers()
+    start(f"--url={receiver.url}")
+    receiver.wait_for(2)
+    watching(kubeapi)
+    kubeapi.put_pod(changed(kubeapi.get_pod("default", "gone"), "last"))
+    kubeapi.delete_pod("default", "gone")
+    pods = receiver.wait_until(has("default/gone", phase="Deleted"), "deletion")
+    deleted = [p for p in pods if key(p) == "default/gone" and p["status"]["phase"] == "Deleted"]
+    assert len(deleted) == 1 and deleted[0]["metadata"]["labels"]["change"] == "last"
+    assert not any(key(p) == "default/web" and p["status"]["phase"] == "Deleted" for p in pods)
+
+
+def test_a_recreated_pod_is_a_deletion_and_a_new_pod(kubeapi, start, receivers):
+    old = make_pod("default", "db-0")
+    kubeapi.put_pod(old)
+    receiver = receivers()
+    start(f"--url={receiver.url}")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    new = copy.deepcopy(old)
+    new["metadata"]["uid"] = "00000000-0000-4000-8000-00000000beef"
+    kubeapi.delete_pod("default", "db-0")
+    kubeapi.put_pod(new)
+    pods = receiver.wait_until(has("default/db-0", uid=new["metadata"]["uid"]), "new pod")
+    receiver.wait_until(has("default/db-0", uid=old["metadata"]["uid"], phase="Deleted"),
+                        "the old pod's deletion")
+    assert pods[-1]["status"]["phase"] == "Running"
+
+
+def test_a_watch_cut_mid_stream_loses_nothing(kubeapi, start, receivers):
+    pods = [make_pod("default", f"web-{i}") for i in range(3)]
+    for pod in pods:
+        kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(3)
+    watching(kubeapi)
+    kubeapi.put_pod(changed(pods[0], "before-cut"))
+    receiver.wait_until(has("default/web-0", change="before-cut"))
+    assert kubeapi.cut_watches() == 1
+    kubeapi.put_pod(changed(pods[1], "during-cut"))     # replayed from the last RV
+    receiver.wait_until(has("default/web-1", change="during-cut"), "the change made meanwhile")
+    watching(kubeapi)
+    kubeapi.put_pod(changed(pods[2], "after-cut"))
+    received = receiver.wait_until(has("default/web-2", change="after-cut"))
+    assert not [p for p in received if p["status"]["phase"] == "Deleted"]
+    assert lists(kubeapi) == 1                          # watched again, not listed
+    assert service.count(r"watch failed") == 1
+
+
+@pytest.mark.parametrize("http", [False, True], ids=["error-event", "http-410"])
+def test_an_expired_watch_lists_again_and_loses_nothing(kubeapi, start, receivers, http):
+    pods = [make_pod("default", f"web-{i}") for i in range(3)]
+    for pod in pods:
+        kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(3)
+    watching(kubeapi)
+    kubeapi.expire_watch(http=http)
+    kubeapi.cut_watches()           # the next watch is the expired one
+    kubeapi.put_pod(changed(pods[0], "meanwhile"))
+    kubeapi.delete_pod("default", "web-1")
+    received = receiver.wait_until(has("default/web-1", phase="Deleted"), "deletion")
+    receiver.wait_until(has("default/web-0", change="meanwhile"), "change")
+    service.wait_log(r"watch expired .*; listing pods again")
+    assert lists(kubeapi) == 2
+    assert not [p for p in received
+                if p["status"]["phase"] == "Deleted" and key(p) != "default/web-1"]
+
+
+def test_the_namespaced_path_is_watched(kubeapi, start, receivers):
+    kubeapi.put_pod(make_pod("shop", "cart"))
+    kubeapi.put_pod(make_pod("default", "other"))
+    receiver = receivers()
+    start(f"--url={receiver.url}", "--namespace=shop")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    kubeapi.put_pod(changed(kubeapi.get_pod("default", "other"), "x"))
+    kubeapi.put_pod(changed(kubeapi.get_pod("shop", "cart"), "y"))
+    received = receiver.wait_until(has("shop/cart", change="y"))
+    assert {key(p) for p in received} == {"shop/cart"}
+    assert any("/api/v1/namespaces/shop/pods?" in path and "watch=1" in path
+               for _, path in kubeapi.requests)
+
+
+def test_pods_under_duress_are_sent_every_interval_without_a_list(kubeapi, kubeconfig,
+                                                                   kubectl_path, tmp_path,
+                                                                   receivers):
+    kubeapi.put_pod(make_pod("default", "sick", healthy=False))
+    kubeapi.put_pod(make_pod("default", "fine"))
+    receiver = receivers()
+    service = Service([f"--kubectl={kubectl_path}", "--mode=watch", "--interval=0.3",
+                       "--resync=0", f"--url={receiver.url}"],
+                      service_env(kubeconfig), tmp_path / "run")
+    try:
+        received = receiver.wait_until(
+            lambda pods: sum(key(p) == "default/sick" for p in pods) >= 4, "4 re-sends")
+        assert sum(key(p) == "default/fine" for p in received) == 1
+        assert lists(kubeapi) == 1
+    finally:
+        service.kill()
+
+
+def test_a_resync_sends_what_the_watch_missed(kubeapi, kubeconfig, kubectl_path, tmp_path,
+                                              receivers):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    # What a resync finds is taken once the watch has caught up with the list:
+    # bookmarks (a real server sends one about every minute) tell it has.
+    kubeapi.bookmark_seconds = 0.2
+    receiver = receivers()
+    service = Service([f"--kubectl={kubectl_path}", "--mode=watch", "--interval=600",
+                       "--resync=1", "--listen=127.0.0.1:0", f"--url={receiver.url}"],
+                      service_env(kubeconfig), tmp_path / "run")
+    try:
+        receiver.wait_for(1)
+        watching(kubeapi)
+        kubeapi.put_pod(changed(pod, "missed"), missed=True)
+        receiver.wait_until(has("default/web", change="missed"), "the missed change")
+        service.wait_log(r"WARNING resync: the watch missed 1 changes \(new or changed")
+        # a deletion the watch missed
+        kubeapi.delete_pod("default", "web", missed=True)
+        receiver.wait_until(has("default/web", phase="Deleted"), "the missed deletion")
+        service.wait_log(r"WARNING resync: the watch missed 1 changes \(deleted")
+        url = re.search(r"listening on (http://\S+)", service.log()).group(1)
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        assert re.search(r"^k8svent_resync_changes_total 2\.0$", text, re.M), text
+        assert re.search(r'^k8svent_watch_restarts_total\{reason="resync"\} [1-9]', text, re.M)
+        assert re.search(r'^k8svent_watch_events_total\{type="BOOKMARK"\} [1-9]', text, re.M)
+        # resyncs that find nothing say nothing
+        assert service.count(r"WARNING resync") == 2
+    finally:
+        service.kill()
+
+
+def test_once_lists_delivers_and_exits_in_watch_mode(kubeapi, start, receivers):
+    kubeapi.put_pod(make_pod("default", "web"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--once")
+    assert service.wait() == 0
+    assert receiver.keys() == ["default/web"]
+    assert not any("watch=1" in path for _, path in kubeapi.requests)
+
+
+def test_a_quiet_watch_is_healthy(kubeapi, start, receivers):
+    kubeapi.put_pod(make_pod("default", "web"))
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--listen=127.0.0.1:0")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    service.wait_log(r"listening on http://")
+    url = re.search(r"listening on (http://\S+)", service.log()).group(1)
+    with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+        assert answer.status == 200
+    with urllib.request.urlopen(url + "/readyz", timeout=5) as answer:
+        assert answer.status == 200
+
+
+def test_a_watch_that_keeps_failing_backs_off_and_lists_again(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    kubeapi.fail(500, count=3, path_prefix="/api/v1/pods")
+    kubeapi.cut_watches()
+    service.wait_log(r"ERROR watch failed .*after a new list")
+    kubeapi.put_pod(changed(pod, "after"))
+    received = receiver.wait_until(has("default/web", change="after"))
+    assert not [p for p in received if p["status"]["phase"] == "Deleted"]
