@@ -12,9 +12,12 @@
 FROM python:3.11-slim-trixie
 
 # The semantic version this image is; the self-upgrade compares it with the
-# registry's tags (K8SVENT_VERSION). CI passes the release tag.
-ARG VERSION=0.0.0-dev
+# registry's tags (K8SVENT_VERSION). `make image` passes what .ci/version
+# computes from git, CI the same; there is no unstamped image.
+ARG VERSION
 ARG REVISION=unknown
+RUN test -n "${VERSION}" \
+    || { echo "give --build-arg VERSION=X.Y.Z (make image computes it)" >&2; exit 1; }
 
 LABEL org.opencontainers.image.title="k8svent" \
       org.opencontainers.image.description="Sends Kubernetes pods, as JSON, to webhook endpoints" \

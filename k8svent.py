@@ -82,6 +82,7 @@ import collections
 import dataclasses
 import email.utils
 import fcntl
+import functools
 import hashlib
 import hmac
 import http.client
@@ -100,6 +101,7 @@ import socket
 import sqlite3
 import ssl
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -120,7 +122,9 @@ import requests.utils
 import semver
 import sh
 
-__version__ = "0.1.0"
+# What a lone copy of k8svent.py calls itself. An image is stamped with its
+# version (K8SVENT_VERSION); a git checkout computes it as .ci/version does.
+__version__ = "0.0.0-dev"
 
 # --- Constants ---------------------------------------------------------------
 
@@ -348,9 +352,9 @@ def _check_url(url):
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
-def parse_listen(text):
+def parse_listen(text, name="--listen"):
     """(host, port) from ADDR:PORT ([ADDR]:PORT for IPv6), or raise."""
-    bad = SettingsError(f"--listen must be ADDR:PORT, such as 0.0.0.0:8080, "
+    bad = SettingsError(f"{name} must be ADDR:PORT, such as 0.0.0.0:8080, "
                         f"not {text!r}")
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -369,12 +373,28 @@ def parse_listen(text):
 def settings_from(args, environ):
     """Build the Settings from docopt's arguments and the environment."""
 
+    given = {}      # flag -> how errors name it: what the user typed it as
+
     def pick(flag, variable):
         value = args.get(flag)
+        given[flag] = flag
         if value is None or value is False:
             value = environ.get(variable) or None
+            given[flag] = f"{variable} ({flag})"
         if value is None:
             value = _DEFAULTS.get(flag)
+            given[flag] = flag
+        return value
+
+    def number(flag, variable, kind=float, minimum=0):
+        return _number(given[flag], pick(flag, variable), kind, minimum) \
+            if pick(flag, variable) is not None else None
+
+    def choice(flag, variable, choices):
+        value = pick(flag, variable).lower()
+        if value not in choices:
+            raise SettingsError(f"{given[flag]} must be {', '.join(choices[:-1])} or "
+                                f"{choices[-1]}, not {value!r}")
         return value
 
     urls = args.get("--url") or []
@@ -400,34 +420,23 @@ def settings_from(args, environ):
         if not secret:
             raise SettingsError(f"secret file {secret_file!r} is empty")
 
-    log_level = pick("--log-level", "K8SVENT_LOG_LEVEL").lower()
-    if log_level not in LOG_LEVELS:
-        raise SettingsError(f"log level must be one of {', '.join(LOG_LEVELS)}, "
-                            f"not {log_level!r}")
-    log_format = pick("--log-format", "K8SVENT_LOG_FORMAT").lower()
-    if log_format not in LOG_FORMATS:
-        raise SettingsError(f"log format must be text or json, not {log_format!r}")
+    log_level = choice("--log-level", "K8SVENT_LOG_LEVEL", LOG_LEVELS)
+    log_format = choice("--log-format", "K8SVENT_LOG_FORMAT", LOG_FORMATS)
 
     image = pick("--image", "K8SVENT_IMAGE")
     try:
         parse_image(image)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
-    upgrade = pick("--upgrade", "K8SVENT_UPGRADE").lower()
-    if upgrade not in UPGRADE_MODES:
-        raise SettingsError(f"upgrade must be auto, always or never, not {upgrade!r}")
-    upgrade_interval = pick("--upgrade-interval", "K8SVENT_UPGRADE_INTERVAL")
-    if upgrade_interval is not None:
-        upgrade_interval = _number("--upgrade-interval", upgrade_interval, minimum=1)
-    running = environ.get("K8SVENT_VERSION") or __version__
+    upgrade = choice("--upgrade", "K8SVENT_UPGRADE", UPGRADE_MODES)
+    upgrade_interval = number("--upgrade-interval", "K8SVENT_UPGRADE_INTERVAL", minimum=1)
+    running = version(environ)
     if upgrade != "never" and parse_version(running) is None:
         raise SettingsError(f"version {running!r} (K8SVENT_VERSION) is not a "
                             f"semantic version; fix it or use --upgrade=never")
-    mode = pick("--mode", "K8SVENT_MODE").lower()
-    if mode not in MODES:
-        raise SettingsError(f"mode must be watch or poll, not {mode!r}")
+    mode = choice("--mode", "K8SVENT_MODE", MODES)
     listen = pick("--listen", "K8SVENT_LISTEN")
-    listen = parse_listen(listen) if listen else None
+    listen = parse_listen(listen, given["--listen"]) if listen else None
     if secret is not None and secret.startswith(WEBHOOK_SECRET_PREFIX):
         try:
             standard_webhooks_key(secret)
@@ -469,20 +478,15 @@ def settings_from(args, environ):
         log_format=log_format,
         listen=listen,
         mode=mode,
-        interval=_number("--interval", pick("--interval", "K8SVENT_INTERVAL")),
-        resync=_number("--resync", pick("--resync", "K8SVENT_RESYNC")),
-        retry_interval=_number("--retry-interval", pick(
-            "--retry-interval", "K8SVENT_RETRY_INTERVAL")),
+        interval=number("--interval", "K8SVENT_INTERVAL"),
+        resync=number("--resync", "K8SVENT_RESYNC"),
+        retry_interval=number("--retry-interval", "K8SVENT_RETRY_INTERVAL"),
         context=pick("--context", "K8SVENT_CONTEXT"),
         kubectl=pick("--kubectl", "K8SVENT_KUBECTL"),
-        kubectl_timeout=_number("--kubectl-timeout", pick(
-            "--kubectl-timeout", "K8SVENT_KUBECTL_TIMEOUT"), minimum=1),
-        chunk_size=_number("--chunk-size", pick(
-            "--chunk-size", "K8SVENT_CHUNK_SIZE"), int, minimum=1),
-        workers=_number("--workers", pick("--workers", "K8SVENT_WORKERS"),
-                        int, minimum=1),
-        retry_budget=_number("--retry-budget", pick(
-            "--retry-budget", "K8SVENT_RETRY_BUDGET")),
+        kubectl_timeout=number("--kubectl-timeout", "K8SVENT_KUBECTL_TIMEOUT", minimum=1),
+        chunk_size=number("--chunk-size", "K8SVENT_CHUNK_SIZE", int, minimum=1),
+        workers=number("--workers", "K8SVENT_WORKERS", int, minimum=1),
+        retry_budget=number("--retry-budget", "K8SVENT_RETRY_BUDGET"),
         state=pick("--state", "K8SVENT_STATE"),
         image=image,
         image_given=bool(args.get("--image") or environ.get("K8SVENT_IMAGE")),
@@ -2841,8 +2845,9 @@ class Poller:
             return False
         except KubectlError as exc:
             metrics.polled("failure")
-            log.error("poll failed, nothing changed; retrying in %g s: %s",
-                      self._settings.retry_interval, exc)
+            log.error("poll failed, nothing changed; %s: %s",
+                      "exiting with status 1" if self._settings.once else
+                      f"retrying in {self._settings.retry_interval:g} s", exc)
             return False
         self.unseen = store.finish_poll(delete=watched_rv is None)
         counts["deleted"] = 0 if watched_rv is not None else len(self.unseen)
@@ -3556,9 +3561,26 @@ class StatusServer:
 
 # --- Main --------------------------------------------------------------------
 
-def version():
-    """The running version: K8SVENT_VERSION (stamped by the image) or ours."""
-    return os.environ.get("K8SVENT_VERSION") or __version__
+def version(environ=None):
+    """The running version: K8SVENT_VERSION (stamped into the image), else .ci/version's
+    for a git checkout, else __version__."""
+    environ = os.environ if environ is None else environ
+    return environ.get("K8SVENT_VERSION") or _checkout_version() or __version__
+
+
+@functools.lru_cache(maxsize=1)
+def _checkout_version():
+    """What .ci/version prints for the checkout this file is in, or None elsewhere."""
+    script = Path(__file__).resolve().parent / ".ci" / "version"
+    if not script.is_file():
+        return None
+    try:
+        done = subprocess.run([sys.executable, str(script)], cwd=script.parent.parent,
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = done.stdout.strip()
+    return found if done.returncode == 0 and parse_version(found) else None
 
 
 class _JsonFormatter(logging.Formatter):

@@ -315,6 +315,14 @@ def test_kubectl_missing_sends_nothing_and_keeps_going(kubeapi, start, receivers
     assert service.stop() == 0
 
 
+def test_once_says_it_exits_rather_than_a_retry_it_will_not_make(start, receivers, tmp_path):
+    service = start(f"--url={receivers().url}", "--once", kubectl=str(tmp_path / "nokubectl"))
+    assert service.wait() == 1
+    assert "poll failed, nothing changed; exiting with status 1: kubectl not found" \
+        in service.log()
+    assert "retrying" not in service.log()
+
+
 def test_sigterm_exits_0_promptly(kubeapi, start, receivers):
     put(kubeapi, make_pod("default", "web"))
     receiver = receivers()

@@ -104,7 +104,7 @@ def test_metrics_count_polls_pods_and_deliveries(kubeapi, start, receivers):
     assert value(samples, "k8svent_delivery_latency_seconds_count",
                  endpoint=failing_label) >= 3
     assert value(samples, "k8svent_deliveries_owed", endpoint=failing_label) == 4
-    assert value(samples, "k8svent_build_info", version=k8svent.__version__) == 1
+    assert value(samples, "k8svent_build_info", version=k8svent.version()) == 1
     assert value(samples, "k8svent_newer_version_available", version="") == 0
     text = requests.get(f"{base}/metrics", timeout=5).text
     assert "t0ken" not in text and "s3cr3t" not in text and "/hook" not in text

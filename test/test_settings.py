@@ -102,24 +102,34 @@ def test_secret_file(tmp_path):
     (["-u", "http://a", "--secret-file=/nonexistent/secret"], {}, "cannot read secret file"),
     (["-u", "http://a", "--interval=soon"], {}, "--interval must be a number"),
     (["-u", "http://a", "--interval=-1"], {}, "--interval must be at least 0"),
-    (["-u", "http://a"], {"K8SVENT_INTERVAL": "x"}, "--interval must be a number"),
+    (["-u", "http://a"], {"K8SVENT_INTERVAL": "2m"},
+     "K8SVENT_INTERVAL (--interval) must be a number, not '2m'"),
+    (["-u", "http://a"], {"K8SVENT_WORKERS": "many"},
+     "K8SVENT_WORKERS (--workers) must be a number, not 'many'"),
+    (["-u", "http://a"], {"K8SVENT_MODE": "stream"},
+     "K8SVENT_MODE (--mode) must be watch or poll, not 'stream'"),
+    (["-u", "http://a", "--mode=stream"], {}, "--mode must be watch or poll, not 'stream'"),
+    (["-u", "http://a", "--resync=-1"], {}, "--resync must be at least 0"),
     (["-u", "http://a", "--retry-interval=-5"], {}, "--retry-interval must be at least"),
     (["-u", "http://a", "--workers=0"], {}, "--workers must be at least 1"),
     (["-u", "http://a", "--chunk-size=1.5"], {}, "--chunk-size must be a number"),
-    (["-u", "http://a", "-l", "loud"], {}, "log level must be one of"),
-    (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "trace"}, "log level must be one of"),
-    (["-u", "http://a", "--log-format=xml"], {}, "log format must be"),
+    (["-u", "http://a", "-l", "loud"], {},
+     "--log-level must be debug, info, warning or error, not 'loud'"),
+    (["-u", "http://a"], {"K8SVENT_LOG_LEVEL": "trace"},
+     "K8SVENT_LOG_LEVEL (--log-level) must be debug, info, warning or error"),
+    (["-u", "http://a", "--log-format=xml"], {}, "--log-format must be text or json"),
     (["-u", "http://a", "--listen=8080"], {}, "--listen must be ADDR:PORT"),
     (["-u", "http://a", "--listen=:8080"], {}, "--listen must be ADDR:PORT"),
     (["-u", "http://a", "--listen=0.0.0.0:http"], {}, "--listen must be ADDR:PORT"),
     (["-u", "http://a", "--listen=0.0.0.0:65536"], {}, "--listen must be ADDR:PORT"),
     (["-u", "http://a", "--listen=::1:8080"], {}, "--listen must be ADDR:PORT"),
     (["-u", "http://a", "--listen=[nope]:8080"], {}, "--listen must be ADDR:PORT"),
-    (["-u", "http://a"], {"K8SVENT_LISTEN": "a b:1"}, "--listen must be ADDR:PORT"),
+    (["-u", "http://a"], {"K8SVENT_LISTEN": "a b:1"},
+     "K8SVENT_LISTEN (--listen) must be ADDR:PORT"),
     (["--bogus"], {}, "unexpected argument --bogus"),
     (["-u", "http://a", "--image=atomist/k8svent:latest"], {}, "without tag or digest"),
     (["-u", "http://a", "--image=Bad Name"], {}, "invalid"),
-    (["-u", "http://a", "--upgrade=sometimes"], {}, "upgrade must be auto, always or never"),
+    (["-u", "http://a", "--upgrade=sometimes"], {}, "--upgrade must be auto, always or never"),
     (["-u", "http://a", "--upgrade-interval=0"], {}, "--upgrade-interval must be at least 1"),
     (["-u", "http://a"], {"K8SVENT_VERSION": "latest"}, "is not a semantic version"),
     (["-u", "http://a", "-s", "whsec_not*base64"], {}, "starts with whsec_ but the rest"),
@@ -248,7 +258,7 @@ def test_help_is_the_readme_usage(capsys):
 def test_version(capsys, monkeypatch):
     monkeypatch.delenv("K8SVENT_VERSION", raising=False)
     assert k8svent.main(["--version"], {}) == 0
-    assert capsys.readouterr().out.strip() == k8svent.__version__
+    assert capsys.readouterr().out.strip() == k8svent.version()
     monkeypatch.setenv("K8SVENT_VERSION", "9.9.9")
     k8svent.main(["--version"], {})
     assert capsys.readouterr().out.strip() == "9.9.9"
