@@ -2036,10 +2036,10 @@ class Endpoint:
     def __init__(self, url, settings, deadline_seconds=REQUEST_DEADLINE_SECONDS):
         parts = urllib.parse.urlsplit(url)
         self._deadline_seconds = deadline_seconds
+        # `id` keys the webhook's outbox (the URL stays out of the state file);
+        # `label` names it in logs and metrics: no path, query or user info.
         self.id = endpoint_id(url)
-        self.label = endpoint_label(url)
-        # For logs: no path, query or user info (tokens often live there).
-        self.shown = redact_url(url)
+        self.label = redact_url(url)
         self._secret = settings.secret
         self._headers = {"Content-Type": "application/json",
                          "User-Agent": f"k8svent/{version()}"}
@@ -2203,7 +2203,7 @@ class StdoutEndpoint:
     """--dry-run: print each payload as a line instead of posting it."""
 
     id = "stdout"
-    label = shown = "stdout"
+    label = "stdout"
 
     def __init__(self, stream=None):
         self._stream = stream or sys.stdout
@@ -2330,7 +2330,7 @@ class Sender:
                 outcome = None
             except Exception:  # a bug, not a delivery failure: log it whole
                 log.exception("delivery of %s to %s crashed", taken.key,
-                              self.endpoint.shown)
+                              self.endpoint.label)
                 outcome = ("retry", "crashed", None, None)
             if outcome is not None:
                 self._record(taken, *outcome)
@@ -2378,7 +2378,7 @@ class Sender:
             return "retry", failure_cause(exc), None, None
         if response is None or 200 <= response.status_code < 300:
             cid = correlation_id(response) if response is not None else None
-            log.debug("delivered %s to %s%s", owed.key, self.endpoint.shown,
+            log.debug("delivered %s to %s%s", owed.key, self.endpoint.label,
                       f" (correlation_id {cid})" if cid else "",
                       extra={"pod": owed.key, "endpoint": self.endpoint.label,
                              "status": getattr(response, "status_code", None),
@@ -2388,7 +2388,7 @@ class Sender:
         cid = correlation_id(response)
         if not retryable(status):
             log.error("POST of %s to %s rejected (HTTP %s%s); not retrying this "
-                      "state of the pod", owed.key, self.endpoint.shown, status,
+                      "state of the pod", owed.key, self.endpoint.label, status,
                       f", correlation_id {cid}" if cid else "",
                       extra={"pod": owed.key, "endpoint": self.endpoint.label,
                              "status": status, "correlation_id": cid})
@@ -2411,7 +2411,7 @@ class Sender:
         self._store.retry_at(self.endpoint.id, owed.key, owed.msg_id, attempts,
                              self._clock() + delay)
         log.debug("attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
-                  attempts, owed.key, self.endpoint.shown, reason, delay,
+                  attempts, owed.key, self.endpoint.label, reason, delay,
                   extra={"pod": owed.key, "endpoint": label, "status": status})
 
     def _note_health(self, owed, outcome, reason, status, retry_after):
@@ -2456,7 +2456,7 @@ class Sender:
         count, age = self._backlog()
         log.warning("webhook %s is down (%s); %d deliveries owed, the oldest for "
                     "%.0f s; probing with one request at a time",
-                    self.endpoint.shown, self._cause, count, age,
+                    self.endpoint.label, self._cause, count, age,
                     extra={"endpoint": self.endpoint.label})
 
     def _back_up(self, now):
@@ -2464,7 +2464,7 @@ class Sender:
         self._probe_delays = None
         count, age = self._backlog()
         log.warning("webhook %s is back up after %.0f s; %d deliveries owed, the "
-                    "oldest for %.0f s", self.endpoint.shown, now - self._down_since,
+                    "oldest for %.0f s", self.endpoint.label, now - self._down_since,
                     count, age, extra={"endpoint": self.endpoint.label})
         self._cond.notify_all()
 
@@ -2481,13 +2481,13 @@ class Sender:
             metrics.delivered(self.endpoint.label, "failed", expired)
             log.error("%d deliveries to %s are still owed after the retry budget "
                       "(%g s); they stay owed and are retried", expired,
-                      self.endpoint.shown, self._settings.retry_budget,
+                      self.endpoint.label, self._settings.retry_budget,
                       extra={"endpoint": self.endpoint.label})
         if not self.up and now >= self._down_logged + DOWN_LOG_SECONDS:
             self._down_logged = now
             count, age = self._backlog()
             log.warning("webhook %s is still down after %.0f s (%s); %d deliveries "
-                        "owed, the oldest for %.0f s", self.endpoint.shown,
+                        "owed, the oldest for %.0f s", self.endpoint.label,
                         now - self._down_since, self._cause, count, age,
                         extra={"endpoint": self.endpoint.label})
 
@@ -3706,7 +3706,7 @@ def main(argv=None, environ=None):
     metrics.watch(senders, store, version())
     log.info("k8svent %s starting: %s, webhooks %s", version(),
              f"namespace {settings.namespace}" if settings.namespace
-             else "all namespaces", ", ".join(e.shown for e in endpoints))
+             else "all namespaces", ", ".join(e.label for e in endpoints))
     if status_server:
         status_server.start(Health(poller, settings))
         log.info("listening on %s", status_server.url)

@@ -168,7 +168,7 @@ def test_message_ids_are_new_and_well_formed():
 def test_redact_url(url, shown):
     assert k8svent.redact_url(url) == shown
     endpoint = k8svent.Endpoint(url, k8svent.Settings(urls=(url,)))
-    assert endpoint.shown == shown
+    assert endpoint.label == shown
 
 
 def test_endpoint_label():
