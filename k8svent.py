@@ -126,6 +126,19 @@ import sh
 # version (K8SVENT_VERSION); a git checkout computes it as .ci/version does.
 __version__ = "0.0.0-dev"
 
+# How it fits together. main() reads the Settings, opens the Store (SQLite: the
+# snapshot of pods, their bodies, and an outbox per webhook) and starts:
+#   - one Poller thread (--mode=poll) or Watcher thread (--mode=watch): it runs
+#     kubectl (list, then watch), compares pods with the snapshot and, in one
+#     transaction, updates the snapshot and upserts outbox rows: at most one
+#     per (webhook, pod), always the pod's newest state;
+#   - per webhook, a Sender with --workers threads: each takes the earliest-due
+#     outbox row, POSTs it, and deletes the row or moves its due time on;
+#   - a StatusServer thread (--listen) for /healthz, /readyz and /metrics
+#     (the metrics of the outbox are read from the Store at each scrape);
+#   - an Upgrader thread, which asks main to stop when a newer image is out.
+# Threads report; main() alone decides to exit (_shut_down, _exit_now).
+
 # --- Constants ---------------------------------------------------------------
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -137,6 +150,11 @@ BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
 MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
+# After this many connection-level failures in a row (refused, timeout, TLS,
+# 5xx, 429) a webhook counts as down: one probe at a time until it answers.
+DOWN_AFTER_FAILURES = 3
+DOWN_LOG_SECONDS = 60      # while a webhook is down, a line this often
+HOUSEKEEPING_SECONDS = 2   # how often a webhook's outbox is looked over
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
@@ -224,6 +242,10 @@ class StateError(K8sventError):
 
 class Expired(KubectlError):
     """A continue token or a watch's resourceVersion the API server no longer has (410)."""
+
+
+class OutputClosed(K8sventError):
+    """--dry-run: whoever read stdout has closed it (`| head`)."""
 
 
 class RegistryError(K8sventError):
@@ -581,6 +603,8 @@ def mark_deleted(pod_bytes):
     pod.setdefault("status", {})["phase"] = DELETED_PHASE
     return encode_pod(pod)
 
+
+# --- Delivery: signatures, back-off, what logs may show ------------------------
 
 def standard_webhooks_key(secret):
     """The Standard Webhooks key: whsec_<base64> decoded, else the UTF-8 bytes."""
@@ -1985,7 +2009,7 @@ def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIME
         _end_get_raw(process, timer, stream)
 
 
-# --- Webhooks ----------------------------------------------------------------
+# --- Webhooks: endpoints and the delivery workers ----------------------------
 
 class Response:
     """What a webhook answered: status, headers and (a bounded part of) the body."""
@@ -2195,10 +2219,6 @@ def _basic_auth(username, password):
     return "Basic " + base64.b64encode(raw).decode()
 
 
-class OutputClosed(K8sventError):
-    """--dry-run: whoever read stdout has closed it (`| head`)."""
-
-
 class StdoutEndpoint:
     """--dry-run: print each payload as a line instead of posting it."""
 
@@ -2259,13 +2279,6 @@ def failure_cause(exc):
     if isinstance(exc, http.client.HTTPException):
         return f"bad HTTP answer ({type(exc).__name__})"
     return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).lower()
-
-
-# After this many connection-level failures in a row (refused, timeout, TLS,
-# 5xx, 429) a webhook counts as down: one probe at a time until it answers.
-DOWN_AFTER_FAILURES = 3
-DOWN_LOG_SECONDS = 60
-HOUSEKEEPING_SECONDS = 2
 
 
 class Sender:
@@ -2786,7 +2799,7 @@ def get_own_image(settings, name, namespace):
     return own_image(get_own_pod(settings, name, namespace), settings.image)
 
 
-# --- Polling -----------------------------------------------------------------
+# --- Polling and watching ----------------------------------------------------
 
 class Poller:
     """The worker that polls pods on a timer and hands out what is owed."""
