@@ -2254,6 +2254,9 @@ class Sender:
                     self._note_health(taken, *outcome)
                 self._cond.notify_all()
         with self._cond:
+            # Rows claimed but never attempted stay owed, and are not in flight.
+            self._busy.difference_update(owed.key for owed in self._ready)
+            self._ready.clear()
             self._cond.notify_all()
 
     def _take(self):
