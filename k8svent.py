@@ -1117,6 +1117,13 @@ WHERE outbox.fp != excluded.fp
 # A pod deleted and created again under its name has a new uid: the old one
 # is kept apart under KEY#UID until its deletion has reached every webhook.
 _GONE_SEPARATOR = "#"
+# A row for KEY waits while the deletion of an older pod of that name (a row
+# for KEY#UID) is owed to the same webhook: a receiver that keys pods by name
+# must hear of the deletion first, not undo the new pod with it.
+_AFTER_DELETIONS_SQL = (
+    "NOT EXISTS (SELECT 1 FROM outbox t WHERE t.endpoint = o.endpoint"
+    f" AND t.key > o.key || '{_GONE_SEPARATOR}'"
+    f" AND t.key < o.key || '{chr(ord(_GONE_SEPARATOR) + 1)}')")
 
 
 def _corrupt(exc):
@@ -1501,7 +1508,8 @@ class Store:
                 "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
                 " FROM outbox o JOIN bodies b ON b.key = o.key"
                 " WHERE o.endpoint = ? AND o.due <= ?"
-                f" AND o.key NOT IN ({skip}) ORDER BY o.due, o.rowid LIMIT ?",
+                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}"
+                " ORDER BY o.due, o.rowid LIMIT ?",
                 (endpoint, now, *busy, limit)).fetchall()
         return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
 
@@ -1510,7 +1518,8 @@ class Store:
         skip = ",".join("?" * len(busy))
         with self._lock:
             return self._db.execute(
-                f"SELECT min(due) FROM outbox WHERE endpoint = ? AND key NOT IN ({skip})",
+                f"SELECT min(o.due) FROM outbox o WHERE o.endpoint = ?"
+                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}",
                 (endpoint, *busy)).fetchone()[0]
 
     def settle(self, endpoint, key, msg_id):
