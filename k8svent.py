@@ -1736,7 +1736,9 @@ class _Watchdog(threading.Thread):
 
     def __init__(self, process, timeout, stop=None):
         super().__init__(name="kubectl-watchdog", daemon=True)
-        self._process, self.timeout, self._stop = process, timeout, stop
+        # Not self._stop: threading.Thread calls a method of that name (on
+        # join, is_alive, and in a child after fork).
+        self._process, self.timeout, self._stop_event = process, timeout, stop
         self._done = threading.Event()
         self.finished = threading.Event()   # killed for taking too long
         self.stopped = threading.Event()    # killed because of a stop
@@ -1750,10 +1752,10 @@ class _Watchdog(threading.Thread):
                 break
             # Our own watch rather than sh's _timeout, whose watcher notices
             # the end of a process only every 0.1 s: a poll runs one a page.
-            if self._done.wait(remaining if self._stop is None
+            if self._done.wait(remaining if self._stop_event is None
                                else min(remaining, 0.2)):
                 return
-            if self._stop is not None and self._stop.is_set():
+            if self._stop_event is not None and self._stop_event.is_set():
                 self.stopped.set()
                 break
         _stop_quietly(self._process, True)
