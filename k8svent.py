@@ -1163,6 +1163,13 @@ WHERE outbox.fp != excluded.fp
 # A pod deleted and created again under its name has a new uid: the old one
 # is kept apart under KEY#UID until its deletion has reached every webhook.
 _GONE_SEPARATOR = "#"
+# A row for KEY waits while the deletion of an older pod of that name (a row
+# for KEY#UID) is owed to the same webhook: a receiver that keys pods by name
+# must hear of the deletion first, not undo the new pod with it.
+_AFTER_DELETIONS_SQL = (
+    "NOT EXISTS (SELECT 1 FROM outbox t WHERE t.endpoint = o.endpoint"
+    f" AND t.key > o.key || '{_GONE_SEPARATOR}'"
+    f" AND t.key < o.key || '{chr(ord(_GONE_SEPARATOR) + 1)}')")
 
 
 def _corrupt(exc):
@@ -1602,7 +1609,8 @@ class Store:
                 "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
                 " FROM outbox o JOIN bodies b ON b.key = o.key"
                 " WHERE o.endpoint = ? AND o.due <= ?"
-                f" AND o.key NOT IN ({skip}) ORDER BY o.due, o.rowid LIMIT ?",
+                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}"
+                " ORDER BY o.due, o.rowid LIMIT ?",
                 (endpoint, now, *busy, limit)).fetchall()
         return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
 
@@ -1611,7 +1619,8 @@ class Store:
         skip = ",".join("?" * len(busy))
         with self._lock:
             return self._db.execute(
-                f"SELECT min(due) FROM outbox WHERE endpoint = ? AND key NOT IN ({skip})",
+                f"SELECT min(o.due) FROM outbox o WHERE o.endpoint = ?"
+                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}",
                 (endpoint, *busy)).fetchone()[0]
 
     def settle(self, endpoint, key, msg_id):
@@ -1831,6 +1840,8 @@ class _Watchdog(threading.Thread):
 
     def __init__(self, process, timeout, stop=None):
         super().__init__(name="kubectl-watchdog", daemon=True)
+        # Not self._stop: threading.Thread calls a method of that name (on
+        # join, is_alive, and in a child after fork).
         self._process, self.timeout, self._stop_event = process, timeout, stop
         self._done = threading.Event()
         self.finished = threading.Event()   # killed for taking too long
@@ -2353,6 +2364,9 @@ class Sender:
                     self._note_health(taken, *outcome)
                 self._cond.notify_all()
         with self._cond:
+            # Rows claimed but never attempted stay owed, and are not in flight.
+            self._busy.difference_update(owed.key for owed in self._ready)
+            self._ready.clear()
             self._cond.notify_all()
 
     def _take(self):

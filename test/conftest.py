@@ -41,8 +41,8 @@ def receivers():
     """A factory of webhook receivers on 127.0.0.1, closed after the test."""
     made = []
 
-    def make(answers=(), secret=None):
-        receiver = Receiver(answers, secret)
+    def make(answers=(), secret=None, respond=None):
+        receiver = Receiver(answers, secret, respond)
         made.append(receiver)
         return receiver
 

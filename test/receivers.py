@@ -4,7 +4,9 @@ import collections
 import hashlib
 import hmac
 import json
+import os
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,22 +70,32 @@ def signature_problem(secret, headers, body):
     return None
 
 
+# What `respond` may return besides an answer: cut the connection with a TCP
+# reset, or close it without a word.
+RESET = "reset"
+CLOSE = "close"
+
+
 class Receiver:
     """Records every POST; answers with scripted statuses (200 when none left).
 
     `answers` is a list of statuses or (status, headers, body) tuples, taken
-    in order. `down()` closes the listening socket (connections are refused)
-    and `up()` listens again on the same port. With a `secret`, every request
-    must verify (all three signatures); without, none may be signed. A request
-    that fails is answered 401 and its reason kept in `problems`.
+    in order. `respond(request)`, when given, answers instead: it is called in
+    the request's own thread (it may sleep, for a slow answer) and returns a
+    status, a (status, headers, body) tuple, RESET or CLOSE. `down()` closes
+    the listening socket (connections are refused) and `up()` listens again on
+    the same port. With a `secret`, every request must verify (all three
+    signatures); without, none may be signed. A request that fails is answered
+    401 and its reason kept in `problems`.
     """
 
-    def __init__(self, answers=(), secret=None):
+    def __init__(self, answers=(), secret=None, respond=None):
         self.received = []
         self.requests = []      # every request, whatever the answer
         self.problems = []
         self.secret = secret
         self.answers = collections.deque(answers)
+        self.respond = respond
         self.statuses = []
         self._cond = threading.Condition()
         self._server = None
@@ -110,13 +122,26 @@ class Receiver:
                 problem = signature_problem(receiver.secret, request.headers, body)
                 with receiver._cond:
                     receiver.requests.append(request)
+                    receiver._cond.notify_all()
                     if problem:
                         receiver.problems.append(problem)
                         answer = 401
-                    else:
+                    elif receiver.respond is None:
                         answer = receiver.answers.popleft() if receiver.answers else 200
+                    else:
+                        answer = None
+                if answer is None:
+                    answer = receiver.respond(request)
+                if answer in (RESET, CLOSE):
+                    self._hang_up(answer)
+                    return
                 status, headers, reply = (answer if isinstance(answer, tuple)
                                           else (answer, {}, b""))
+                with receiver._cond:
+                    # Recorded before the answer goes out: the next delivery
+                    # of a pod never overtakes this one in `received`.
+                    if 200 <= status < 300:
+                        receiver.received.append(request)
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -125,8 +150,19 @@ class Receiver:
                 self.wfile.write(reply)
                 with receiver._cond:
                     receiver.statuses.append(status)
-                    if 200 <= status < 300:
-                        receiver.received.append(request)
+                    receiver._cond.notify_all()
+
+            def _hang_up(self, how):
+                """No answer: a TCP reset (RESET) or a plain close (CLOSE)."""
+                self.close_connection = True
+                if how == RESET:
+                    # Linger 0: the close sends RST instead of FIN. Closed here,
+                    # before the server's shutdown() would send a FIN.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    os.close(self.connection.detach())
+                with receiver._cond:
+                    receiver.statuses.append(how)
                     receiver._cond.notify_all()
 
         self._server = _Server(("127.0.0.1", self.port), Handler)
@@ -162,7 +198,7 @@ class Receiver:
                     raise AssertionError(f"{len(self.statuses)} of {count} attempts")
                 self._cond.wait(left)
 
-    def wait_until(self, predicate, what="the condition", timeout=20):
+    def wait_for_pods(self, predicate, what="the condition", timeout=20):
         """Wait until predicate(pods received so far) is true; return those pods."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -180,6 +216,22 @@ class Receiver:
 
     def keys(self):
         return [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in self.pods()]
+
+    def latest(self):
+        """{key: the pod last received under that key}."""
+        return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
+                for p in self.pods()}
+
+    def wait_until(self, condition, timeout=20, what="the condition"):
+        """Wait until condition() holds, looking again after each request."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not condition():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                # Also look now and then: the condition may hang on more than requests.
+                self._cond.wait(min(left, 0.2))
 
     def clear(self):
         with self._cond:

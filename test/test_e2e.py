@@ -256,8 +256,12 @@ def test_sigterm_during_a_hung_poll_exits_promptly(kubeapi, start, receivers):
     receiver = receivers()
     service = start(f"--url={receiver.url}", "--kubectl-timeout=60")
     receiver.wait_for(1)
+    asked = len(kubeapi.requests)
     kubeapi.hang(30)
-    time.sleep(1.5)   # the next polls start and hang in kubectl
+    deadline = time.monotonic() + 10
+    while not any("/pods" in path for _, path in kubeapi.requests[asked:]):
+        assert time.monotonic() < deadline, "no poll asked for pods"
+        time.sleep(0.05)   # then that poll hangs in kubectl
     began = time.monotonic()
     assert service.stop(signal.SIGTERM) == 0
     assert time.monotonic() - began < 5

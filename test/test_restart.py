@@ -1,5 +1,7 @@
 """Restarts with the same --state: real processes, the real kubectl, receivers on 127.0.0.1."""
 
+import contextlib
+import sqlite3
 import time
 
 import pytest
@@ -107,34 +109,39 @@ def test_corrupt_state_is_set_aside_and_everything_sent(kubeapi, run, receiver, 
     assert "every pod will be sent again" in service.log()
 
 
-def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver):
-    # 30 pods in pages of 10: the second page hangs, kill -9 lands mid-poll,
-    # after the first page was merged into the state.
-    kubeapi.load_items(generate_items(30, unhealthy_every=0))
+def staged_rows(state):
+    """How many pods a poll in progress has staged in a state file."""
+    with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT count(*) FROM staged").fetchone()[0]
+
+
+def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver, tmp_path):
+    # 1,200 pods in pages of 500: the third page hangs, kill -9 lands mid-poll,
+    # once the first pages are staged in the state (a batch of 500 at a time).
+    def items(restarts):
+        return (
+            (ns, name, data.replace(b'"restartCount":0', b'"restartCount":%d' % restarts))
+            for ns, name, data in generate_items(1200, unhealthy_every=0))
+
+    kubeapi.load_items(items(0))
     everything = set(kubeapi.pod_keys())
-    first = run(f"--url={receiver.url}", "--chunk-size=10", "--once")
+    first = run(f"--url={receiver.url}", "--chunk-size=500", "--once")
     assert first.wait() == 0
     assert set(receiver.keys()) == everything
     receiver.clear()
-    # change every pod, then hang the second page of the next poll
-    kubeapi.load_items(
-        (ns, name, data.replace(b'"restartCount":0', b'"restartCount":1'))
-        for ns, name, data in generate_items(30, unhealthy_every=0))
-    kubeapi.hang(30, page=1)
-    kubeapi.requests.clear()
-    victim = run(f"--url={receiver.url}", "--chunk-size=10", "--kubectl-timeout=60")
+    # change every pod, then hang the third page of the next poll
+    kubeapi.load_items(items(1))
+    kubeapi.hang(30, page=2)
+    victim = run(f"--url={receiver.url}", "--chunk-size=500", "--kubectl-timeout=60")
     deadline = time.monotonic() + 20
-    while not any("continue" in path for _, path in kubeapi.requests):
-        assert time.monotonic() < deadline, "the second page was never asked for"
+    while staged_rows(tmp_path / "state.db") < 500:
+        assert time.monotonic() < deadline, "no page was staged"
         time.sleep(0.05)
-    time.sleep(0.5)   # the first page is merged into the state by now
     victim.kill()
     assert receiver.received == []    # nothing was delivered: the poll never ended
     kubeapi.clear()
-    kubeapi.load_items(
-        (ns, name, data.replace(b'"restartCount":0', b'"restartCount":1'))
-        for ns, name, data in generate_items(30, unhealthy_every=0))
-    survivor = run(f"--url={receiver.url}", "--chunk-size=10", "--once")
+    kubeapi.load_items(items(1))
+    survivor = run(f"--url={receiver.url}", "--chunk-size=500", "--once")
     assert survivor.wait() == 0
     got = {key(p): p for p in receiver.pods()}
     assert set(got) == everything

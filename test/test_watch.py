@@ -77,7 +77,7 @@ def test_a_change_arrives_within_a_second(kubeapi, start, receivers):
     for i in range(5):
         began = time.monotonic()
         kubeapi.put_pod(changed(pod, str(i)))
-        receiver.wait_until(has("default/web", change=str(i)), f"change {i}")
+        receiver.wait_for_pods(has("default/web", change=str(i)), f"change {i}")
         latencies.append(time.monotonic() - began)
     assert sorted(latencies)[2] < 1.0, latencies   # the median, on a busy machine
     assert lists(kubeapi) == 1                      # one list, then only the watch
@@ -93,7 +93,7 @@ def test_deletion_sends_the_last_state_as_deleted(kubeapi, start, receivers):
     watching(kubeapi)
     kubeapi.put_pod(changed(kubeapi.get_pod("default", "gone"), "last"))
     kubeapi.delete_pod("default", "gone")
-    pods = receiver.wait_until(has("default/gone", phase="Deleted"), "deletion")
+    pods = receiver.wait_for_pods(has("default/gone", phase="Deleted"), "deletion")
     deleted = [p for p in pods if key(p) == "default/gone" and p["status"]["phase"] == "Deleted"]
     assert len(deleted) == 1 and deleted[0]["metadata"]["labels"]["change"] == "last"
     assert not any(key(p) == "default/web" and p["status"]["phase"] == "Deleted" for p in pods)
@@ -110,8 +110,8 @@ def test_a_recreated_pod_is_a_deletion_and_a_new_pod(kubeapi, start, receivers):
     new["metadata"]["uid"] = "00000000-0000-4000-8000-00000000beef"
     kubeapi.delete_pod("default", "db-0")
     kubeapi.put_pod(new)
-    pods = receiver.wait_until(has("default/db-0", uid=new["metadata"]["uid"]), "new pod")
-    receiver.wait_until(has("default/db-0", uid=old["metadata"]["uid"], phase="Deleted"),
+    pods = receiver.wait_for_pods(has("default/db-0", uid=new["metadata"]["uid"]), "new pod")
+    receiver.wait_for_pods(has("default/db-0", uid=old["metadata"]["uid"], phase="Deleted"),
                         "the old pod's deletion")
     assert pods[-1]["status"]["phase"] == "Running"
 
@@ -125,13 +125,13 @@ def test_a_watch_cut_mid_stream_loses_nothing(kubeapi, start, receivers):
     receiver.wait_for(3)
     watching(kubeapi)
     kubeapi.put_pod(changed(pods[0], "before-cut"))
-    receiver.wait_until(has("default/web-0", change="before-cut"))
+    receiver.wait_for_pods(has("default/web-0", change="before-cut"))
     assert kubeapi.cut_watches() == 1
     kubeapi.put_pod(changed(pods[1], "during-cut"))     # replayed from the last RV
-    receiver.wait_until(has("default/web-1", change="during-cut"), "the change made meanwhile")
+    receiver.wait_for_pods(has("default/web-1", change="during-cut"), "the change made meanwhile")
     watching(kubeapi)
     kubeapi.put_pod(changed(pods[2], "after-cut"))
-    received = receiver.wait_until(has("default/web-2", change="after-cut"))
+    received = receiver.wait_for_pods(has("default/web-2", change="after-cut"))
     assert not [p for p in received if p["status"]["phase"] == "Deleted"]
     assert lists(kubeapi) == 1                          # watched again, not listed
     assert service.count(r"watch failed") == 1
@@ -150,8 +150,8 @@ def test_an_expired_watch_lists_again_and_loses_nothing(kubeapi, start, receiver
     kubeapi.cut_watches()           # the next watch is the expired one
     kubeapi.put_pod(changed(pods[0], "meanwhile"))
     kubeapi.delete_pod("default", "web-1")
-    received = receiver.wait_until(has("default/web-1", phase="Deleted"), "deletion")
-    receiver.wait_until(has("default/web-0", change="meanwhile"), "change")
+    received = receiver.wait_for_pods(has("default/web-1", phase="Deleted"), "deletion")
+    receiver.wait_for_pods(has("default/web-0", change="meanwhile"), "change")
     service.wait_log(r"watch expired .*; listing pods again")
     assert lists(kubeapi) == 2
     assert not [p for p in received
@@ -167,7 +167,7 @@ def test_the_namespaced_path_is_watched(kubeapi, start, receivers):
     watching(kubeapi)
     kubeapi.put_pod(changed(kubeapi.get_pod("default", "other"), "x"))
     kubeapi.put_pod(changed(kubeapi.get_pod("shop", "cart"), "y"))
-    received = receiver.wait_until(has("shop/cart", change="y"))
+    received = receiver.wait_for_pods(has("shop/cart", change="y"))
     assert {key(p) for p in received} == {"shop/cart"}
     assert any("/api/v1/namespaces/shop/pods?" in path and "watch=1" in path
                for _, path in kubeapi.requests)
@@ -183,7 +183,7 @@ def test_pods_under_duress_are_sent_every_interval_without_a_list(kubeapi, kubec
                        "--resync=0", f"--url={receiver.url}"],
                       service_env(kubeconfig), tmp_path / "run")
     try:
-        received = receiver.wait_until(
+        received = receiver.wait_for_pods(
             lambda pods: sum(key(p) == "default/sick" for p in pods) >= 4, "4 re-sends")
         assert sum(key(p) == "default/fine" for p in received) == 1
         assert lists(kubeapi) == 1
@@ -206,11 +206,11 @@ def test_a_resync_sends_what_the_watch_missed(kubeapi, kubeconfig, kubectl_path,
         receiver.wait_for(1)
         watching(kubeapi)
         kubeapi.put_pod(changed(pod, "missed"), missed=True)
-        receiver.wait_until(has("default/web", change="missed"), "the missed change")
+        receiver.wait_for_pods(has("default/web", change="missed"), "the missed change")
         service.wait_log(r"WARNING resync: the watch missed 1 changes \(new or changed")
         # a deletion the watch missed
         kubeapi.delete_pod("default", "web", missed=True)
-        receiver.wait_until(has("default/web", phase="Deleted"), "the missed deletion")
+        receiver.wait_for_pods(has("default/web", phase="Deleted"), "the missed deletion")
         service.wait_log(r"WARNING resync: the watch missed 1 changes \(deleted")
         url = re.search(r"listening on (http://\S+)", service.log()).group(1)
         text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
@@ -257,5 +257,5 @@ def test_a_watch_that_keeps_failing_backs_off_and_lists_again(kubeapi, start, re
     kubeapi.cut_watches()
     service.wait_log(r"ERROR watch failed .*after a new list")
     kubeapi.put_pod(changed(pod, "after"))
-    received = receiver.wait_until(has("default/web", change="after"))
+    received = receiver.wait_for_pods(has("default/web", change="after"))
     assert not [p for p in received if p["status"]["phase"] == "Deleted"]
