@@ -50,8 +50,8 @@ Options:
                                Env: K8SVENT_CHUNK_SIZE [default: 5000].
   --workers=N                  Concurrent deliveries per webhook.
                                Env: K8SVENT_WORKERS [default: 8].
-  --retry-budget=SECONDS       How long to retry one delivery before leaving
-                               it owed to the next poll.
+  --retry-budget=SECONDS       Log and count a delivery as failed once it has
+                               been owed this long; it is still retried.
                                Env: K8SVENT_RETRY_BUDGET [default: 900].
   --state=PATH                 SQLite file that remembers what each webhook
                                got, across restarts (default: a temporary

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy.yaml"
+DEPLOYING_DOC = ROOT / "docs" / "deploying.md"
 KUBECTL_REQUIREMENTS = ROOT / "requirements-kubectl.txt"
 REQUIREMENTS = ROOT / "requirements.txt"
 LOCK = ROOT / "requirements.lock"
@@ -325,7 +326,7 @@ def test_probes_and_metrics_on_the_http_port():
 
 
 def namespaced_variant():
-    """deploy.yaml edited as the README's "Watching one namespace only" says."""
+    """deploy.yaml edited as docs/deploying.md's "Watching one namespace only" says."""
     docs = load_deploy()
     for doc in docs:
         if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
@@ -339,6 +340,25 @@ def namespaced_variant():
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
             })
     return docs
+
+
+def _the_part_shown(full, shown):
+    """The parts of `full` that `shown` has keys for (dicts recursively)."""
+    return {key: _the_part_shown(full[key], value) if isinstance(value, dict) else full[key]
+            for key, value in shown.items()}
+
+
+def test_the_docs_show_the_namespaced_variant():
+    text = DEPLOYING_DOC.read_text()
+    section = text.split("\n## Watching one namespace only\n", 1)[1].split("\n## ", 1)[0]
+    rbac, env = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    variant = {doc["kind"]: doc for doc in namespaced_variant()}
+    shown = list(yaml.safe_load_all(rbac))
+    assert [doc["kind"] for doc in shown] == ["Role", "RoleBinding"]
+    for doc in shown:
+        assert doc == _the_part_shown(variant[doc["kind"]], doc)
+    container = variant["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert yaml.safe_load(env) == container["env"][-1:]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
