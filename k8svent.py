@@ -155,6 +155,7 @@ MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
 DOWN_AFTER_FAILURES = 3
 DOWN_LOG_SECONDS = 60      # while a webhook is down, a line this often
 HOUSEKEEPING_SECONDS = 2   # how often a webhook's outbox is looked over
+EARLY_PROBE_SECONDS = 5    # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
@@ -163,9 +164,9 @@ RESPONSE_BODY_BYTES = 1 << 16
 CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("watch", "poll")
-WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 WATCH_RESTART_REASONS = ("ended", "expired", "error", "resync")
 WATCH_RELIST_AFTER = 3      # failed watches in a row before listing again
+LIST_RESTARTS = 3           # lists started again after an expired continue token
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
@@ -1136,6 +1137,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (endpoint, key)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (endpoint, due);
+CREATE INDEX IF NOT EXISTS outbox_age ON outbox (endpoint, expired, owed_since);
 CREATE TABLE IF NOT EXISTS staged (
     key TEXT PRIMARY KEY,
     fp BLOB NOT NULL,
@@ -1157,7 +1159,8 @@ INSERT INTO outbox (endpoint, key, msg_id, fp, attempts, due, owed_since, expire
 SELECT e.id, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :now, :now, 0
 FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
 ON CONFLICT (endpoint, key) DO UPDATE SET
-    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due
+    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due,
+    expired = 0
 WHERE outbox.fp != excluded.fp
 """
 # A pod deleted and created again under its name has a new uid: the old one
@@ -1275,6 +1278,7 @@ class Store:
 
     def __init__(self, path=None, scope=""):
         self._temporary = path is None
+        self.replaced = 0
         if path is None:
             # mkstemp creates it 0600; SQLite gives -wal and -shm its mode.
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
@@ -1356,7 +1360,12 @@ class Store:
             self._lock_file = None
 
     def _check_scope(self, scope):
-        """Start afresh if the state was written for another cluster or selection."""
+        """Start afresh if the state was written for another cluster or selection.
+
+        None: the cluster is not known (kubectl cannot tell): the state is kept.
+        """
+        if scope is None:
+            return
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
             if row is not None and row[0] != scope and not _same_scope(row[0], scope):
@@ -1398,6 +1407,10 @@ class Store:
         with self._lock:
             self._db.close()
         self._release()
+        self.remove_temporary()
+
+    def remove_temporary(self):
+        """Remove a temporary database's files (open or not: the process is ending)."""
         if self._temporary:
             for suffix in ("", "-wal", "-shm"):
                 try:
@@ -1471,11 +1484,12 @@ class Store:
         """After a complete listing: take what changed, delete pods not seen, owe.
 
         Returns the keys of the pods not seen: deleted, or with delete=False
-        left as they are (a resync lets the watch tell first).
+        left as they are (a resync lets the watch tell first). `replaced`
+        counts the pods found deleted because another took their name.
         """
         seen, self._seen = self._seen, set()
         with self._transaction() as db:
-            self._merge_staged(db)
+            self.replaced = self._merge_staged(db)
             gone = [key for key, in db.execute(
                 "SELECT key FROM pods WHERE deleted = 0") if key not in seen]
             del seen
@@ -1545,7 +1559,11 @@ class Store:
 
     @staticmethod
     def _merge_staged(db):
-        """Move staged pods into the snapshot and mark them to be owed."""
+        """Move staged pods into the snapshot and mark them to be owed.
+
+        Returns how many pods this found deleted: those created again under
+        their name (a new uid).
+        """
         # A pod whose uid changed was deleted and created again: its last
         # state goes out as deleted, apart from the new pod. So does a deleted
         # pod not yet told to every webhook when a new one takes its name.
@@ -1566,7 +1584,7 @@ class Store:
                        (apart, zlib.compress(pod_bytes, 1)))
             if deleted:   # the rows that owe its deletion follow it
                 db.execute("DELETE FROM outbox WHERE key = ? AND endpoint IN"
-                           " (SELECT endpoint FROM outbox WHERE key = ?)", (apart, key))
+                           " (SELECT id FROM endpoints)", (apart,))
                 db.execute("UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN"
                            " (SELECT id FROM endpoints)", (apart, key))
             else:
@@ -1577,6 +1595,7 @@ class Store:
                    " SELECT key, body FROM staged")
         db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
         db.execute("DELETE FROM staged")
+        return sum(1 for _, _, deleted, _ in replaced if not deleted)
 
     @staticmethod
     def _mark_deleted(db, keys):
@@ -1601,16 +1620,20 @@ class Store:
 
     # The outbox, as the delivery workers use it.
 
-    def claim(self, endpoint, now, busy=(), limit=1):
-        """The earliest-due rows owed to a webhook (none of the `busy` keys), at most `limit`."""
+    def claim(self, endpoint, now, busy=(), limit=1, untried_first=False):
+        """The earliest-due rows owed to a webhook (none of the `busy` keys), at most `limit`.
+
+        With untried_first, rows never attempted come before the others.
+        """
         skip = ",".join("?" * len(busy))
+        order = "o.attempts > 0, o.due, o.rowid" if untried_first else "o.due, o.rowid"
         with self._lock:
             rows = self._db.execute(
                 "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
                 " FROM outbox o JOIN bodies b ON b.key = o.key"
                 " WHERE o.endpoint = ? AND o.due <= ?"
                 f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}"
-                " ORDER BY o.due, o.rowid LIMIT ?",
+                f" ORDER BY {order} LIMIT ?",
                 (endpoint, now, *busy, limit)).fetchall()
         return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
 
@@ -1650,13 +1673,17 @@ class Store:
                 "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0",
                 (endpoint,)).fetchone()[0]
 
-    def backlog(self):
-        """{endpoint: (rows owed, the oldest owed_since)} of every webhook."""
+    def backlog(self, endpoint):
+        """(rows owed to a webhook, the oldest owed_since or None)."""
+        # Through outbox_age: the oldest is the smaller of the two `expired` runs.
         with self._lock:
-            rows = self._db.execute(
-                "SELECT e.id, count(o.key), min(o.owed_since) FROM endpoints e"
-                " LEFT JOIN outbox o ON o.endpoint = e.id GROUP BY e.id").fetchall()
-        return {endpoint: (count, oldest) for endpoint, count, oldest in rows}
+            count, = self._db.execute("SELECT count(*) FROM outbox WHERE endpoint = ?",
+                                      (endpoint,)).fetchone()
+            oldest = [self._db.execute(
+                "SELECT min(owed_since) FROM outbox WHERE endpoint = ? AND expired = ?",
+                (endpoint, expired)).fetchone()[0] for expired in (0, 1)]
+        oldest = [since for since in oldest if since is not None]
+        return count, min(oldest) if oldest else None
 
     def prune(self):
         """Forget deleted pods once every webhook has been told."""
@@ -1942,26 +1969,18 @@ def _wait_kubectl(process, timer, settings, doing="listing pods"):
 def list_pods(settings, stop=None, listed=None):
     """Yield the pods of the cluster one at a time, as PodList items, a page per kubectl run.
 
-    `listed`, a dict, gets the list's resourceVersion (to watch from).
+    `listed`, a dict, gets the list's resourceVersion (to watch from). A
+    continue token the server no longer knows raises Expired: the caller
+    lists again from the start, forgetting what it read.
     """
-    token, restarts = None, 0
+    token = None
     while True:
-        try:
-            first = token is None
-            token, resource_version = yield from stream_pod_page(
-                settings, stop=stop,
-                path=pods_url(settings, limit=settings.chunk_size, continue_=token))
-            if first and listed is not None:
-                listed["resourceVersion"] = resource_version
-        except Expired:
-            # The list took longer than the server keeps a snapshot: start
-            # again; pods already seen merge again as unchanged.
-            restarts += 1
-            if restarts > 3:
-                raise
-            log.warning("continue token expired; listing pods again")
-            token = None
-            continue
+        first = token is None
+        token, resource_version = yield from stream_pod_page(
+            settings, stop=stop,
+            path=pods_url(settings, limit=settings.chunk_size, continue_=token))
+        if first and listed is not None:
+            listed["resourceVersion"] = resource_version
         if not token:
             return
 
@@ -2283,10 +2302,10 @@ def failure_cause(exc):
         return f"DNS: {exc.strerror or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):   # a ConnectionResetError too
+        return "closed without an answer"
     if isinstance(exc, ConnectionResetError):
         return "connection reset"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "closed without an answer"
     if isinstance(exc, http.client.HTTPException):
         return f"bad HTTP answer ({type(exc).__name__})"
     return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).lower()
@@ -2320,6 +2339,7 @@ class Sender:
         self._probe_key = None        # the key of the probe in flight, when down
         self._probe_delays = None
         self._probe_due = 0.0
+        self._early_probe_at = 0.0
         self._housekept = 0.0
         self._started = clock()
         self.succeeded = 0
@@ -2334,15 +2354,25 @@ class Sender:
             thread.start()
 
     def wake(self):
-        """New rows may be owed: let idle workers look."""
+        """New rows may be owed: let idle workers look (and a down webhook be probed soon)."""
         with self._cond:
+            if not self.up and self._probe_key is None:
+                # New work may succeed where the old failed; at most one such
+                # early probe every EARLY_PROBE_SECONDS.
+                now = self._clock()
+                self._probe_due = min(self._probe_due, max(now, self._early_probe_at))
+                self._early_probe_at = self._probe_due + EARLY_PROBE_SECONDS
             self._cond.notify_all()
 
     def _work(self):
         """A worker: take a due row, attempt it, settle it; wait when none is due."""
         while not self._stop.is_set():
             with self._cond:
-                taken, wait = self._take()
+                try:
+                    taken, wait = self._take()
+                except sqlite3.Error as exc:    # a full disk, say: try again later
+                    log.error("cannot read the outbox of %s: %s", self.endpoint.label, exc)
+                    taken, wait = None, HOUSEKEEPING_SECONDS
                 if taken is None:
                     self._cond.wait(wait)
                     continue
@@ -2357,7 +2387,12 @@ class Sender:
                               self.endpoint.label)
                 outcome = ("retry", "crashed", None, None)
             if outcome is not None:
-                self._record(taken, *outcome)
+                try:
+                    self._record(taken, *outcome)
+                except sqlite3.Error as exc:
+                    # The row stays as it was: sent again later, with its id.
+                    log.error("cannot record the delivery of %s to %s: %s", taken.key,
+                              self.endpoint.label, exc)
             with self._cond:
                 self._busy.discard(taken.key)
                 if outcome is not None:
@@ -2384,8 +2419,11 @@ class Sender:
                 return None, min(limit, self._probe_due - now)
         # Rows are claimed a few at a time (one query for several deliveries);
         # all of them count as busy until attempted.
+        # A probe tries what was never tried first: when only a few pods fail
+        # (a receiver that refuses them), new work shows at once that it is up.
         claimed = self._store.claim(self.endpoint.id, now, self._busy,
-                                    self._settings.workers if self.up else 1)
+                                    self._settings.workers if self.up else 1,
+                                    untried_first=not self.up)
         if not claimed:
             due = self._store.next_due(self.endpoint.id, self._busy)
             return None, limit if due is None else min(limit, max(0.01, due - now))
@@ -2456,7 +2494,12 @@ class Sender:
             if not self.up:
                 self._back_up(now)
             return
-        self._failures += 1
+        # A connection that fails says the webhook is down; an HTTP error says
+        # so only for a delivery never tried before: one that failed already
+        # may be refused for what it holds (a receiver that answers 500 for a
+        # few pods), which says nothing of the others.
+        if status is None or owed.attempts == 0 or was_probe:
+            self._failures += 1
         self._cause = reason
         if self.up and self._failures >= DOWN_AFTER_FAILURES:
             self._go_down(now)
@@ -2470,7 +2513,10 @@ class Sender:
 
     def _backlog(self):
         """(rows owed, seconds the oldest has waited) for this webhook."""
-        count, oldest = self._store.backlog().get(self.endpoint.id, (0, None))
+        try:
+            count, oldest = self._store.backlog(self.endpoint.id)
+        except sqlite3.Error:   # for a log line: not worth a worker
+            return -1, 0.0
         return count, 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
     def _go_down(self, now):
@@ -2844,29 +2890,18 @@ class Poller:
         """
         started = time.monotonic()
         store = self._store
-        store.begin_poll()
-        self.pending = {}
-        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
-        seen = 0
         listed = {}
         try:
-            batch, versions = [], {}
-            for item in list_pods(self._settings, self.stop_event, listed):
-                if not _looks_like_pod(item):
-                    raise KubectlError("kubectl printed a pod list with an item "
-                                       "that is not a pod")
-                entry = pod_entry(pod_from_item(item))
-                batch.append(entry)
-                if watched_rv is not None:
-                    versions[entry.key] = item["metadata"].get("resourceVersion")
-                if len(batch) >= _SQL_BATCH:
-                    if self.stop_event.is_set():
-                        raise PollStopped("stopped while listing pods")
-                    self._apply(batch, counts, watched_rv, versions)
-                    seen += len(batch)
-                    batch, versions = [], {}
-            self._apply(batch, counts, watched_rv, versions)
-            seen += len(batch)
+            for restarts in range(LIST_RESTARTS + 1):
+                try:
+                    counts, seen = self._list(watched_rv, listed)
+                    break
+                except Expired:
+                    # The list took longer than the server keeps a snapshot:
+                    # all over again, forgetting what this one read.
+                    if restarts == LIST_RESTARTS:
+                        raise
+                    log.warning("continue token expired; listing pods again")
         except PollStopped:
             log.info("poll stopped before it finished; nothing changed")
             return False
@@ -2877,7 +2912,7 @@ class Poller:
                       f"retrying in {self._settings.retry_interval:g} s", exc)
             return False
         self.unseen = store.finish_poll(delete=watched_rv is None)
-        counts["deleted"] = 0 if watched_rv is not None else len(self.unseen)
+        counts["deleted"] = store.replaced + (0 if watched_rv is not None else len(self.unseen))
         self._wake_senders()
         store.prune()
         self.listed_rv = listed.get("resourceVersion")
@@ -2891,6 +2926,29 @@ class Poller:
                  counts["unhealthy"], counts["deleted"],
                  time.monotonic() - started)
         return True
+
+    def _list(self, watched_rv, listed):
+        """List every pod into the store's staging area; return (counts, pods seen)."""
+        self._store.begin_poll()
+        self.pending = {}
+        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
+        seen = 0
+        batch, versions = [], {}
+        for item in list_pods(self._settings, self.stop_event, listed):
+            if not _looks_like_pod(item):
+                raise KubectlError("kubectl printed a pod list with an item that is not a pod")
+            entry = pod_entry(pod_from_item(item))
+            batch.append(entry)
+            if watched_rv is not None:
+                versions[entry.key] = item["metadata"].get("resourceVersion")
+            if len(batch) >= _SQL_BATCH:
+                if self.stop_event.is_set():
+                    raise PollStopped("stopped while listing pods")
+                self._apply(batch, counts, watched_rv, versions)
+                seen += len(batch)
+                batch, versions = [], {}
+        self._apply(batch, counts, watched_rv, versions)
+        return counts, seen + len(batch)
 
     def _apply(self, batch, counts, watched_rv=None, versions=None):
         """Merge a batch of pods into the store and add up the reasons."""
@@ -3012,6 +3070,7 @@ class Watcher(Poller):
                 if now >= next_duress:
                     next_duress = now + settings.interval
                     self._store.owe_duress()
+                    self._store.prune()
                     self._wake_senders()
                 if now >= next_resync:
                     next_resync = now + settings.resync
@@ -3390,12 +3449,11 @@ class _OutboxCollector:
     def collect(self):
         owed, oldest, up = self._families()
         senders = self._metrics.senders
-        backlog = self._metrics.store.backlog() if senders else {}
         now = time.time()
         by_label = {}
         # URLs on one scheme://host:port share a label, so they share a series.
         for sender in senders:
-            count, since = backlog.get(sender.endpoint.id, (0, None))
+            count, since = self._metrics.store.backlog(sender.endpoint.id)
             age = 0.0 if since is None else max(0.0, now - since)
             total, worst, all_up = by_label.get(sender.endpoint.label, (0, 0.0, True))
             by_label[sender.endpoint.label] = (total + count, max(worst, age),
@@ -3713,7 +3771,8 @@ def main(argv=None, environ=None):
     if settings.dry_run and settings.state:
         log.info("--dry-run leaves state file %s alone", settings.state)
     try:
-        store = Store(state, scope=state_scope(settings, cluster_server(settings, environ)))
+        server = cluster_server(settings, environ)
+        store = Store(state, scope=None if server is None else state_scope(settings, server))
     except StateError as exc:
         if status_server:
             status_server.stop()
@@ -3726,6 +3785,9 @@ def main(argv=None, environ=None):
               file=sys.stderr)
         return 2
 
+    if server is None and state:
+        log.warning("cannot tell which API server kubectl talks to; the state file's "
+                    "snapshot is taken to be of it")
     stop = threading.Event()
     store.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
@@ -3802,7 +3864,7 @@ def _quiet_stdout():
 
 
 def cluster_server(settings, environ):
-    """The API server kubectl talks to (with --context and KUBECONFIG), for the scope."""
+    """The API server kubectl talks to (with --context and KUBECONFIG), or None if unknown."""
     try:
         server = run_kubectl(settings, "config", "view", "--minify", "-o",
                              "jsonpath={.clusters[0].cluster.server}").decode().strip()
@@ -3812,7 +3874,7 @@ def cluster_server(settings, environ):
     if not server and environ.get("KUBERNETES_SERVICE_HOST"):   # in a pod
         server = (f"https://{environ['KUBERNETES_SERVICE_HOST']}:"
                   f"{environ.get('KUBERNETES_SERVICE_PORT', '443')}")
-    return server or f"context {settings.context or ''}"
+    return server or None
 
 
 def upgrade_decision_here(settings, environ):
@@ -3844,7 +3906,9 @@ def _shut_down(senders, store, stop, status):
     for sender in senders:
         sender.close()
     if not drained:
-        store.close()
+        # Not closed under a worker still at work: SQLite's journal makes
+        # the state whole again at the next start.
+        store.remove_temporary()
         _exit_now(status, f"deliveries still in flight after {DRAIN_SECONDS} s")
     store.close()
     log.info("stopped")

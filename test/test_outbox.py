@@ -25,7 +25,8 @@ from test.receivers import CLOSE, RESET
 from test.service import K8SVENT, Service, service_env
 from test.test_ops import scrape, value, wait_metric
 
-FAST = ["--interval=0.3", "--retry-interval=0.3", "--log-level=debug"]
+# The poll mode (the tests count polls); the soak runs in both modes.
+FAST = ["--mode=poll", "--interval=0.3", "--retry-interval=0.3", "--log-level=debug"]
 
 
 @pytest.fixture
@@ -456,8 +457,9 @@ def soak_pod(rng, name):
     return make_pod(rng.choice(("default", "prod")), name, phase=phase, healthy=healthy)
 
 
+@pytest.mark.parametrize("mode", ["poll", "watch"])
 def test_soak_every_webhook_gets_every_pods_newest_state_and_every_deletion(
-        kubeapi, kubeconfig, kubectl_path, start, receivers, tmp_path):
+        kubeapi, kubeconfig, kubectl_path, start, receivers, tmp_path, mode):
     seed = int(os.environ.get("K8SVENT_SOAK_SEED") or random.randrange(1 << 32))
     replay = f"soak seed {seed} (replay with K8SVENT_SOAK_SEED={seed})"
     print(replay)
@@ -473,7 +475,8 @@ def test_soak_every_webhook_gets_every_pods_newest_state_and_every_deletion(
     kubeapi.set_pods(pods.values())
     gone = {}   # key -> a deleted pod that may come back under a new uid
     args = [*(f"--url={hook.url}" for hook in hooks), f"--state={tmp_path / 'state.db'}",
-            "--kubectl-timeout=2", "--workers=3", "--chunk-size=25", "--log-level=info"]
+            "--kubectl-timeout=2", "--workers=3", "--chunk-size=25", "--log-level=info",
+            f"--mode={mode}"]
     service = start(*args)
     kills = sorted(rng.uniform(2, SOAK_SECONDS) for _ in range(SOAK_KILLS))
     changes = 0
