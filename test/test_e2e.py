@@ -192,9 +192,12 @@ def test_503_then_200_gets_the_newest_state(kubeapi, start, receivers):
     pods = receiver.pods()
     assert len(pods) == 1, "a stale state was delivered besides the newest"
     assert pods[0]["metadata"]["labels"]["change"] == "newest"
-    # three 503s in a row: down, then back up, a line each
-    assert service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is down \(HTTP 503\)") == 1
-    assert service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is back up") == 1
+    # no line per attempt; at most one down and one back up (503s of a
+    # delivery that failed before do not count: they may be about the pod)
+    down = service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is down \(HTTP 503\)")
+    assert down <= 1 and down == service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ "
+                                               r"is back up")
+    assert service.count(r"WARNING") == 2 * down
     assert service.stop() == 0
 
 
