@@ -661,7 +661,8 @@ def table(sizes, polls, delivery, latency, args):
     watch = (f"watch, {args.latency_pods:,} pods, {args.changes_per_second:g} changes/s "
              f"for {args.latency_seconds:g} s:")
     if isinstance(latency, str):
-        lines.append((f"{watch} event to webhook receipt", single(Cell(latency, None)), None))
+        lines.append(("watch: event to webhook receipt, CPU, peak RSS",
+                      single(Cell(latency, None)), None))
     else:
         n = args.latency_pods
         made, delivered = latency["made"], latency["delivered"]
