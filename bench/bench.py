@@ -1,19 +1,24 @@
-"""Benchmark k8svent against the targets of issue 5; print one table.
+"""Benchmark k8svent against the targets of issues 5 and 11; print one table.
 
 Usage: python bench/bench.py [--sizes=1000,10000,50000,150000] [--runs=3]
                              [--original-max=10000] [--deliveries=5000]
                              [--slow-deliveries=1000] [--workers=8]
+                             [--latency-pods=150000] [--changes-per-second=100]
+                             [--latency-seconds=30]
 
 Pods come from test/pods.py (generate_items: realistic ~6 KB Deployment
 pods), served by test/kubeapi.py's FakeKubeAPI to the real kubectl. Every
-number is the median of --runs runs. Needs nginx (Debian) for the delivery
-rows; they are skipped when it is missing.
+number is the median of --runs runs. Each figure with a target is checked
+against it and marked when it misses; a figure that was not measured says why.
+Needs nginx (Debian) for the nginx delivery row.
 """
 
 import argparse
+import collections
 import gc
 import http.client
 import os
+import re
 import resource
 import shutil
 import signal
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +47,14 @@ MIB = 1 << 20
 SAMPLE_SECONDS = 0.01
 SECRET = "bench-secret"
 SLOW_SECONDS = 0.05
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+SEQ_LABEL = "k8svent-bench-seq"          # the latency row's changes carry their number here
+SEQ_PATTERN = re.compile(rb'"k8svent-bench-seq":"([0-9]+-[0-9]+)"')
+WATCH_SAMPLE_SECONDS = 0.05              # how often the latency row reads /proc
+WATCH_OPEN_TIMEOUT_SECONDS = 600         # the list of 150,000 pods comes first
+SETTLE_SECONDS = 2                       # after the watch opened, before the first change
+DRAIN_TIMEOUT_SECONDS = 30               # for receipts after the last change
+MISS = "✗ MISS"
 
 
 # --- measuring processes -----------------------------------------------------
@@ -67,6 +81,59 @@ def _children(pid):
     except OSError:
         pass
     return found
+
+
+def _cpu_seconds(pid):
+    """utime + stime of a process in seconds, or 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
+
+
+class ChildSampler(threading.Thread):
+    """Reads the peak RSS and CPU time of a process's children from /proc, until stopped."""
+
+    def __init__(self, pid):
+        super().__init__(name="child-sampler", daemon=True)
+        self._pid = pid
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.peak_rss_bytes = 0
+        self._cpu_at_mark = {}        # pid -> CPU s when mark() was called
+        self._cpu_since_mark = {}     # pid -> CPU s last read, for children seen since
+
+    def run(self):
+        while not self._stop_event.wait(WATCH_SAMPLE_SECONDS):
+            self.sample()
+
+    def sample(self):
+        """Read every child once."""
+        for child in _children(self._pid):
+            rss, cpu = _hwm(child), _cpu_seconds(child)
+            with self._lock:
+                self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+                if self._cpu_at_mark is not None and cpu:
+                    self._cpu_since_mark[child] = cpu
+
+    def mark(self):
+        """Start counting the children's CPU time from now."""
+        cpu = {child: _cpu_seconds(child) for child in _children(self._pid)}
+        with self._lock:
+            self._cpu_at_mark, self._cpu_since_mark = cpu, dict(cpu)
+
+    def cpu_seconds_since_mark(self):
+        """CPU time the children used since mark() (children that ended count until last read)."""
+        self.sample()
+        with self._lock:
+            return sum(cpu - self._cpu_at_mark.get(child, 0.0)
+                       for child, cpu in self._cpu_since_mark.items())
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
 
 
 def run_measured(argv, env, stdout=subprocess.DEVNULL):
@@ -137,24 +204,47 @@ def python(code, *args):
     return [sys.executable, "-c", code, *args]
 
 
-def bench_size(n, runs, original_max, env, tmp):
-    """The poll rows for n pods."""
+def k8svent_argv(*options):
+    """The command line of a k8svent process: default settings but for these options."""
+    return [sys.executable, str(K8SVENT), f"--kubectl={KUBECTL}", *options]
+
+
+def prepare_state(n, env, tmp, receiver):
+    """A state file in which every one of n pods has reached the receiver (k8svent --once)."""
+    state = tmp / f"state-{n}.db"
+    before = receiver.count
+    wall, _, _, _ = run_measured(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
+                                              "--once"), env)
+    delivered = receiver.count - before
+    if delivered != n:
+        raise RuntimeError(f"k8svent --once delivered {delivered} of {n} pods")
+    print(f"  state: {n:,} pods listed and delivered by k8svent --once in {wall:.1f} s",
+          file=sys.stderr, flush=True)
+    return state
+
+
+def bench_size(n, runs, original_max, env, tmp, state, receiver):
+    """The relist rows for n pods; `state` already holds every pod, delivered."""
     row = {}
     floors, steady, first, original, retained = [], [], [], [], []
+    delivered_before = receiver.count
     for run in range(runs):
         floors.append(run_measured(python(FLOOR, KUBECTL, str(n)), env))
-        state = tmp / f"state-{n}-{run}.db"
-        base = [sys.executable, str(K8SVENT), f"--kubectl={KUBECTL}", f"--state={state}",
-                "--dry-run", "--once", "--log-level=warning"]
-        first.append(run_measured(base, env))
-        steady.append(run_measured(base, env))
+        # Default settings: --mode=watch, --chunk-size=5000; --once lists and exits.
+        steady.append(run_measured(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
+                                                "--once"), env))
+        # --dry-run keeps no state: every pod is new, printed to /dev/null.
+        first.append(run_measured(k8svent_argv("--dry-run", "--once"), env))
         if n <= original_max:
             original.append(run_measured(python(ORIGINAL, KUBECTL, str(n)), env))
-        out = subprocess.run(python(RETAINED, str(ROOT), str(state)), env=env,
+        scratch = tmp / f"retained-{n}-{run}.db"
+        out = subprocess.run(python(RETAINED, str(ROOT), str(scratch)), env=env,
                              capture_output=True, check=True, text=True).stdout
         retained.append(int(out) / n)
-        for path in tmp.glob(f"state-{n}-{run}.db*"):
+        for path in tmp.glob(f"retained-{n}-{run}.db*"):
             path.unlink()
+    if receiver.count != delivered_before:
+        raise RuntimeError(f"steady relists delivered {receiver.count - delivered_before} pods")
     med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
     row["floor"] = med(floors, 0)
     row["steady wall"] = med(steady, 0)
@@ -170,6 +260,174 @@ def bench_size(n, runs, original_max, env, tmp):
         row["original wall"] = med(original, 0)
         row["original rss"] = med(original, 2) / MIB
         row["original kubectl rss"] = med(original, 3) / MIB
+    return row
+
+
+# --- the watch: latency from the API server's event to the webhook ----------
+
+class Receiver:
+    """A webhook in this process on 127.0.0.1: answers 200; times bodies while recording."""
+
+    def __init__(self):
+        self.count = 0                # bodies received, recorded or not
+        self._received = []           # (time.monotonic(), body) while recording
+        self._recording = False
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver._take(time.monotonic(), body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name="receiver", daemon=True)
+
+    def _take(self, at, body):
+        with self._lock:
+            self.count += 1
+            if self._recording:
+                self._received.append((at, body))
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def record(self):
+        """Forget the counts so far and keep every body from now on."""
+        with self._lock:
+            self.count, self._received, self._recording = 0, [], True
+
+    def reset(self):
+        """Stop keeping bodies; count from zero."""
+        with self._lock:
+            self.count, self._received, self._recording = 0, [], False
+
+    def receipts(self):
+        """{sequence label: time.monotonic() of its first receipt} of the bodies kept."""
+        with self._lock:
+            received = list(self._received)
+        first = {}
+        for at, body in received:
+            match = SEQ_PATTERN.search(body)
+            if match:
+                first.setdefault(match.group(1).decode(), at)
+        return first
+
+
+def change_pods(api, keys, run, rate_per_second, seconds):
+    """Relabel `rate_per_second` pods a second; return {sequence label: time put_pod returned}."""
+    total = int(rate_per_second * seconds)
+    stride = max(1, len(keys) // total)
+    changed = {}
+    began = time.monotonic()
+    for k in range(total):
+        delay = began + k / rate_per_second - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        namespace, name = keys[(k * stride + run) % len(keys)].split("/", 1)
+        pod = api.get_pod(namespace, name)
+        seq = f"{run}-{k}"
+        pod["metadata"].setdefault("labels", {})[SEQ_LABEL] = seq
+        api.put_pod(pod)
+        changed[seq] = time.monotonic()
+    return changed
+
+
+def watch_latency_once(api, env, tmp, state, receiver, args, run):
+    """One latency run: k8svent --mode=watch (the default) while pods change at a steady rate."""
+    log_path = tmp / f"watch-{run}.log"
+    if not api.wait_open_watches(0, timeout=30):
+        raise RuntimeError("the watch of the run before is still open")
+    delivered_before = receiver.count
+    with open(log_path, "wb") as log_file:
+        # Defaults but for --upgrade=never: no registry is reachable from here.
+        proc = subprocess.Popen(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
+                                             "--upgrade=never"),
+                                env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    sampler = ChildSampler(proc.pid)
+    sampler.start()
+    try:
+        if not api.wait_open_watches(1, timeout=WATCH_OPEN_TIMEOUT_SECONDS):
+            raise RuntimeError(f"k8svent opened no watch; log: {log_path.read_text()[-2000:]}")
+        time.sleep(SETTLE_SECONDS)
+        listed_delivered = receiver.count - delivered_before
+        keys = api.pod_keys()
+        receiver.record()
+        sampler.mark()
+        cpu_before, began = _cpu_seconds(proc.pid), time.monotonic()
+        changed = change_pods(api, keys, run, args.changes_per_second, args.latency_seconds)
+        changing_seconds = time.monotonic() - began
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while True:
+            received = receiver.receipts()
+            if len(received) >= len(changed) or time.monotonic() >= deadline:
+                break
+            time.sleep(WATCH_SAMPLE_SECONDS)
+        ended = max(received.values(), default=time.monotonic())
+        cpu = _cpu_seconds(proc.pid) - cpu_before
+        kubectl_cpu = sampler.cpu_seconds_since_mark()
+        peak_rss = _hwm(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        sampler.stop()
+        receiver.reset()
+    latencies = sorted(received[seq] - at for seq, at in changed.items() if seq in received)
+    if listed_delivered:
+        print(f"  warning: the list before the watch delivered {listed_delivered} pods",
+              file=sys.stderr)
+    return {
+        "made": len(changed),
+        "delivered": len(latencies),
+        "rate": len(changed) / changing_seconds,
+        "p50": _percentile(latencies, 50),
+        "p99": _percentile(latencies, 99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "cpu cores": cpu / max(ended - began, 1e-9),
+        "kubectl cpu cores": kubectl_cpu / max(ended - began, 1e-9),
+        "rss": peak_rss / MIB,
+        "kubectl rss": sampler.peak_rss_bytes / MIB,
+    }
+
+
+def _percentile(values, percent):
+    """The nearest-rank percentile of sorted values (nan when there are none)."""
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, max(0, -(-len(values) * percent // 100) - 1))]
+
+
+def bench_latency(api, env, tmp, state, receiver, args):
+    """The latency rows: medians over --runs runs of watch_latency_once."""
+    runs = []
+    for run in range(args.runs):
+        runs.append(watch_latency_once(api, env, tmp, state, receiver, args, run))
+        last = runs[-1]
+        print(f"  watch run {run + 1}: p50 {last['p50']:.3f} s, p99 {last['p99']:.3f} s, "
+              f"max {last['max']:.3f} s, {last['delivered']}/{last['made']} received, "
+              f"{last['rate']:.0f} changes/s, CPU {last['cpu cores']:.2f} cores "
+              f"(kubectl {last['kubectl cpu cores']:.2f}), RSS {last['rss']:.0f} MiB "
+              f"(kubectl {last['kubectl rss']:.0f})", file=sys.stderr, flush=True)
+    row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    row["made"] = sum(r["made"] for r in runs)
+    row["delivered"] = sum(r["delivered"] for r in runs)
     return row
 
 
@@ -298,7 +556,8 @@ def http_client_rate(url, bodies):
 
 
 def bench_delivery(args, tmp):
-    rows = {}
+    """The delivery rows: {"nginx": (ours, base) or a reason it was not run, "slow": ...}."""
+    rows = {"nginx": "not run: no nginx (apt-get install nginx-light)"}
     nginx, url = start_nginx(tmp)
     if nginx is not None:
         try:
@@ -326,51 +585,139 @@ def bench_delivery(args, tmp):
 
 # --- the table ----------------------------------------------------------------
 
-def table(sizes, polls, delivery, args):
-    """The one table, in Markdown."""
-    def cells(fmt, key, ratio_to=None):
+class Target(collections.namedtuple("Target", "text limit at_most")):
+    """A target: at most (or at least) a limit; `text` is what the table shows."""
+
+    def met(self, value):
+        return value <= self.limit if self.at_most else value >= self.limit
+
+
+def at_most(limit, unit=""):
+    return Target(f"<= {limit:g}{unit}", limit, True)
+
+
+def at_least(limit, unit=""):
+    return Target(f">= {limit:g}{unit}", limit, False)
+
+
+# A cell: its text and the number checked against the row's target (None: nothing to check).
+Cell = collections.namedtuple("Cell", "text value")
+BLANK = Cell("", None)
+
+
+def checked(row_name, column, cell, target, misses):
+    """The cell's text, marked when its value misses the target (noted in `misses`)."""
+    if target is None or cell.value is None:
+        return cell.text
+    if cell.value != cell.value or not target.met(cell.value):    # nan: not measured
+        misses.append(f"{row_name} at {column}")
+        return f"{cell.text} {MISS}"
+    return cell.text
+
+
+def table(sizes, polls, delivery, latency, args):
+    """The one table, in Markdown, and the lines that follow it."""
+    def cells(fmt, key, ratio_to=None, absent="not run"):
         out = []
         for n in sizes:
             row = polls[n]
             if key not in row:
-                out.append("skipped")
+                out.append(Cell(absent, None))
                 continue
             text = fmt.format(row[key])
+            value = row[key]
             if ratio_to:
-                text += f" ({row[key] / row[ratio_to]:.2f}x)"
-            out.append(text)
+                value = row[key] / row[ratio_to]
+                text += f" ({value:.2f}x)"
+            out.append(Cell(text, value))
         return out
 
+    def single(cell, n=None):
+        """A figure of one run that is not per size: in the column of n, else the first."""
+        at = sizes.index(n) if n in sizes else 0
+        return [cell if i == at else BLANK for i in range(len(sizes))]
+
+    above = f"not run: above --original-max={args.original_max:,}"
     lines = [
-        ("floor: `kubectl get --raw` \\| ijson, wall s", cells("{:.2f}", "floor"), ""),
-        ("steady poll wall s (x floor)", cells("{:.2f}", "steady wall", "floor"), "<= 1.5x"),
-        ("steady poll CPU s (k8svent + kubectl)", cells("{:.2f}", "steady cpu"), ""),
-        ("first poll `--dry-run` wall s (x floor)", cells("{:.2f}", "first wall", "floor"), ""),
-        ("first poll CPU s", cells("{:.2f}", "first cpu"), ""),
-        ("k8svent peak RSS, steady, MiB", cells("{:.0f}", "steady rss"), "<= 150"),
-        ("k8svent peak RSS, first poll, MiB", cells("{:.0f}", "first rss"), "<= 150"),
-        ("kubectl peak RSS (either poll), MiB", cells("{:.0f}", "kubectl rss"), "<= 64"),
-        ("floor peak RSS (ijson process), MiB", cells("{:.0f}", "floor rss"), ""),
-        ("retained bytes/pod between polls", cells("{:.0f}", "retained"), "<= 400"),
+        ("floor: `kubectl get --raw` \\| ijson, wall s", cells("{:.2f}", "floor"), None),
+        (("steady relist at default settings (`--once`, chunk 5000, nothing to send), "
+          "wall s (x floor)"), cells("{:.2f}", "steady wall", "floor"), at_most(1.5, "x")),
+        ("steady relist CPU s (k8svent + kubectl)", cells("{:.2f}", "steady cpu"), None),
+        ("first poll `--dry-run` wall s (x floor)", cells("{:.2f}", "first wall", "floor"),
+         None),
+        ("first poll CPU s", cells("{:.2f}", "first cpu"), None),
+        ("k8svent peak RSS, steady relist, MiB", cells("{:.0f}", "steady rss"), at_most(150)),
+        ("k8svent peak RSS, first poll, MiB", cells("{:.0f}", "first rss"), at_most(150)),
+        ("kubectl peak RSS (either), MiB", cells("{:.0f}", "kubectl rss"), at_most(64)),
+        ("floor peak RSS (ijson process), MiB", cells("{:.0f}", "floor rss"), None),
+        ("retained bytes/pod between polls", cells("{:.0f}", "retained"), at_most(400)),
         ("original: `get pods -A -o json` + json.loads, wall s",
-         cells("{:.2f}", "original wall", "floor"), ""),
-        ("original: Python peak RSS, MiB", cells("{:.0f}", "original rss"), ""),
-        ("original: kubectl peak RSS, MiB", cells("{:.0f}", "original kubectl rss"), ""),
+         cells("{:.2f}", "original wall", "floor", above), None),
+        ("original: Python peak RSS, MiB", cells("{:.0f}", "original rss", absent=above),
+         None),
+        ("original: kubectl peak RSS, MiB",
+         cells("{:.0f}", "original kubectl rss", absent=above), None),
     ]
-    blank = [""] * (len(sizes) - 1)
-    if "nginx" in delivery:
+    watch = (f"watch, {args.latency_pods:,} pods, {args.changes_per_second:g} changes/s "
+             f"for {args.latency_seconds:g} s:")
+    if isinstance(latency, str):
+        lines.append(("watch: event to webhook receipt, CPU, peak RSS",
+                      single(Cell(latency, None)), None))
+    else:
+        n = args.latency_pods
+        made, delivered = latency["made"], latency["delivered"]
+        lines += [
+            (f"{watch} event to webhook receipt p50, s",
+             single(Cell(f"{latency['p50']:.3f}", None), n), None),
+            (f"{watch} event to webhook receipt p99, s",
+             single(Cell(f"{latency['p99']:.3f}", latency["p99"]), n), at_most(1)),
+            (f"{watch} changes received / made (all runs)",
+             single(Cell(f"{delivered:,} / {made:,}", delivered / made), n),
+             Target("all", 1, False)),
+            (f"{watch} k8svent CPU, cores",
+             single(Cell(f"{latency['cpu cores']:.2f}", latency["cpu cores"]), n),
+             at_most(0.5)),
+            (f"{watch} kubectl CPU, cores",
+             single(Cell(f"{latency['kubectl cpu cores']:.2f}", None), n), None),
+            (f"{watch} k8svent peak RSS (list + watch), MiB",
+             single(Cell(f"{latency['rss']:.0f}", latency["rss"]), n), at_most(150)),
+            (f"{watch} kubectl peak RSS (list + watch), MiB",
+             single(Cell(f"{latency['kubectl rss']:.0f}", latency["kubectl rss"]), n),
+             at_most(64)),
+        ]
+    name = f"deliveries/s to nginx, signed ({args.deliveries:,}) / http.client loop"
+    if isinstance(delivery["nginx"], str):
+        lines.append((name, single(Cell(delivery["nginx"], None)), at_least(0.4, "x")))
+    else:
         ours, base = delivery["nginx"]
-        lines.append((f"deliveries/s to nginx, signed ({args.deliveries:,}) / http.client loop",
-                      [f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)"] + blank, ">= 0.4x"))
+        lines.append((name, single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)",
+                                        ours / base)), at_least(0.4, "x")))
     ours, base = delivery["slow"]
-    lines.append((f"deliveries/s to a 50 ms receiver ({args.slow_deliveries:,}) / "
-                  f"workers/0.05 s", [f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)"] + blank,
-                  ">= 0.8x"))
-    header = ["measure (median of %d runs)" % args.runs] + [f"{n:,} pods" for n in sizes] + \
-        ["target"]
+    lines.append(((f"deliveries/s to a 50 ms receiver ({args.slow_deliveries:,}) / "
+                   f"workers/0.05 s"),
+                  single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)", ours / base)),
+                  at_least(0.8, "x")))
+
+    columns = [f"{n:,} pods" for n in sizes]
+    header = [f"measure (median of {args.runs} runs)", *columns, "target"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    misses, checks, absent = [], 0, []
     for name, values, target in lines:
-        out.append("| " + " | ".join([name, *values, target]) + " |")
+        texts = []
+        for column, cell in zip(columns, values):
+            checks += target is not None and cell.value is not None
+            if cell.value is None and cell.text.startswith("not run"):
+                absent.append(name)
+            texts.append(checked(name, column, cell, target, misses))
+        out.append("| " + " | ".join([name, *texts, target.text if target else ""]) + " |")
+    out.append("")
+    if misses:
+        out.append(f"{MISS}: {len(misses)} of {checks} figures with a target miss it: "
+                   + "; ".join(misses) + ".")
+    else:
+        out.append(f"All {checks} figures with a target meet it.")
+    if absent:
+        out.append("Not run (the cell says why): " + "; ".join(dict.fromkeys(absent)) + ".")
     return "\n".join(out)
 
 
@@ -383,23 +730,43 @@ def main():
     parser.add_argument("--deliveries", type=int, default=5000)
     parser.add_argument("--slow-deliveries", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--latency-pods", type=int, default=150000,
+                        help="pods listed for the watch latency rows (0: skip them)")
+    parser.add_argument("--changes-per-second", type=float, default=100)
+    parser.add_argument("--latency-seconds", type=float, default=30,
+                        help="how long pods change in each latency run")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else []
     polls = {}
+    latency = "not run: --latency-pods=0"
+    receiver = Receiver().start()
     with tempfile.TemporaryDirectory(prefix="k8svent-bench-") as tmp:
         tmp = Path(tmp)
-        for n in sizes:
+        todo = list(sizes)
+        if args.latency_pods and args.latency_pods not in sizes:
+            todo.append(args.latency_pods)
+        for n in todo:
             with FakeKubeAPI() as api:
                 api.load_items(generate_items(n))
                 env = {k: v for k, v in os.environ.items() if not k.startswith("K8SVENT_")}
                 env["KUBECONFIG"] = str(api.kubeconfig(tmp / "kubeconfig"))
                 env["KUBECACHEDIR"] = str(tmp / "kube-cache")
                 print(f"{n:,} pods ...", file=sys.stderr, flush=True)
-                polls[n] = bench_size(n, args.runs, args.original_max, env, tmp)
+                # The state's scope names this API server (its port): one per size.
+                state = prepare_state(n, env, tmp, receiver)
+                if n in sizes:
+                    polls[n] = bench_size(n, args.runs, args.original_max, env, tmp, state,
+                                          receiver)
+                if n == args.latency_pods:
+                    print(f"watch latency at {n:,} pods ...", file=sys.stderr, flush=True)
+                    latency = bench_latency(api, env, tmp, state, receiver, args)
+                for path in tmp.glob(f"state-{n}.db*"):
+                    path.unlink()
             gc.collect()
+        receiver.stop()
         print("deliveries ...", file=sys.stderr, flush=True)
         delivery = bench_delivery(args, tmp)
-    print(table(sizes, polls, delivery, args))
+    print(table(sizes, polls, delivery, latency, args))
 
 
 if __name__ == "__main__":
