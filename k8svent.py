@@ -161,6 +161,8 @@ WATCH_TIMEOUT_SECONDS = 300
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
+ANSWER_LINE_BYTES = 1 << 16     # the longest status or header line of an answer
+ANSWER_HEADERS = 100
 CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("watch", "poll")
@@ -1646,11 +1648,12 @@ class Store:
                 f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}",
                 (endpoint, *busy)).fetchone()[0]
 
-    def settle(self, endpoint, key, msg_id):
-        """A delivery is done with (2xx or refused): the row goes, unless it owes a newer state."""
-        with self._lock:   # one statement: a transaction of its own
-            self._db.execute("DELETE FROM outbox WHERE endpoint = ? AND key = ?"
-                             " AND msg_id = ?", (endpoint, key, msg_id))
+    def settle(self, endpoint, done):
+        """Deliveries done with (2xx or refused), as (key, msg_id): their rows go,
+        unless one owes a newer state by now."""
+        with self._transaction() as db:
+            db.executemany("DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
+                           [(endpoint, key, msg_id) for key, msg_id in done])
 
     def retry_at(self, endpoint, key, msg_id, attempts, due):
         """A delivery failed: try it again at `due` (a newer state keeps its own)."""
@@ -2051,6 +2054,85 @@ class Response:
         return json.loads(self.body)
 
 
+class _Headers(dict):
+    """An answer's headers, by lower-case name; get() takes any case."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+def read_answer(reader, limit):
+    """(status, headers, body, reusable) of one HTTP/1.x answer from a buffered reader.
+
+    The body is cut at `limit` bytes; `reusable` says whether the connection
+    can carry the next request. Failures raise http.client's exceptions.
+    """
+    # What http.client does, without the email parser it runs on the
+    # headers, which costs more than the rest of a POST to a fast receiver.
+    while True:
+        line = reader.readline(ANSWER_LINE_BYTES + 1)
+        if not line:
+            raise http.client.RemoteDisconnected("closed without an answer")
+        version, _, rest = line.partition(b" ")
+        code = rest[:3]
+        if not version.startswith(b"HTTP/1.") or not code.isdigit():
+            raise http.client.BadStatusLine(cut(line, 100))
+        headers = _Headers()
+        for _ in range(ANSWER_HEADERS):
+            line = reader.readline(ANSWER_LINE_BYTES + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.partition(b":")
+            if colon:
+                headers[name.strip().decode("latin-1").lower()] = \
+                    value.strip().decode("latin-1")
+        else:
+            raise http.client.HTTPException("too many headers")
+        status = int(code)
+        if not 100 <= status < 200:     # 1xx: interim, the answer follows
+            break
+    reusable = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body, whole = _read_chunked(reader, limit)
+    elif "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            raise http.client.HTTPException("bad Content-Length") from None
+        body = reader.read(min(length, limit))
+        if len(body) < min(length, limit):
+            raise http.client.IncompleteRead(body)
+        whole = length <= limit
+    elif status in (204, 304):
+        body, whole = b"", True
+    else:                               # the body ends with the connection
+        body, whole = reader.read(limit), False
+    return status, headers, body, reusable and whole
+
+
+def _read_chunked(reader, limit):
+    """(body, whole) of a chunked body; not whole when cut at `limit`."""
+    parts, size = [], 0
+    while True:
+        line = reader.readline(ANSWER_LINE_BYTES + 1)
+        try:
+            chunk = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise http.client.HTTPException("bad chunk size") from None
+        if chunk == 0:
+            for _ in range(ANSWER_HEADERS):     # trailers, then the end
+                if reader.readline(ANSWER_LINE_BYTES + 1) in (b"\r\n", b"\n", b""):
+                    return b"".join(parts), True
+            raise http.client.HTTPException("too many trailers")
+        if size + chunk > limit:
+            return b"".join(parts), False
+        data = reader.read(chunk)
+        if len(data) < chunk or reader.read(2) != b"\r\n":
+            raise http.client.IncompleteRead(data)
+        parts.append(data)
+        size += chunk
+
+
 class _DeadlineReader(io.RawIOBase):
     """The reading side of a socket that gives up (TimeoutError) at a deadline.
 
@@ -2216,13 +2298,11 @@ class Endpoint:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
                                 + body)
-        response = http.client.HTTPResponse(
-            _DeadlineReader(connection.sock, deadline), method="POST")
-        response.begin()
-        data = response.read(RESPONSE_BODY_BYTES)
-        if response.will_close or not response.isclosed():
+        reader = io.BufferedReader(_DeadlineReader(connection.sock, deadline))
+        status, headers, data, reusable = read_answer(reader, RESPONSE_BODY_BYTES)
+        if not reusable:
             self._drop(connection)      # closed by the server, or too long to keep
-        return Response(response.status, response.headers, data)
+        return Response(status, headers, data)
 
     def _drop(self, connection):
         connection.close()
@@ -2329,7 +2409,8 @@ class Sender:
         self._rng = rng
         self._clock = clock
         self._cond = threading.Condition()
-        self._busy = set()            # keys in flight or in _ready
+        self._busy = set()            # keys in flight, in _ready or in _done
+        self._done = []               # (key, msg_id) delivered, their rows not yet deleted
         self._ready = collections.deque()   # claimed rows no worker has taken yet
         self.up = True
         self._failures = 0            # connection-level failures in a row
@@ -2394,7 +2475,10 @@ class Sender:
                     log.error("cannot record the delivery of %s to %s: %s", taken.key,
                               self.endpoint.label, exc)
             with self._cond:
-                self._busy.discard(taken.key)
+                if outcome is not None and outcome[0] in ("success", "rejected"):
+                    self._done.append((taken.key, taken.msg_id))    # busy until settled
+                else:
+                    self._busy.discard(taken.key)
                 if outcome is not None:
                     self._note_health(taken, *outcome)
                 self._cond.notify_all()
@@ -2402,12 +2486,25 @@ class Sender:
             # Rows claimed but never attempted stay owed, and are not in flight.
             self._busy.difference_update(owed.key for owed in self._ready)
             self._ready.clear()
+            self._settle_done()
             self._cond.notify_all()
+
+    def _settle_done(self):
+        """Delete the rows of the deliveries done since the last time, in one go (lock held)."""
+        # One transaction for a batch of deliveries rather than one each: a
+        # crash before it sends them again, with their ids (receivers de-dup).
+        if self._done:
+            done, self._done = self._done, []
+            try:
+                self._store.settle(self.endpoint.id, done)
+            finally:
+                self._busy.difference_update(key for key, _ in done)
 
     def _take(self):
         """(the row to attempt, None) or (None, seconds to wait) (lock held)."""
         if self._ready:
             return self._ready.popleft(), None
+        self._settle_done()
         now = self._clock()
         if now >= self._housekept + HOUSEKEEPING_SECONDS:
             self._housekeep(now)
@@ -2465,8 +2562,7 @@ class Sender:
         """Record an attempt's outcome in the outbox and the metrics."""
         label = self.endpoint.label
         if outcome in ("success", "rejected"):
-            self._store.settle(self.endpoint.id, owed.key, owed.msg_id)
-            metrics.delivered(label, outcome)
+            metrics.delivered(label, outcome)   # the row goes with the next batch
             return
         metrics.delivered(label, "retry")
         attempts = owed.attempts + 1
@@ -2567,6 +2663,8 @@ class Sender:
     def idle(self):
         """Whether nothing is in flight and nothing owed is within its retry budget."""
         with self._cond:
+            if not self._ready and len(self._done) == len(self._busy):
+                self._settle_done()
             if self._busy:
                 return False
             self._housekeep(self._clock())

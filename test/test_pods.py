@@ -222,7 +222,7 @@ def owed(store, endpoint):
 
 def deliver_all(store, endpoint):
     for key, row in owed_rows(store, endpoint).items():
-        store.settle(endpoint, key, row.msg_id)
+        store.settle(endpoint, [(key, row.msg_id)])
 
 
 @pytest.fixture
@@ -437,3 +437,48 @@ def test_documented_verifiers_accept_what_sign_makes(secret):
     assert namespace["verified_sha256"](body, headers, secret)
     assert namespace["verified_pod"](body, headers, secret) == json.loads(body)
     assert not namespace["verified_sha256"](body + b" ", headers, secret)
+
+
+# --- Reading a webhook's answer --------------------------------------------------
+
+@pytest.mark.parametrize("raw, status, body, reusable", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 200, b"", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", False),
+    (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n", 503, b"abcde", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
+    (b"HTTP/1.1 200 OK\r\n\r\nto the end", 200, b"to the e", False),   # cut at 8
+    # longer than the limit (8 bytes here): cut, and the connection not kept
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n0123456789ab", 200, b"01234567", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"c\r\n0123456789ab\r\n0\r\n\r\n", 200, b"", False),
+])
+def test_read_answer(raw, status, body, reusable):
+    import io
+    got = k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
+    assert (got[0], got[2], got[3]) == (status, body, reusable)
+
+
+def test_read_answer_headers_by_any_case():
+    import io
+    raw = b"HTTP/1.1 429 Slow\r\nRetry-After: 7\r\nContent-Type: a/json\r\n\r\n"
+    _, headers, _, _ = k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
+    assert headers.get("retry-after") == headers.get("Retry-After") == "7"
+    assert headers.get("Content-TYPE") == "a/json"
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"", "RemoteDisconnected"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "BadStatusLine"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", "IncompleteRead"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTPException"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "HTTPException"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "HTTPException"),
+])
+def test_read_answer_failures_are_http_errors(raw, error):
+    import http.client
+    import io
+    with pytest.raises(http.client.HTTPException) as caught:
+        k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
+    assert type(caught.value).__name__ == error
