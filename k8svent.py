@@ -143,32 +143,32 @@ __version__ = "0.0.0-dev"
 
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 30
-REQUEST_DEADLINE_SECONDS = 30   # one POST: connect, send, the whole answer
+REQUEST_DEADLINE_SECONDS = 30  # one POST: connect, send, the whole answer
 BACKOFF_START_SECONDS = 0.5
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP_SECONDS = 60
 DRAIN_SECONDS = 10
 MAX_SECONDS = 365 * 86400  # far below threading.TIMEOUT_MAX
-MAX_WAIT_SECONDS = 86400   # the longest a server's Retry-After makes us wait
+MAX_WAIT_SECONDS = 86400  # the longest a server's Retry-After makes us wait
 # After this many connection-level failures in a row (refused, timeout, TLS,
 # 5xx, 429) a webhook counts as down: one probe at a time until it answers.
 DOWN_AFTER_FAILURES = 3
-DOWN_LOG_SECONDS = 60      # while a webhook is down, a line this often
-HOUSEKEEPING_SECONDS = 2   # how often a webhook's outbox is looked over
-EARLY_PROBE_SECONDS = 5    # new work probes a down webhook at most this often
+DOWN_LOG_SECONDS = 60  # while a webhook is down, a line this often
+HOUSEKEEPING_SECONDS = 2  # how often a webhook's outbox is looked over
+EARLY_PROBE_SECONDS = 5  # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
-ANSWER_LINE_BYTES = 1 << 16     # the longest status or header line of an answer
+ANSWER_LINE_BYTES = 1 << 16  # the longest status or header line of an answer
 ANSWER_HEADERS = 100
-CORRELATION_BODY_BYTES = 4096   # larger answers are not parsed for an id
+CORRELATION_BODY_BYTES = 4096  # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("watch", "poll")
 WATCH_RESTART_REASONS = ("ended", "expired", "error", "resync")
-WATCH_RELIST_AFTER = 3      # failed watches in a row before listing again
-LIST_RESTARTS = 3           # lists started again after an expired continue token
+WATCH_RELIST_AFTER = 3  # failed watches in a row before listing again
+LIST_RESTARTS = 3  # lists started again after an expired continue token
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
@@ -178,8 +178,8 @@ WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 MESSAGE_ID_PREFIX = "msg_"
 MESSAGE_ID_RANDOM_BYTES = 13  # 26 hex characters
-NAME_MAX_CHARS = 63         # a namespace, a label name or value
-SUBDOMAIN_MAX_CHARS = 253   # a label key's prefix
+NAME_MAX_CHARS = 63  # a namespace, a label name or value
+SUBDOMAIN_MAX_CHARS = 253  # a label key's prefix
 DELETED_PHASE = "Deleted"
 DEFAULT_IMAGE = "docker.io/atomist/k8svent"
 UPGRADE_MODES = ("auto", "always", "never")
@@ -187,7 +187,7 @@ UPGRADE_RELEASE_SECONDS = 86400
 UPGRADE_PRERELEASE_SECONDS = 14400
 UPGRADE_ERROR_SECONDS = 3600
 UPGRADE_JITTER_FRACTION = 0.10
-UPGRADE_READY_WAIT_SECONDS = 0.5   # how often a wait for the first poll looks at stop
+UPGRADE_READY_WAIT_SECONDS = 0.5  # how often a wait for the first poll looks at stop
 CHANNEL_TAGS = ("latest", "next")
 REGISTRY_TIMEOUT_SECONDS = 30
 REGISTRY_MAX_PAGES = 100
@@ -210,14 +210,13 @@ DOCKER_HUB_API = "https://registry-1.docker.io"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Schemes an error message may name: anything else may be a token.
 KNOWN_URL_SCHEMES = ("ftp", "ftps", "file", "ws", "wss", "mailto", "ssh", "git", "data")
-SERVICE_ACCOUNT_NAMESPACE_PATH = Path(
-    "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-)
+SERVICE_ACCOUNT_NAMESPACE_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 log = logging.getLogger("k8svent")
 
 
 # --- Errors ------------------------------------------------------------------
+
 
 class K8sventError(Exception):
     """Base of every error k8svent raises on purpose."""
@@ -263,6 +262,7 @@ class RegistryError(K8sventError):
 
 # --- Settings ----------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with, validated."""
@@ -287,7 +287,7 @@ class Settings:
     retry_budget: float = 900.0
     state: str | None = None
     image: str = DEFAULT_IMAGE
-    image_given: bool = False   # --image or K8SVENT_IMAGE named the repository
+    image_given: bool = False  # --image or K8SVENT_IMAGE named the repository
     upgrade: str = "auto"
     upgrade_interval: float | None = None
     once: bool = False
@@ -297,10 +297,11 @@ class Settings:
     def __repr__(self):
         # The secret and URL credentials must never reach a log line.
         shown = dataclasses.replace(
-            self, secret="***" if self.secret else None,
-            urls=tuple(redact_url(u) for u in self.urls))
-        fields = ", ".join(f"{f.name}={getattr(shown, f.name)!r}"
-                           for f in dataclasses.fields(self))
+            self,
+            secret="***" if self.secret else None,
+            urls=tuple(redact_url(u) for u in self.urls),
+        )
+        fields = ", ".join(f"{f.name}={getattr(shown, f.name)!r}" for f in dataclasses.fields(self))
         return f"Settings({fields})"
 
 
@@ -328,8 +329,7 @@ def parse_arguments(argv):
     # so whether the environment should be read; the defaults are applied in
     # settings_from() instead.
     try:
-        return docopt.docopt(_DEFAULT_RE.sub("", __doc__), argv,
-                             default_help=False)
+        return docopt.docopt(_DEFAULT_RE.sub("", __doc__), argv, default_help=False)
     except docopt.DocoptExit as exc:
         message = str(exc).strip()
         first = message.splitlines()[0] if message else ""
@@ -350,8 +350,9 @@ def _number(name, text, kind=float, minimum=0):
     except (TypeError, ValueError):
         raise SettingsError(f"{name} must be a number, not {text!r}") from None
     if not math.isfinite(value) or value > MAX_SECONDS:
-        raise SettingsError(f"{name} must be a finite number of at most "
-                            f"{MAX_SECONDS}, not {text!r}")
+        raise SettingsError(
+            f"{name} must be a finite number of at most {MAX_SECONDS}, not {text!r}"
+        )
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, not {text!r}")
     return value
@@ -368,8 +369,13 @@ def _check_url(url):
         raise SettingsError("invalid webhook URL (a bad host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         scheme = parts.scheme.lower()
-        shown = repr(scheme) if scheme in KNOWN_URL_SCHEMES else \
-            "another scheme" if scheme else "no scheme"
+        shown = (
+            repr(scheme)
+            if scheme in KNOWN_URL_SCHEMES
+            else "another scheme"
+            if scheme
+            else "no scheme"
+        )
         raise SettingsError(f"webhook URL must be http or https, not {shown}")
     return url
 
@@ -379,8 +385,7 @@ _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 def parse_listen(text, name="--listen"):
     """(host, port) from ADDR:PORT ([ADDR]:PORT for IPv6), or raise."""
-    bad = SettingsError(f"{name} must be ADDR:PORT, such as 0.0.0.0:8080, "
-                        f"not {text!r}")
+    bad = SettingsError(f"{name} must be ADDR:PORT, such as 0.0.0.0:8080, not {text!r}")
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -398,7 +403,7 @@ def parse_listen(text, name="--listen"):
 def settings_from(args, environ):
     """Build the Settings from docopt's arguments and the environment."""
 
-    given = {}      # flag -> how errors name it: what the user typed it as
+    given = {}  # flag -> how errors name it: what the user typed it as
 
     def pick(flag, variable):
         value = args.get(flag)
@@ -412,14 +417,18 @@ def settings_from(args, environ):
         return value
 
     def number(flag, variable, kind=float, minimum=0):
-        return _number(given[flag], pick(flag, variable), kind, minimum) \
-            if pick(flag, variable) is not None else None
+        return (
+            _number(given[flag], pick(flag, variable), kind, minimum)
+            if pick(flag, variable) is not None
+            else None
+        )
 
     def choice(flag, variable, choices):
         value = pick(flag, variable).lower()
         if value not in choices:
-            raise SettingsError(f"{given[flag]} must be {', '.join(choices[:-1])} or "
-                                f"{choices[-1]}, not {value!r}")
+            raise SettingsError(
+                f"{given[flag]} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}"
+            )
         return value
 
     urls = args.get("--url") or []
@@ -440,8 +449,8 @@ def settings_from(args, environ):
                 secret = f.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(
-                f"cannot read secret file {secret_file!r}: "
-                f"{getattr(exc, 'strerror', None) or exc}") from None
+                f"cannot read secret file {secret_file!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         if not secret:
             raise SettingsError(f"secret file {secret_file!r} is empty")
 
@@ -457,8 +466,10 @@ def settings_from(args, environ):
     upgrade_interval = number("--upgrade-interval", "K8SVENT_UPGRADE_INTERVAL", minimum=1)
     running = version(environ)
     if upgrade != "never" and parse_version(running) is None:
-        raise SettingsError(f"version {running!r} (K8SVENT_VERSION) is not a "
-                            f"semantic version; fix it or use --upgrade=never")
+        raise SettingsError(
+            f"version {running!r} (K8SVENT_VERSION) is not a "
+            f"semantic version; fix it or use --upgrade=never"
+        )
     mode = choice("--mode", "K8SVENT_MODE", MODES)
     listen = pick("--listen", "K8SVENT_LISTEN")
     listen = parse_listen(listen, given["--listen"]) if listen else None
@@ -475,23 +486,32 @@ def settings_from(args, environ):
     if not excluded:
         excluded = [environ.get("K8SVENT_EXCLUDE_NAMESPACES", "")]
     excluded = [n.strip() for names in excluded for n in names.split(",")]
-    excluded = tuple(sorted({_check_namespace(
-        n, "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace)") for n in excluded if n}))
+    excluded = tuple(
+        sorted(
+            {
+                _check_namespace(n, "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace)")
+                for n in excluded
+                if n
+            }
+        )
+    )
     if excluded and namespace is not None:
-        raise SettingsError("K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace) cannot be "
-                            "combined with K8SVENT_NAMESPACE (--namespace)")
+        raise SettingsError(
+            "K8SVENT_EXCLUDE_NAMESPACES (--exclude-namespace) cannot be "
+            "combined with K8SVENT_NAMESPACE (--namespace)"
+        )
     selector = pick("--selector", "K8SVENT_SELECTOR")
     if selector:
         try:
             selector = format_label_selector(parse_label_selector(selector))
         except ValueError as exc:
-            raise SettingsError(f"K8SVENT_SELECTOR (--selector) {selector!r} is not a "
-                                f"label selector: {exc}") from None
+            raise SettingsError(
+                f"K8SVENT_SELECTOR (--selector) {selector!r} is not a label selector: {exc}"
+            ) from None
 
     dry_run = bool(args.get("--dry-run"))
     if not urls and not dry_run:
-        raise SettingsError("no webhook URL: give --url or K8SVENT_WEBHOOKS "
-                            "(or --dry-run)")
+        raise SettingsError("no webhook URL: give --url or K8SVENT_WEBHOOKS (or --dry-run)")
 
     return Settings(
         urls=urls,
@@ -525,6 +545,7 @@ def settings_from(args, environ):
 
 # --- Pods: health and payloads -----------------------------------------------
 
+
 def pod_key(pod):
     """The identity of a pod: namespace/name."""
     meta = pod.get("metadata") or {}
@@ -551,11 +572,9 @@ def pod_healthy(pod):
         return False
     if any(c.get("status") != "True" for c in status.get("conditions") or ()):
         return False
-    if not all(container_healthy(s, True)
-               for s in status.get("initContainerStatuses") or ()):
+    if not all(container_healthy(s, True) for s in status.get("initContainerStatuses") or ()):
         return False
-    return all(container_healthy(s, False)
-               for s in status.get("containerStatuses") or ())
+    return all(container_healthy(s, False) for s in status.get("containerStatuses") or ())
 
 
 def pod_under_duress(pod):
@@ -567,8 +586,11 @@ def pod_under_duress(pod):
 
 def _looks_like_pod(item):
     """Whether a list item has the shape of a pod (objects where pods have them)."""
-    return isinstance(item, dict) and isinstance(item.get("metadata"), dict) and \
-        all(isinstance(item.get(field, {}), dict) for field in ("spec", "status"))
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("metadata"), dict)
+        and all(isinstance(item.get(field, {}), dict) for field in ("spec", "status"))
+    )
 
 
 def pod_from_item(item):
@@ -609,11 +631,12 @@ def mark_deleted(pod_bytes):
 
 # --- Delivery: signatures, back-off, what logs may show ------------------------
 
+
 def standard_webhooks_key(secret):
     """The Standard Webhooks key: whsec_<base64> decoded, else the UTF-8 bytes."""
     if not secret.startswith(WEBHOOK_SECRET_PREFIX):
         return secret.encode()
-    text = secret[len(WEBHOOK_SECRET_PREFIX):]
+    text = secret[len(WEBHOOK_SECRET_PREFIX) :]
     try:
         # Padding may be left out, as the standardwebhooks package allows.
         key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
@@ -621,8 +644,10 @@ def standard_webhooks_key(secret):
         key = b""
     if not key:
         # Never the secret itself in the message: it ends up in logs.
-        raise ValueError(f"the secret starts with {WEBHOOK_SECRET_PREFIX} but the rest is "
-                         f"not base64 of at least one byte")
+        raise ValueError(
+            f"the secret starts with {WEBHOOK_SECRET_PREFIX} but the rest is "
+            f"not base64 of at least one byte"
+        )
     return key
 
 
@@ -635,10 +660,8 @@ def sign(body, secret, message_id=None, timestamp=None):
     """Signature headers of a body; with an id and Unix time, Standard Webhooks' too."""
     key = secret.encode()
     headers = {
-        SIGNATURE_SHA1_HEADER:
-            "sha1=" + hmac.new(key, body, hashlib.sha1).hexdigest(),
-        SIGNATURE_SHA256_HEADER:
-            "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
+        SIGNATURE_SHA1_HEADER: "sha1=" + hmac.new(key, body, hashlib.sha1).hexdigest(),
+        SIGNATURE_SHA256_HEADER: "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
     }
     if message_id is not None:
         timestamp = int(timestamp)
@@ -672,8 +695,9 @@ def endpoint_label(url):
 
 def backoff_delay(attempts, rng=random):
     """The delay after a delivery's attempts-th failed attempt (0.5 s x1.5, +-50 %, <= 60 s)."""
-    delay = min(BACKOFF_START_SECONDS * BACKOFF_FACTOR ** min(attempts - 1, 64),
-                BACKOFF_CAP_SECONDS)
+    delay = min(
+        BACKOFF_START_SECONDS * BACKOFF_FACTOR ** min(attempts - 1, 64), BACKOFF_CAP_SECONDS
+    )
     return delay * rng.uniform(0.5, 1.5)
 
 
@@ -697,8 +721,7 @@ def retry_after_seconds(value, now=None):
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return min(max(0.0, when - (time.time() if now is None else now)),
-               RETRY_AFTER_MAX_SECONDS)
+    return min(max(0.0, when - (time.time() if now is None else now)), RETRY_AFTER_MAX_SECONDS)
 
 
 def cut(text, limit=FOREIGN_TEXT_CHARS):
@@ -740,9 +763,11 @@ def is_namespace_name(name):
 def _check_namespace(name, source):
     """Return a namespace name, or raise SettingsError naming its source."""
     if not is_namespace_name(name):
-        raise SettingsError(f"{source} {name!r} is not a namespace name (at most "
-                            f"{NAME_MAX_CHARS} lowercase letters, digits and '-', "
-                            f"starting and ending with a letter or digit)")
+        raise SettingsError(
+            f"{source} {name!r} is not a namespace name (at most "
+            f"{NAME_MAX_CHARS} lowercase letters, digits and '-', "
+            f"starting and ending with a letter or digit)"
+        )
     return name
 
 
@@ -753,22 +778,25 @@ def _check_label_key(key):
     if key in (",", "(", ")", "!", *_VALUE_OPERATORS, *_SET_OPERATORS):
         raise ValueError(f"expected a label key, found {key!r}")
     prefix, slash, name = key.rpartition("/")
-    if slash and (len(prefix) > SUBDOMAIN_MAX_CHARS
-                  or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
+    if slash and (len(prefix) > SUBDOMAIN_MAX_CHARS or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
         raise ValueError(f"the prefix of label key {key!r} is not a DNS subdomain")
     if len(name) > NAME_MAX_CHARS or not _LABEL_NAME_RE.fullmatch(name):
-        raise ValueError(f"{key!r} is not a label key (a name of at most "
-                         f"{NAME_MAX_CHARS} letters, digits, '-', '_' and '.', "
-                         f"starting and ending with a letter or digit)")
+        raise ValueError(
+            f"{key!r} is not a label key (a name of at most "
+            f"{NAME_MAX_CHARS} letters, digits, '-', '_' and '.', "
+            f"starting and ending with a letter or digit)"
+        )
     return key
 
 
 def _check_label_value(value):
     """Return a label value (may be empty), or raise ValueError."""
     if value and (len(value) > NAME_MAX_CHARS or not _LABEL_NAME_RE.fullmatch(value)):
-        raise ValueError(f"{value!r} is not a label value (at most {NAME_MAX_CHARS} "
-                         f"letters, digits, '-', '_' and '.', starting and ending "
-                         f"with a letter or digit)")
+        raise ValueError(
+            f"{value!r} is not a label value (at most {NAME_MAX_CHARS} "
+            f"letters, digits, '-', '_' and '.', starting and ending "
+            f"with a letter or digit)"
+        )
     return value
 
 
@@ -847,9 +875,7 @@ def format_label_selector(requirements):
 
 # Repository path components, as the OCI distribution spec defines them.
 _REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_HOST = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?"
-)
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?")
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -901,7 +927,7 @@ def split_image_ref(image_ref):
     colon = name.rfind(":")
     tag = None
     if colon > slash:
-        name, tag = name[:colon], name[colon + 1:]
+        name, tag = name[:colon], name[colon + 1 :]
     return name, tag, (digest or None)
 
 
@@ -1018,8 +1044,8 @@ class UpgradePlan:
     """What a check looks at: the repository, and for auto the channel tag and the digest run."""
 
     image: str
-    channel_tag: str | None = None      # None: any newer version means exit
-    running_digest: str | None = None   # None: unknown, so never exit for it
+    channel_tag: str | None = None  # None: any newer version means exit
+    running_digest: str | None = None  # None: unknown, so never exit for it
 
 
 def upgrade_plan(mode, version_env_set, pod, image_repo, image_given):
@@ -1043,8 +1069,7 @@ def upgrade_plan(mode, version_env_set, pod, image_repo, image_given):
         except ValueError:
             return None, f"image {image_ref} is not in a registry k8svent can read"
         image_repo = name
-    return UpgradePlan(image_repo, tag or "latest",
-                       running_digest(pod, container.get("name"))), why
+    return UpgradePlan(image_repo, tag or "latest", running_digest(pod, container.get("name"))), why
 
 
 def upgrade_interval_seconds(version, configured):
@@ -1063,9 +1088,7 @@ def jittered(seconds, rng):
 
 
 _AUTH_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_AUTH_PARAM = re.compile(
-    r"\s*(" + _AUTH_TOKEN + r')\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)'
-)
+_AUTH_PARAM = re.compile(r"\s*(" + _AUTH_TOKEN + r')\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
 _AUTH_SCHEME = re.compile(r"\s*(" + _AUTH_TOKEN + r")(?:\s+|$)")
 _AUTH_SKIP = re.compile(r"\s*(?:[^,]*)(?:,|$)")
 
@@ -1174,7 +1197,8 @@ _GONE_SEPARATOR = "#"
 _AFTER_DELETIONS_SQL = (
     "NOT EXISTS (SELECT 1 FROM outbox t WHERE t.endpoint = o.endpoint"
     f" AND t.key > o.key || '{_GONE_SEPARATOR}'"
-    f" AND t.key < o.key || '{chr(ord(_GONE_SEPARATOR) + 1)}')")
+    f" AND t.key < o.key || '{chr(ord(_GONE_SEPARATOR) + 1)}')"
+)
 
 
 def _corrupt(exc):
@@ -1197,17 +1221,17 @@ def _open_private(path, create):
             return None
     else:
         if stat.S_ISLNK(info.st_mode):
-            raise StateError(f"state file {path!r} is a symbolic link; "
-                             f"give the path of the file itself")
+            raise StateError(
+                f"state file {path!r} is a symbolic link; give the path of the file itself"
+            )
         if info.st_uid != os.geteuid():
-            raise StateError(f"state file {path!r} belongs to another user "
-                             f"(uid {info.st_uid})")
+            raise StateError(f"state file {path!r} belongs to another user (uid {info.st_uid})")
     # O_NOFOLLOW and fstat: the same checks, should the path change meanwhile.
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_uid != os.geteuid():
             raise StateError(f"state file {path!r} belongs to another user")
-        os.fchmod(fd, 0o600)   # whatever the umask, or an older k8svent, made it
+        os.fchmod(fd, 0o600)  # whatever the umask, or an older k8svent, made it
     except BaseException:
         os.close(fd)
         raise
@@ -1234,8 +1258,13 @@ PodEntry = collections.namedtuple("PodEntry", "key uid fp duress body")
 def pod_entry(pod):
     """What the store keeps of a pod: key, uid, fingerprint, duress and bytes."""
     pod_bytes = encode_pod(pod)
-    return PodEntry(pod_key(pod), (pod.get("metadata") or {}).get("uid"),
-                    fingerprint(pod_bytes), pod_under_duress(pod), pod_bytes)
+    return PodEntry(
+        pod_key(pod),
+        (pod.get("metadata") or {}).get("uid"),
+        fingerprint(pod_bytes),
+        pod_under_duress(pod),
+        pod_bytes,
+    )
 
 
 Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body")
@@ -1263,10 +1292,14 @@ def _migrate_from_2(db):
         db.execute("DROP TABLE staged")
         db.execute("""CREATE TABLE staged (key TEXT PRIMARY KEY, fp BLOB NOT NULL,
             duress INTEGER NOT NULL, body BLOB NOT NULL, uid TEXT)""")
-        db.execute(_OWE_SQL.format(
-            where="NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
-                  " AND d.key = p.key AND d.fp = p.fp)", endpoints="1"),
-            {"now": time.time()})
+        db.execute(
+            _OWE_SQL.format(
+                where="NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
+                " AND d.key = p.key AND d.fp = p.fp)",
+                endpoints="1",
+            ),
+            {"now": time.time()},
+        )
         db.execute("DROP TABLE delivered")
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
         db.execute("COMMIT")
@@ -1286,8 +1319,9 @@ class Store:
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
             os.close(fd)
         elif os.path.islink(path):
-            raise StateError(f"state file {path!r} is a symbolic link; "
-                             f"give the path of the file itself")
+            raise StateError(
+                f"state file {path!r} is a symbolic link; give the path of the file itself"
+            )
         elif os.path.isdir(path):
             raise StateError(f"state file {path!r} is a directory")
         elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -1312,9 +1346,13 @@ class Store:
                 self._release()
                 raise StateError(f"cannot open state file {path!r}: {exc}") from None
             aside = self._set_aside(path)
-            log.error("state file %s is unreadable (%s); moved it to %s and "
-                      "starting fresh: every pod will be sent again",
-                      path, exc, aside)
+            log.error(
+                "state file %s is unreadable (%s); moved it to %s and "
+                "starting fresh: every pod will be sent again",
+                path,
+                exc,
+                aside,
+            )
             os.close(_open_private(path, create=True))
             self._db = self._open(path)
         self._check_scope(scope)
@@ -1325,15 +1363,15 @@ class Store:
         try:
             fd = _open_private(path + ".lock", create=True)
         except OSError as exc:
-            raise StateError(f"cannot create the lock file of state file {path!r}: "
-                             f"{exc.strerror or exc}") from None
+            raise StateError(
+                f"cannot create the lock file of state file {path!r}: {exc.strerror or exc}"
+            ) from None
         lock_file = os.fdopen(fd, "a")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock_file.close()
-            raise StateError(f"state file {path!r} is in use by another "
-                             f"k8svent") from None
+            raise StateError(f"state file {path!r} is in use by another k8svent") from None
         return lock_file
 
     @staticmethod
@@ -1371,10 +1409,14 @@ class Store:
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
             if row is not None and row[0] != scope and not _same_scope(row[0], scope):
-                log.warning("state file %s was written for another cluster, "
-                            "namespace or selection (%s, now %s); starting a "
-                            "fresh snapshot",
-                            self.path, row[0] or "default", scope or "default")
+                log.warning(
+                    "state file %s was written for another cluster, "
+                    "namespace or selection (%s, now %s); starting a "
+                    "fresh snapshot",
+                    self.path,
+                    row[0] or "default",
+                    scope or "default",
+                )
                 for table in ("pods", "bodies", "outbox"):
                     db.execute(f"DELETE FROM {table}")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('scope', ?)", (scope,))
@@ -1382,19 +1424,16 @@ class Store:
     @staticmethod
     def _open(path):
         """Open (or create) the database and check it is ours and sound."""
-        db = sqlite3.connect(path, check_same_thread=False,
-                             isolation_level=None)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("integrity check failed")
             db.executescript(_SCHEMA)
-            row = db.execute(
-                "SELECT value FROM meta WHERE name='schema'").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
             if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)",
-                           (_SCHEMA_VERSION,))
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             elif row[0] == 2:
                 _migrate_from_2(db)
             elif row[0] != _SCHEMA_VERSION:
@@ -1426,17 +1465,17 @@ class Store:
     def set_endpoints(self, ids):
         """Record the configured webhooks: forget others, owe every pod to new ones."""
         with self._transaction() as db:
-            known = {i for i, in db.execute("SELECT id FROM endpoints")}
+            known = {i for (i,) in db.execute("SELECT id FROM endpoints")}
             db.execute("DELETE FROM endpoints")
             db.executemany("INSERT INTO endpoints VALUES (?)", [(i,) for i in ids])
-            db.execute("DELETE FROM outbox WHERE endpoint NOT IN "
-                       "(SELECT id FROM endpoints)")
+            db.execute("DELETE FROM outbox WHERE endpoint NOT IN (SELECT id FROM endpoints)")
             # Each process counts a delivery past the retry budget anew.
             db.execute("UPDATE outbox SET expired = 0 WHERE expired = 1")
             for new in set(ids) - known:
-                db.execute(_OWE_SQL.format(where="p.deleted = 0",
-                                           endpoints="e.id = :endpoint"),
-                           {"now": time.time(), "endpoint": new})
+                db.execute(
+                    _OWE_SQL.format(where="p.deleted = 0", endpoints="e.id = :endpoint"),
+                    {"now": time.time(), "endpoint": new},
+                )
 
     def begin_poll(self):
         """Start a poll: forget what a failed one had read."""
@@ -1457,10 +1496,15 @@ class Store:
         with self._transaction() as db:
             known = {}
             for start in range(0, len(keys), _SQL_BATCH):
-                batch = keys[start:start + _SQL_BATCH]
-                known.update((k, (fp, deleted, uid)) for k, fp, deleted, uid in db.execute(
-                    "SELECT key, fp, deleted, uid FROM pods WHERE key IN (%s)"
-                    % ",".join("?" * len(batch)), batch))
+                batch = keys[start : start + _SQL_BATCH]
+                known.update(
+                    (k, (fp, deleted, uid))
+                    for k, fp, deleted, uid in db.execute(
+                        "SELECT key, fp, deleted, uid FROM pods WHERE key IN "
+                        f"({','.join('?' * len(batch))})",
+                        batch,
+                    )
+                )
             upserts = []
             for entry in entries:
                 old = known.get(entry.key)
@@ -1472,14 +1516,23 @@ class Store:
                     if entry.duress:
                         counts["unhealthy"] += 1
                     continue
-                upserts.append((entry.key, entry.fp, int(entry.duress),
-                                zlib.compress(entry.body, 1), entry.uid))
+                upserts.append(
+                    (
+                        entry.key,
+                        entry.fp,
+                        int(entry.duress),
+                        zlib.compress(entry.body, 1),
+                        entry.uid,
+                    )
+                )
             if staged is not None:
                 staged.extend(u[0] for u in upserts)
             # New and changed pods wait in `staged` until the listing is
             # complete: a poll that fails changes nothing.
-            db.executemany("INSERT OR REPLACE INTO staged (key, fp, duress, body, uid)"
-                           " VALUES (?, ?, ?, ?, ?)", upserts)
+            db.executemany(
+                "INSERT OR REPLACE INTO staged (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
+                upserts,
+            )
         return counts
 
     def finish_poll(self, delete=True):
@@ -1492,8 +1545,11 @@ class Store:
         seen, self._seen = self._seen, set()
         with self._transaction() as db:
             self.replaced = self._merge_staged(db)
-            gone = [key for key, in db.execute(
-                "SELECT key FROM pods WHERE deleted = 0") if key not in seen]
+            gone = [
+                key
+                for (key,) in db.execute("SELECT key FROM pods WHERE deleted = 0")
+                if key not in seen
+            ]
             del seen
             if delete:
                 self._mark_deleted(db, gone)
@@ -1504,8 +1560,11 @@ class Store:
     def delete(self, keys):
         """Mark these pods (those still there) deleted and owe their deletion; return how many."""
         with self._transaction() as db:
-            known = [key for key in keys if db.execute(
-                "SELECT 1 FROM pods WHERE key = ? AND deleted = 0", (key,)).fetchone()]
+            known = [
+                key
+                for key in keys
+                if db.execute("SELECT 1 FROM pods WHERE key = ? AND deleted = 0", (key,)).fetchone()
+            ]
             self._mark_deleted(db, known)
             self._owe_marked(db)
         return len(known)
@@ -1534,17 +1593,20 @@ class Store:
         """A watch event DELETED: the pod's last state goes out as deleted; True if owed."""
         pod_bytes = mark_deleted(entry.body)
         with self._transaction() as db:
-            row = db.execute("SELECT uid, deleted FROM pods WHERE key = ?",
-                             (entry.key,)).fetchone()
+            row = db.execute("SELECT uid, deleted FROM pods WHERE key = ?", (entry.key,)).fetchone()
             if row is None or row[1]:
-                return False      # never listed (nothing to tell), or a list found it first
+                return False  # never listed (nothing to tell), or a list found it first
             key = entry.key
             if row is not None and _other_pod(row[0], entry.uid):
-                key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"   # not the pod we know
-            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-                       " VALUES (?, ?, 0, 1, ?)", (key, fingerprint(pod_bytes), entry.uid))
-            db.execute("INSERT OR REPLACE INTO bodies VALUES (?, ?)",
-                       (key, zlib.compress(pod_bytes, 1)))
+                key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"  # not the pod we know
+            db.execute(
+                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+                " VALUES (?, ?, 0, 1, ?)",
+                (key, fingerprint(pod_bytes), entry.uid),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (key, zlib.compress(pod_bytes, 1))
+            )
             db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (key,))
             self._owe_marked(db)
         return True
@@ -1556,8 +1618,10 @@ class Store:
 
     @staticmethod
     def _owe_duress(db):
-        db.execute(_OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0",
-                                   endpoints="1"), {"now": time.time()})
+        db.execute(
+            _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
+            {"now": time.time()},
+        )
 
     @staticmethod
     def _merge_staged(db):
@@ -1574,27 +1638,38 @@ class Store:
             " JOIN pods p ON p.key = s.key JOIN bodies b ON b.key = s.key"
             " WHERE (p.deleted = 0 AND p.uid != s.uid)"
             " OR (p.deleted = 1 AND EXISTS (SELECT 1 FROM outbox o, endpoints e"
-            "  WHERE o.endpoint = e.id AND o.key = p.key))").fetchall()
+            "  WHERE o.endpoint = e.id AND o.key = p.key))"
+        ).fetchall()
         for key, uid, deleted, body in replaced:
             apart = f"{key}{_GONE_SEPARATOR}{uid}"
             pod_bytes = zlib.decompress(body)
             if not deleted:
                 pod_bytes = mark_deleted(pod_bytes)
-            db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-                       " VALUES (?, ?, 0, 1, ?)", (apart, fingerprint(pod_bytes), uid))
-            db.execute("INSERT OR REPLACE INTO bodies VALUES (?, ?)",
-                       (apart, zlib.compress(pod_bytes, 1)))
-            if deleted:   # the rows that owe its deletion follow it
-                db.execute("DELETE FROM outbox WHERE key = ? AND endpoint IN"
-                           " (SELECT id FROM endpoints)", (apart,))
-                db.execute("UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN"
-                           " (SELECT id FROM endpoints)", (apart, key))
+            db.execute(
+                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+                " VALUES (?, ?, 0, 1, ?)",
+                (apart, fingerprint(pod_bytes), uid),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (apart, zlib.compress(pod_bytes, 1))
+            )
+            if deleted:  # the rows that owe its deletion follow it
+                db.execute(
+                    "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
+                    (apart,),
+                )
+                db.execute(
+                    "UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN"
+                    " (SELECT id FROM endpoints)",
+                    (apart, key),
+                )
             else:
                 db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (apart,))
-        db.execute("INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-                   " SELECT key, fp, duress, 0, uid FROM staged")
-        db.execute("INSERT OR REPLACE INTO bodies (key, body)"
-                   " SELECT key, body FROM staged")
+        db.execute(
+            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
+            " SELECT key, fp, duress, 0, uid FROM staged"
+        )
+        db.execute("INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM staged")
         db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
         db.execute("DELETE FROM staged")
         return sum(1 for _, _, deleted, _ in replaced if not deleted)
@@ -1604,8 +1679,7 @@ class Store:
         """Give these pods status.phase Deleted and mark them to be owed."""
         rows, bodies = [], []
         for key in keys:
-            body, = db.execute("SELECT body FROM bodies WHERE key = ?",
-                               (key,)).fetchone()
+            (body,) = db.execute("SELECT body FROM bodies WHERE key = ?", (key,)).fetchone()
             pod_bytes = mark_deleted(zlib.decompress(body))
             rows.append((fingerprint(pod_bytes), key))
             bodies.append((zlib.compress(pod_bytes, 1), key))
@@ -1616,8 +1690,10 @@ class Store:
     @staticmethod
     def _owe_marked(db):
         """Owe every marked pod to every webhook."""
-        db.execute(_OWE_SQL.format(where="p.key IN (SELECT key FROM marked)",
-                                   endpoints="1"), {"now": time.time()})
+        db.execute(
+            _OWE_SQL.format(where="p.key IN (SELECT key FROM marked)", endpoints="1"),
+            {"now": time.time()},
+        )
         db.execute("DELETE FROM marked")
 
     # The outbox, as the delivery workers use it.
@@ -1636,7 +1712,8 @@ class Store:
                 " WHERE o.endpoint = ? AND o.due <= ?"
                 f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}"
                 f" ORDER BY {order} LIMIT ?",
-                (endpoint, now, *busy, limit)).fetchall()
+                (endpoint, now, *busy, limit),
+            ).fetchall()
         return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
 
     def next_due(self, endpoint, busy=()):
@@ -1646,55 +1723,71 @@ class Store:
             return self._db.execute(
                 f"SELECT min(o.due) FROM outbox o WHERE o.endpoint = ?"
                 f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}",
-                (endpoint, *busy)).fetchone()[0]
+                (endpoint, *busy),
+            ).fetchone()[0]
 
     def settle(self, endpoint, done):
         """Deliveries done with (2xx or refused), as (key, msg_id): their rows go,
         unless one owes a newer state by now."""
         with self._transaction() as db:
-            db.executemany("DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
-                           [(endpoint, key, msg_id) for key, msg_id in done])
+            db.executemany(
+                "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
+                [(endpoint, key, msg_id) for key, msg_id in done],
+            )
 
     def retry_at(self, endpoint, key, msg_id, attempts, due):
         """A delivery failed: try it again at `due` (a newer state keeps its own)."""
         with self._lock:
-            self._db.execute("UPDATE outbox SET attempts = ?, due = ? WHERE endpoint = ?"
-                             " AND key = ? AND msg_id = ?",
-                             (attempts, due, endpoint, key, msg_id))
+            self._db.execute(
+                "UPDATE outbox SET attempts = ?, due = ? WHERE endpoint = ?"
+                " AND key = ? AND msg_id = ?",
+                (attempts, due, endpoint, key, msg_id),
+            )
 
     def expire(self, endpoint, owed_before):
         """Flag the rows owed since before `owed_before`; return how many were new."""
         with self._lock:
             return self._db.execute(
                 "UPDATE outbox SET expired = 1 WHERE endpoint = ? AND expired = 0"
-                " AND owed_since < ?", (endpoint, owed_before)).rowcount
+                " AND owed_since < ?",
+                (endpoint, owed_before),
+            ).rowcount
 
     def pending(self, endpoint):
         """How many rows a webhook is owed that are not past the retry budget."""
         with self._lock:
             return self._db.execute(
-                "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0",
-                (endpoint,)).fetchone()[0]
+                "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0", (endpoint,)
+            ).fetchone()[0]
 
     def backlog(self, endpoint):
         """(rows owed to a webhook, the oldest owed_since or None)."""
         # Through outbox_age: the oldest is the smaller of the two `expired` runs.
         with self._lock:
-            count, = self._db.execute("SELECT count(*) FROM outbox WHERE endpoint = ?",
-                                      (endpoint,)).fetchone()
-            oldest = [self._db.execute(
-                "SELECT min(owed_since) FROM outbox WHERE endpoint = ? AND expired = ?",
-                (endpoint, expired)).fetchone()[0] for expired in (0, 1)]
+            (count,) = self._db.execute(
+                "SELECT count(*) FROM outbox WHERE endpoint = ?", (endpoint,)
+            ).fetchone()
+            oldest = [
+                self._db.execute(
+                    "SELECT min(owed_since) FROM outbox WHERE endpoint = ? AND expired = ?",
+                    (endpoint, expired),
+                ).fetchone()[0]
+                for expired in (0, 1)
+            ]
         oldest = [since for since in oldest if since is not None]
         return count, min(oldest) if oldest else None
 
     def prune(self):
         """Forget deleted pods once every webhook has been told."""
         with self._transaction() as db:
-            told = [(key,) for key, in db.execute(
-                "SELECT key FROM pods WHERE deleted = 1 AND NOT EXISTS ("
-                " SELECT 1 FROM outbox o, endpoints e WHERE o.endpoint = e.id"
-                " AND o.key = pods.key)")]
+            told = [
+                (key,)
+                for (key,) in db.execute(
+                    "SELECT key FROM pods WHERE deleted = 1 AND NOT EXISTS ("
+                    " SELECT 1 FROM outbox o, endpoints e WHERE o.endpoint = e.id"
+                    " AND o.key = pods.key)"
+                )
+            ]
             for table in ("pods", "bodies"):
                 db.executemany(f"DELETE FROM {table} WHERE key = ?", told)
 
@@ -1739,6 +1832,7 @@ class _Transaction:
 
 # --- kubectl -----------------------------------------------------------------
 
+
 def selection_query(settings):
     """The labelSelector and fieldSelector of every list (and watch) of pods."""
     query = {}
@@ -1747,7 +1841,8 @@ def selection_query(settings):
     if settings.exclude_namespaces:
         # Terms of a field selector are ANDed.
         query["fieldSelector"] = ",".join(
-            f"metadata.namespace!={namespace}" for namespace in settings.exclude_namespaces)
+            f"metadata.namespace!={namespace}" for namespace in settings.exclude_namespaces
+        )
     return query
 
 
@@ -1761,9 +1856,11 @@ def pods_url(settings, **query):
     path = "/api/v1/pods"
     if settings.namespace:
         path = f"/api/v1/namespaces/{urllib.parse.quote(settings.namespace, safe='')}/pods"
-    pairs = [(name.rstrip("_"), str(value).lower() if isinstance(value, bool) else value)
-             for name, value in {**query, **selection_query(settings)}.items()
-             if value is not None]
+    pairs = [
+        (name.rstrip("_"), str(value).lower() if isinstance(value, bool) else value)
+        for name, value in {**query, **selection_query(settings)}.items()
+        if value is not None
+    ]
     if not pairs:
         return path
     return f"{path}?{urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote)}"
@@ -1780,15 +1877,18 @@ def _kubectl_command(settings):
 def _kubectl_failure(exc, settings):
     """The KubectlError for one of sh's exceptions."""
     if isinstance(exc, sh.TimeoutException):
-        return KubectlError(f"kubectl killed after {settings.kubectl_timeout:g} s "
-                            f"without finishing")
+        return KubectlError(
+            f"kubectl killed after {settings.kubectl_timeout:g} s without finishing"
+        )
     if isinstance(exc, sh.ErrorReturnCode):
         stderr = exc.stderr or b""
-        kind = Expired if any(mark in stderr for mark in (b"(Expired)", b"(Gone)", b" 410")) \
+        kind = (
+            Expired
+            if any(mark in stderr for mark in (b"(Expired)", b"(Gone)", b" 410"))
             else KubectlError
+        )
         return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}", stderr)
-    return KubectlError(f"cannot run kubectl {settings.kubectl!r}: "
-                        f"{exc.strerror or exc}")
+    return KubectlError(f"cannot run kubectl {settings.kubectl!r}: {exc.strerror or exc}")
 
 
 def kubectl_environment(environ=None):
@@ -1796,8 +1896,9 @@ def kubectl_environment(environ=None):
     # kubectl passes its environment on to exec credential plugins, which
     # have no business with the webhook URLs or the signing secret.
     environ = os.environ if environ is None else environ
-    return {name: value for name, value in environ.items()
-            if not name.upper().startswith("K8SVENT_")}
+    return {
+        name: value for name, value in environ.items() if not name.upper().startswith("K8SVENT_")
+    }
 
 
 def run_kubectl(settings, *args):
@@ -1805,11 +1906,16 @@ def run_kubectl(settings, *args):
     context = ("--context", settings.context) if settings.context else ()
     command = _kubectl_command(settings)
     try:
-        return command(*context, *args, _env=kubectl_environment(),
-                       _return_cmd=True, _timeout=settings.kubectl_timeout,
-                       _out_bufsize=PIPE_BUFFER_BYTES,
-                       _internal_bufsize=PIPE_BUFFER_BYTES,
-                       _tty_out=False).stdout
+        return command(
+            *context,
+            *args,
+            _env=kubectl_environment(),
+            _return_cmd=True,
+            _timeout=settings.kubectl_timeout,
+            _out_bufsize=PIPE_BUFFER_BYTES,
+            _internal_bufsize=PIPE_BUFFER_BYTES,
+            _tty_out=False,
+        ).stdout
     except (sh.TimeoutException, sh.ErrorReturnCode, OSError) as exc:
         raise _kubectl_failure(exc, settings) from None
 
@@ -1874,8 +1980,8 @@ class _Watchdog(threading.Thread):
         # join, is_alive, and in a child after fork).
         self._process, self.timeout, self._stop_event = process, timeout, stop
         self._done = threading.Event()
-        self.finished = threading.Event()   # killed for taking too long
-        self.stopped = threading.Event()    # killed because of a stop
+        self.finished = threading.Event()  # killed for taking too long
+        self.stopped = threading.Event()  # killed because of a stop
 
     def run(self):
         deadline = time.monotonic() + self.timeout
@@ -1886,8 +1992,7 @@ class _Watchdog(threading.Thread):
                 break
             # Our own watch rather than sh's _timeout, whose watcher notices
             # the end of a process only every 0.1 s: a poll runs one a page.
-            if self._done.wait(remaining if self._stop_event is None
-                               else min(remaining, 0.2)):
+            if self._done.wait(remaining if self._stop_event is None else min(remaining, 0.2)):
                 return
             if self._stop_event is not None and self._stop_event.is_set():
                 self.stopped.set()
@@ -1908,13 +2013,22 @@ def _start_get_raw(settings, path, timeout, stop):
     command = _kubectl_command(settings)
     read_fd, write_fd = os.pipe()
     try:
-        process = command(*context, "get", "--raw", path, _out=write_fd, _bg=True,
-                          _bg_exc=False, _tty_out=False, _env=kubectl_environment())
+        process = command(
+            *context,
+            "get",
+            "--raw",
+            path,
+            _out=write_fd,
+            _bg=True,
+            _bg_exc=False,
+            _tty_out=False,
+            _env=kubectl_environment(),
+        )
     except (sh.ErrorReturnCode, OSError) as exc:
         os.close(read_fd)
         raise _kubectl_failure(exc, settings) from None
     finally:
-        os.close(write_fd)      # kubectl has its own copy: EOF when it exits
+        os.close(write_fd)  # kubectl has its own copy: EOF when it exits
     timer = _Watchdog(process, timeout, stop)
     timer.start()
     return process, timer, read_fd
@@ -1940,10 +2054,11 @@ def stream_pod_page(settings, path, stop=None):
         try:
             yield from ijson.items(head, "items.item", use_float=True)
         except ijson.JSONError as exc:
-            if head.at_eof:     # a kubectl that failed explains it better
+            if head.at_eof:  # a kubectl that failed explains it better
                 _wait_kubectl(process, timer, settings)
-            raise KubectlError(f"kubectl printed no valid pod list "
-                               f"({type(exc).__name__}: {cut(str(exc), 100)})") from None
+            raise KubectlError(
+                f"kubectl printed no valid pod list ({type(exc).__name__}: {cut(str(exc), 100)})"
+            ) from None
         _wait_kubectl(process, timer, settings)
         if not head.has_items:
             raise KubectlError("kubectl printed no valid pod list (no items)")
@@ -1980,8 +2095,8 @@ def list_pods(settings, stop=None, listed=None):
     while True:
         first = token is None
         token, resource_version = yield from stream_pod_page(
-            settings, stop=stop,
-            path=pods_url(settings, limit=settings.chunk_size, continue_=token))
+            settings, stop=stop, path=pods_url(settings, limit=settings.chunk_size, continue_=token)
+        )
         if first and listed is not None:
             listed["resourceVersion"] = resource_version
         if not token:
@@ -1997,16 +2112,17 @@ def watch_event(line):
     try:
         event = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        raise KubectlError(f"kubectl printed no valid watch event ({cut(str(exc), 100)})") \
-            from None
+        raise KubectlError(f"kubectl printed no valid watch event ({cut(str(exc), 100)})") from None
     kind = event.get("type") if isinstance(event, dict) else None
     obj = event.get("object") if isinstance(event, dict) else None
     if kind not in WATCH_EVENT_TYPES or not isinstance(obj, dict):
         raise KubectlError("kubectl printed no valid watch event (no type or object)")
     if kind == "ERROR":
         error = Expired if obj.get("code") == 410 else KubectlError
-        raise error(f"watch failed: {obj.get('code')} {obj.get('reason')}: "
-                    f"{cut(str(obj.get('message', '')))}")
+        raise error(
+            f"watch failed: {obj.get('code')} {obj.get('reason')}: "
+            f"{cut(str(obj.get('message', '')))}"
+        )
     if kind == "BOOKMARK":
         return kind, obj
     if not _looks_like_pod(obj):
@@ -2025,14 +2141,20 @@ def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIME
     ERROR event or the HTTP status), PollStopped when stop is set, and
     KubectlError on any other failure.
     """
-    path = pods_url(settings, watch=1, resourceVersion=resource_version,
-                    allowWatchBookmarks=True, timeoutSeconds=math.ceil(timeout_seconds))
+    path = pods_url(
+        settings,
+        watch=1,
+        resourceVersion=resource_version,
+        allowWatchBookmarks=True,
+        timeoutSeconds=math.ceil(timeout_seconds),
+    )
     process, timer, read_fd = _start_get_raw(
-        settings, path, timeout_seconds + settings.kubectl_timeout, stop)
+        settings, path, timeout_seconds + settings.kubectl_timeout, stop
+    )
     stream = os.fdopen(read_fd, "rb")
     try:
         for line in stream:
-            if not line.endswith(b"\n"):   # cut short: a kubectl that failed explains it better
+            if not line.endswith(b"\n"):  # cut short: a kubectl that failed explains it better
                 _wait_kubectl(process, timer, settings, "watching pods")
                 raise KubectlError("kubectl printed a partial watch event")
             if line.strip():
@@ -2043,6 +2165,7 @@ def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIME
 
 
 # --- Webhooks: endpoints and the delivery workers ----------------------------
+
 
 class Response:
     """What a webhook answered: status, headers and (a bounded part of) the body."""
@@ -2084,12 +2207,11 @@ def read_answer(reader, limit):
                 break
             name, colon, value = line.partition(b":")
             if colon:
-                headers[name.strip().decode("latin-1").lower()] = \
-                    value.strip().decode("latin-1")
+                headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
         else:
             raise http.client.HTTPException("too many headers")
         status = int(code)
-        if not 100 <= status < 200:     # 1xx: interim, the answer follows
+        if not 100 <= status < 200:  # 1xx: interim, the answer follows
             break
     reusable = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
     if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -2105,7 +2227,7 @@ def read_answer(reader, limit):
         whole = length <= limit
     elif status in (204, 304):
         body, whole = b"", True
-    else:                               # the body ends with the connection
+    else:  # the body ends with the connection
         body, whole = reader.read(limit), False
     return status, headers, body, reusable and whole
 
@@ -2120,7 +2242,7 @@ def _read_chunked(reader, limit):
         except ValueError:
             raise http.client.HTTPException("bad chunk size") from None
         if chunk == 0:
-            for _ in range(ANSWER_HEADERS):     # trailers, then the end
+            for _ in range(ANSWER_HEADERS):  # trailers, then the end
                 if reader.readline(ANSWER_LINE_BYTES + 1) in (b"\r\n", b"\n", b""):
                     return b"".join(parts), True
             raise http.client.HTTPException("too many trailers")
@@ -2177,19 +2299,19 @@ class Endpoint:
         self.id = endpoint_id(url)
         self.label = redact_url(url)
         self._secret = settings.secret
-        self._headers = {"Content-Type": "application/json",
-                         "User-Agent": f"k8svent/{version()}"}
+        self._headers = {"Content-Type": "application/json", "User-Agent": f"k8svent/{version()}"}
         if parts.username is not None:
-            self._headers["Authorization"] = _basic_auth(
-                parts.username, parts.password)
-        self._host, self._port = parts.hostname, parts.port or \
-            {"http": 80, "https": 443}[parts.scheme]
+            self._headers["Authorization"] = _basic_auth(parts.username, parts.password)
+        self._host, self._port = (
+            parts.hostname,
+            parts.port or {"http": 80, "https": 443}[parts.scheme],
+        )
         default_port = {"http": 80, "https": 443}[parts.scheme]
-        self._host_header = (f"[{self._host}]" if ":" in self._host else self._host) \
-            + ("" if self._port == default_port else f":{self._port}")
+        self._host_header = (f"[{self._host}]" if ":" in self._host else self._host) + (
+            "" if self._port == default_port else f":{self._port}"
+        )
         self._tls = parts.scheme == "https"
-        self._target = urllib.parse.urlunsplit(
-            ("", "", parts.path or "/", parts.query, ""))
+        self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         self._proxy = None
         proxies = requests.utils.get_environ_proxies(url)
         proxy = proxies.get(parts.scheme) or proxies.get("all")
@@ -2197,19 +2319,23 @@ class Endpoint:
             if "://" not in proxy:
                 proxy = "http://" + proxy
             self._proxy = urllib.parse.urlsplit(proxy)
-            if not self._tls:   # plain http goes to the proxy as a full URL
+            if not self._tls:  # plain http goes to the proxy as a full URL
                 host = f"[{self._host}]" if ":" in self._host else self._host
                 self._target = urllib.parse.urlunsplit(
-                    ("http", f"{host}:{self._port}", parts.path or "/",
-                     parts.query, ""))
+                    ("http", f"{host}:{self._port}", parts.path or "/", parts.query, "")
+                )
                 self._headers.update(self._proxy_headers())
         self._context = None
         if self._tls or (self._proxy and self._proxy.scheme == "https"):
-            ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or \
-                os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+            ca_bundle = (
+                os.environ.get("REQUESTS_CA_BUNDLE")
+                or os.environ.get("CURL_CA_BUNDLE")
+                or certifi.where()
+            )
             self._context = ssl.create_default_context(
                 cafile=None if os.path.isdir(ca_bundle) else ca_bundle,
-                capath=ca_bundle if os.path.isdir(ca_bundle) else None)
+                capath=ca_bundle if os.path.isdir(ca_bundle) else None,
+            )
         self._local = threading.local()
         self._connections = set()
         self._lock = threading.Lock()
@@ -2224,15 +2350,16 @@ class Endpoint:
             port = self._proxy.port or (443 if self._proxy.scheme == "https" else 80)
             tls = self._proxy.scheme == "https"
             if tunnel and tls:
-                raise OSError("an https:// proxy for an https:// webhook is "
-                              "not supported; use an http:// proxy")
+                raise OSError(
+                    "an https:// proxy for an https:// webhook is "
+                    "not supported; use an http:// proxy"
+                )
         if tls or tunnel:
             connection = http.client.HTTPSConnection(
-                host, port, timeout=CONNECT_TIMEOUT_SECONDS,
-                context=self._context)
+                host, port, timeout=CONNECT_TIMEOUT_SECONDS, context=self._context
+            )
         else:
-            connection = http.client.HTTPConnection(
-                host, port, timeout=CONNECT_TIMEOUT_SECONDS)
+            connection = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT_SECONDS)
         if tunnel:
             headers = self._proxy_headers()
             connection.set_tunnel(*tunnel, headers=headers)
@@ -2242,8 +2369,7 @@ class Endpoint:
         """Proxy-Authorization, when the proxy URL has credentials."""
         if self._proxy is None or self._proxy.username is None:
             return {}
-        return {"Proxy-Authorization": _basic_auth(self._proxy.username,
-                                                   self._proxy.password)}
+        return {"Proxy-Authorization": _basic_auth(self._proxy.username, self._proxy.password)}
 
     def post(self, body, message_id):
         """POST one body; return the Response (redirects are not followed).
@@ -2293,15 +2419,17 @@ class Endpoint:
         connection.sock.settimeout(min(remaining, READ_TIMEOUT_SECONDS))
         # The request line, headers and body in one write: http.client would
         # build the headers a call at a time and send the body apart.
-        lines = [f"POST {self._target} HTTP/1.1", f"Host: {self._host_header}",
-                 f"Content-Length: {len(body)}"]
+        lines = [
+            f"POST {self._target} HTTP/1.1",
+            f"Host: {self._host_header}",
+            f"Content-Length: {len(body)}",
+        ]
         lines.extend(f"{name}: {value}" for name, value in headers.items())
-        connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-                                + body)
+        connection.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         reader = io.BufferedReader(_DeadlineReader(connection.sock, deadline))
         status, headers, data, reusable = read_answer(reader, RESPONSE_BODY_BYTES)
         if not reusable:
-            self._drop(connection)      # closed by the server, or too long to keep
+            self._drop(connection)  # closed by the server, or too long to keep
         return Response(status, headers, data)
 
     def _drop(self, connection):
@@ -2320,10 +2448,9 @@ class Endpoint:
 
 def _basic_auth(username, password):
     """The value of a Basic Authorization header for URL-quoted credentials."""
-    credentials = (f"{urllib.parse.unquote(username)}:"
-                   f"{urllib.parse.unquote(password or '')}")
+    credentials = f"{urllib.parse.unquote(username)}:{urllib.parse.unquote(password or '')}"
     try:
-        raw = credentials.encode("latin-1")     # as requests does
+        raw = credentials.encode("latin-1")  # as requests does
     except UnicodeEncodeError:
         raw = credentials.encode()
     return "Basic " + base64.b64encode(raw).decode()
@@ -2354,8 +2481,10 @@ class StdoutEndpoint:
 
 def correlation_id(response):
     """The correlation_id of a small JSON response body, if it has one."""
-    if "json" not in response.headers.get("Content-Type", "") or \
-            len(response.body) > CORRELATION_BODY_BYTES:
+    if (
+        "json" not in response.headers.get("Content-Type", "")
+        or len(response.body) > CORRELATION_BODY_BYTES
+    ):
         return None
     try:
         found = response.json().get("correlation_id")
@@ -2382,7 +2511,7 @@ def failure_cause(exc):
         return f"DNS: {exc.strerror or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, http.client.RemoteDisconnected):   # a ConnectionResetError too
+    if isinstance(exc, http.client.RemoteDisconnected):  # a ConnectionResetError too
         return "closed without an answer"
     if isinstance(exc, ConnectionResetError):
         return "connection reset"
@@ -2409,26 +2538,27 @@ class Sender:
         self._rng = rng
         self._clock = clock
         self._cond = threading.Condition()
-        self._busy = set()            # keys in flight, in _ready or in _done
-        self._done = []               # (key, msg_id) delivered, their rows not yet deleted
-        self._ready = collections.deque()   # claimed rows no worker has taken yet
+        self._busy = set()  # keys in flight, in _ready or in _done
+        self._done = []  # (key, msg_id) delivered, their rows not yet deleted
+        self._ready = collections.deque()  # claimed rows no worker has taken yet
         self.up = True
-        self._failures = 0            # connection-level failures in a row
-        self._cause = None            # of the last of them
+        self._failures = 0  # connection-level failures in a row
+        self._cause = None  # of the last of them
         self._down_since = None
         self._down_logged = 0.0
-        self._probe_key = None        # the key of the probe in flight, when down
+        self._probe_key = None  # the key of the probe in flight, when down
         self._probe_delays = None
         self._probe_due = 0.0
         self._early_probe_at = 0.0
         self._housekept = 0.0
         self._started = clock()
         self.succeeded = 0
-        self.failed = 0               # refused, or past the retry budget
+        self.failed = 0  # refused, or past the retry budget
         self.output_closed = False
-        self._threads = [threading.Thread(target=self._work, daemon=True,
-                                          name=f"deliver-{endpoint.label}-{i}")
-                         for i in range(settings.workers)]
+        self._threads = [
+            threading.Thread(target=self._work, daemon=True, name=f"deliver-{endpoint.label}-{i}")
+            for i in range(settings.workers)
+        ]
 
     def start(self):
         for thread in self._threads:
@@ -2451,7 +2581,7 @@ class Sender:
             with self._cond:
                 try:
                     taken, wait = self._take()
-                except sqlite3.Error as exc:    # a full disk, say: try again later
+                except sqlite3.Error as exc:  # a full disk, say: try again later
                     log.error("cannot read the outbox of %s: %s", self.endpoint.label, exc)
                     taken, wait = None, HOUSEKEEPING_SECONDS
                 if taken is None:
@@ -2464,19 +2594,22 @@ class Sender:
                 self._stop.set()
                 outcome = None
             except Exception:  # a bug, not a delivery failure: log it whole
-                log.exception("delivery of %s to %s crashed", taken.key,
-                              self.endpoint.label)
+                log.exception("delivery of %s to %s crashed", taken.key, self.endpoint.label)
                 outcome = ("retry", "crashed", None, None)
             if outcome is not None:
                 try:
                     self._record(taken, *outcome)
                 except sqlite3.Error as exc:
                     # The row stays as it was: sent again later, with its id.
-                    log.error("cannot record the delivery of %s to %s: %s", taken.key,
-                              self.endpoint.label, exc)
+                    log.error(
+                        "cannot record the delivery of %s to %s: %s",
+                        taken.key,
+                        self.endpoint.label,
+                        exc,
+                    )
             with self._cond:
                 if outcome is not None and outcome[0] in ("success", "rejected"):
-                    self._done.append((taken.key, taken.msg_id))    # busy until settled
+                    self._done.append((taken.key, taken.msg_id))  # busy until settled
                 else:
                     self._busy.discard(taken.key)
                 if outcome is not None:
@@ -2518,9 +2651,13 @@ class Sender:
         # all of them count as busy until attempted.
         # A probe tries what was never tried first: when only a few pods fail
         # (a receiver that refuses them), new work shows at once that it is up.
-        claimed = self._store.claim(self.endpoint.id, now, self._busy,
-                                    self._settings.workers if self.up else 1,
-                                    untried_first=not self.up)
+        claimed = self._store.claim(
+            self.endpoint.id,
+            now,
+            self._busy,
+            self._settings.workers if self.up else 1,
+            untried_first=not self.up,
+        )
         if not claimed:
             due = self._store.next_due(self.endpoint.id, self._busy)
             return None, limit if due is None else min(limit, max(0.01, due - now))
@@ -2540,40 +2677,66 @@ class Sender:
             return "retry", failure_cause(exc), None, None
         if response is None or 200 <= response.status_code < 300:
             cid = correlation_id(response) if response is not None else None
-            log.debug("delivered %s to %s%s", owed.key, self.endpoint.label,
-                      f" (correlation_id {cid})" if cid else "",
-                      extra={"pod": owed.key, "endpoint": self.endpoint.label,
-                             "status": getattr(response, "status_code", None),
-                             "correlation_id": cid})
+            log.debug(
+                "delivered %s to %s%s",
+                owed.key,
+                self.endpoint.label,
+                f" (correlation_id {cid})" if cid else "",
+                extra={
+                    "pod": owed.key,
+                    "endpoint": self.endpoint.label,
+                    "status": getattr(response, "status_code", None),
+                    "correlation_id": cid,
+                },
+            )
             return "success", None, None, None
         status = response.status_code
         cid = correlation_id(response)
         if not retryable(status):
-            log.error("POST of %s to %s rejected (HTTP %s%s); not retrying this "
-                      "state of the pod", owed.key, self.endpoint.label, status,
-                      f", correlation_id {cid}" if cid else "",
-                      extra={"pod": owed.key, "endpoint": self.endpoint.label,
-                             "status": status, "correlation_id": cid})
+            log.error(
+                "POST of %s to %s rejected (HTTP %s%s); not retrying this state of the pod",
+                owed.key,
+                self.endpoint.label,
+                status,
+                f", correlation_id {cid}" if cid else "",
+                extra={
+                    "pod": owed.key,
+                    "endpoint": self.endpoint.label,
+                    "status": status,
+                    "correlation_id": cid,
+                },
+            )
             return "rejected", None, status, None
-        return ("retry", f"HTTP {status}", status,
-                retry_after_seconds(response.headers.get("Retry-After")))
+        return (
+            "retry",
+            f"HTTP {status}",
+            status,
+            retry_after_seconds(response.headers.get("Retry-After")),
+        )
 
     def _record(self, owed, outcome, reason, status, retry_after):
         """Record an attempt's outcome in the outbox and the metrics."""
         label = self.endpoint.label
         if outcome in ("success", "rejected"):
-            metrics.delivered(label, outcome)   # the row goes with the next batch
+            metrics.delivered(label, outcome)  # the row goes with the next batch
             return
         metrics.delivered(label, "retry")
         attempts = owed.attempts + 1
         delay = backoff_delay(attempts, self._rng)
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_WAIT_SECONDS))
-        self._store.retry_at(self.endpoint.id, owed.key, owed.msg_id, attempts,
-                             self._clock() + delay)
-        log.debug("attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
-                  attempts, owed.key, self.endpoint.label, reason, delay,
-                  extra={"pod": owed.key, "endpoint": label, "status": status})
+        self._store.retry_at(
+            self.endpoint.id, owed.key, owed.msg_id, attempts, self._clock() + delay
+        )
+        log.debug(
+            "attempt %d to POST %s to %s failed (%s); retrying in %.1f s",
+            attempts,
+            owed.key,
+            self.endpoint.label,
+            reason,
+            delay,
+            extra={"pod": owed.key, "endpoint": label, "status": status},
+        )
 
     def _note_health(self, owed, outcome, reason, status, retry_after):
         """Count an attempt towards the webhook's health: down, probing, back up (lock held)."""
@@ -2611,7 +2774,7 @@ class Sender:
         """(rows owed, seconds the oldest has waited) for this webhook."""
         try:
             count, oldest = self._store.backlog(self.endpoint.id)
-        except sqlite3.Error:   # for a log line: not worth a worker
+        except sqlite3.Error:  # for a log line: not worth a worker
             return -1, 0.0
         return count, 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
@@ -2623,18 +2786,28 @@ class Sender:
         self._down_since = self._down_logged = now
         self._probe_delays = None
         count, age = self._backlog()
-        log.warning("webhook %s is down (%s); %d deliveries owed, the oldest for "
-                    "%.0f s; probing with one request at a time",
-                    self.endpoint.label, self._cause, count, age,
-                    extra={"endpoint": self.endpoint.label})
+        log.warning(
+            "webhook %s is down (%s); %d deliveries owed, the oldest for "
+            "%.0f s; probing with one request at a time",
+            self.endpoint.label,
+            self._cause,
+            count,
+            age,
+            extra={"endpoint": self.endpoint.label},
+        )
 
     def _back_up(self, now):
         self.up = True
         self._probe_delays = None
         count, age = self._backlog()
-        log.warning("webhook %s is back up after %.0f s; %d deliveries owed, the "
-                    "oldest for %.0f s", self.endpoint.label, now - self._down_since,
-                    count, age, extra={"endpoint": self.endpoint.label})
+        log.warning(
+            "webhook %s is back up after %.0f s; %d deliveries owed, the oldest for %.0f s",
+            self.endpoint.label,
+            now - self._down_since,
+            count,
+            age,
+            extra={"endpoint": self.endpoint.label},
+        )
         self._cond.notify_all()
 
     def _housekeep(self, now):
@@ -2648,17 +2821,27 @@ class Sender:
         if expired:
             self.failed += expired
             metrics.delivered(self.endpoint.label, "failed", expired)
-            log.error("%d deliveries to %s are still owed after the retry budget "
-                      "(%g s); they stay owed and are retried", expired,
-                      self.endpoint.label, self._settings.retry_budget,
-                      extra={"endpoint": self.endpoint.label})
+            log.error(
+                "%d deliveries to %s are still owed after the retry budget "
+                "(%g s); they stay owed and are retried",
+                expired,
+                self.endpoint.label,
+                self._settings.retry_budget,
+                extra={"endpoint": self.endpoint.label},
+            )
         if not self.up and now >= self._down_logged + DOWN_LOG_SECONDS:
             self._down_logged = now
             count, age = self._backlog()
-            log.warning("webhook %s is still down after %.0f s (%s); %d deliveries "
-                        "owed, the oldest for %.0f s", self.endpoint.label,
-                        now - self._down_since, self._cause, count, age,
-                        extra={"endpoint": self.endpoint.label})
+            log.warning(
+                "webhook %s is still down after %.0f s (%s); %d deliveries "
+                "owed, the oldest for %.0f s",
+                self.endpoint.label,
+                now - self._down_since,
+                self._cause,
+                count,
+                age,
+                extra={"endpoint": self.endpoint.label},
+            )
 
     def idle(self):
         """Whether nothing is in flight and nothing owed is within its retry budget."""
@@ -2682,8 +2865,11 @@ class Sender:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(HOUSEKEEPING_SECONDS if remaining is None
-                                else min(remaining, HOUSEKEEPING_SECONDS))
+                self._cond.wait(
+                    HOUSEKEEPING_SECONDS
+                    if remaining is None
+                    else min(remaining, HOUSEKEEPING_SECONDS)
+                )
 
     def unfinished(self):
         """Whether anything owed was left unsent (after a stop)."""
@@ -2707,6 +2893,7 @@ class Sender:
 
 # --- Registry ----------------------------------------------------------------
 
+
 class RegistryClient:
     """Lists an image repository's tags over the OCI distribution API.
 
@@ -2715,9 +2902,16 @@ class RegistryClient:
     logged nor put in an error.
     """
 
-    def __init__(self, image, *, user_agent="k8svent",
-                 timeout_seconds=REGISTRY_TIMEOUT_SECONDS,
-                 logger=None, clock=time.monotonic, session=None):
+    def __init__(
+        self,
+        image,
+        *,
+        user_agent="k8svent",
+        timeout_seconds=REGISTRY_TIMEOUT_SECONDS,
+        logger=None,
+        clock=time.monotonic,
+        session=None,
+    ):
         self.base_url, self.repository = parse_image(image)
         self.image = image
         self.timeout_seconds = timeout_seconds
@@ -2728,8 +2922,9 @@ class RegistryClient:
         # not trusted wholesale; its proxies and CA bundle are read below.
         self._session.trust_env = False
         self._session.headers["User-Agent"] = user_agent
-        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or \
-            os.environ.get("CURL_CA_BUNDLE") or True
+        self._verify = (
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        )
         self._token = None
         self._token_expires = 0.0
 
@@ -2748,12 +2943,15 @@ class RegistryClient:
             if url in seen:
                 raise RegistryError(f"tags list of {self.image} pages in a loop", url=url)
             if len(seen) >= REGISTRY_MAX_PAGES:
-                raise RegistryError(f"tags list of {self.image} has more than "
-                                    f"{REGISTRY_MAX_PAGES} pages", url=url)
+                raise RegistryError(
+                    f"tags list of {self.image} has more than {REGISTRY_MAX_PAGES} pages", url=url
+                )
             if not same_origin(url, self.base_url):
                 # The bearer token is for the registry; nothing else gets it.
-                raise RegistryError(f"tags list of {self.image} links to another "
-                                    f"origin ({endpoint_label(url)})", url=self.tags_url())
+                raise RegistryError(
+                    f"tags list of {self.image} links to another origin ({endpoint_label(url)})",
+                    url=self.tags_url(),
+                )
             seen.add(url)
             response, body = self._get(url)
             tags.extend(self._page_tags(response, body, url))
@@ -2768,8 +2966,11 @@ class RegistryClient:
         response, _ = self._get(url, method="HEAD", accept=", ".join(MANIFEST_MEDIA_TYPES))
         digest = response.headers.get("Docker-Content-Digest", "")
         if not _DIGEST.fullmatch(digest):
-            raise RegistryError(f"no digest for {self.image}:{tag} in the registry's "
-                                f"answer", url=url, status=response.status_code)
+            raise RegistryError(
+                f"no digest for {self.image}:{tag} in the registry's answer",
+                url=url,
+                status=response.status_code,
+            )
         return digest
 
     def _page_tags(self, response, body, url):
@@ -2777,14 +2978,16 @@ class RegistryClient:
         try:
             body = json.loads(body)
         except (ValueError, RecursionError) as error:
-            raise RegistryError(f"invalid JSON in tags list from {url}", url=url,
-                                status=response.status_code) from error
+            raise RegistryError(
+                f"invalid JSON in tags list from {url}", url=url, status=response.status_code
+            ) from error
         tags = body.get("tags") if isinstance(body, dict) else None
         if tags is None and isinstance(body, dict) and "tags" in body:
             return []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise RegistryError(f"no tags array in tags list from {url}", url=url,
-                                status=response.status_code)
+            raise RegistryError(
+                f"no tags array in tags list from {url}", url=url, status=response.status_code
+            )
         return tags
 
     def _get(self, url, method="GET", accept="application/json"):
@@ -2793,8 +2996,9 @@ class RegistryClient:
         if response.status_code == 401:
             challenge = parse_www_authenticate(response.headers.get("WWW-Authenticate"))
             if not challenge.get("realm"):
-                raise RegistryError(f"registry refused {url} (401) without a bearer challenge",
-                                    url=url, status=401)
+                raise RegistryError(
+                    f"registry refused {url} (401) without a bearer challenge", url=url, status=401
+                )
             self._fetch_token(challenge)
             response, body = self._request(method, url, self._token, accept)
         if response.status_code != 200:
@@ -2815,27 +3019,40 @@ class RegistryClient:
         for _ in range(REGISTRY_MAX_REDIRECTS + 1):
             try:
                 response = self._session.request(
-                    method, url, headers=headers, params=params,
-                    timeout=self.timeout_seconds, allow_redirects=False, stream=True,
-                    verify=self._verify, proxies=requests.utils.get_environ_proxies(url))
+                    method,
+                    url,
+                    headers=headers,
+                    params=params,
+                    timeout=self.timeout_seconds,
+                    allow_redirects=False,
+                    stream=True,
+                    verify=self._verify,
+                    proxies=requests.utils.get_environ_proxies(url),
+                )
                 body = _read_capped(response, REGISTRY_BODY_BYTES)
             except requests.RequestException as error:
-                raise RegistryError(f"{method} {url} failed: {type(error).__name__}",
-                                    url=url) from error
+                raise RegistryError(
+                    f"{method} {url} failed: {type(error).__name__}", url=url
+                ) from error
             if body is None:
-                raise RegistryError(f"{method} {url} answered more than "
-                                    f"{REGISTRY_BODY_BYTES} bytes", url=url,
-                                    status=response.status_code)
+                raise RegistryError(
+                    f"{method} {url} answered more than {REGISTRY_BODY_BYTES} bytes",
+                    url=url,
+                    status=response.status_code,
+                )
             if not response.is_redirect:
                 return response, body
             target = urllib.parse.urljoin(response.url, response.headers["Location"])
             if not same_origin(target, url):
-                raise RegistryError(f"{method} {url} redirects to another origin "
-                                    f"({endpoint_label(target)})", url=url,
-                                    status=response.status_code)
+                raise RegistryError(
+                    f"{method} {url} redirects to another origin ({endpoint_label(target)})",
+                    url=url,
+                    status=response.status_code,
+                )
             url, params = target, None
-        raise RegistryError(f"{method} {url} redirects more than "
-                            f"{REGISTRY_MAX_REDIRECTS} times", url=url)
+        raise RegistryError(
+            f"{method} {url} redirects more than {REGISTRY_MAX_REDIRECTS} times", url=url
+        )
 
     def _raise_for(self, method, response, body, url):
         """Raise the RegistryError that a non-200 answer means."""
@@ -2847,8 +3064,7 @@ class RegistryClient:
         message = f"{method} {url} answered {status}{detail}"
         if retry_after is not None:
             message += f" (retry after {retry_after:.0f} s)"
-        raise RegistryError(message, url=url, status=status,
-                            retry_after_seconds=retry_after)
+        raise RegistryError(message, url=url, status=status, retry_after_seconds=retry_after)
 
     def _valid_token(self):
         """Return the cached token while it has not expired."""
@@ -2861,31 +3077,39 @@ class RegistryClient:
         """Get an anonymous token from the challenge's realm and cache it."""
         realm = challenge["realm"]
         parts = urllib.parse.urlsplit(realm)
-        if not parts.hostname or not (parts.scheme == "https" or (
-                parts.scheme == "http" and _loopback(parts.hostname))):
-            raise RegistryError(f"token realm of {self.image} is not an https URL "
-                                f"({cut(realm, 100)})", url=self.base_url, status=401)
+        if not parts.hostname or not (
+            parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname))
+        ):
+            raise RegistryError(
+                f"token realm of {self.image} is not an https URL ({cut(realm, 100)})",
+                url=self.base_url,
+                status=401,
+            )
         params = {"client_id": REGISTRY_CLIENT_ID}
         if challenge.get("service"):
             params["service"] = challenge["service"]
         params["scope"] = challenge.get("scope") or f"repository:{self.repository}:pull"
         try:
-            response, body = self._fetch("GET", realm, {"Accept": "application/json"},
-                                         params)
+            response, body = self._fetch("GET", realm, {"Accept": "application/json"}, params)
         except RegistryError as error:
-            raise RegistryError(f"token request to {realm} failed: {error}",
-                                url=realm, status=error.status) from error
+            raise RegistryError(
+                f"token request to {realm} failed: {error}", url=realm, status=error.status
+            ) from error
         self.log.debug("GET %s (token): %s", realm, response.status_code)
         if response.status_code != 200:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            raise RegistryError(f"token request to {realm} answered {response.status_code}",
-                                url=realm, status=response.status_code,
-                                retry_after_seconds=retry_after)
+            raise RegistryError(
+                f"token request to {realm} answered {response.status_code}",
+                url=realm,
+                status=response.status_code,
+                retry_after_seconds=retry_after,
+            )
         try:
             body = json.loads(body)
         except (ValueError, RecursionError) as error:
-            raise RegistryError(f"invalid JSON from token service {realm}", url=realm,
-                                status=200) from error
+            raise RegistryError(
+                f"invalid JSON from token service {realm}", url=realm, status=200
+            ) from error
         token = None
         if isinstance(body, dict):
             token = body.get("token") or body.get("access_token")
@@ -2921,8 +3145,9 @@ def same_origin(url, other):
     return endpoint_label(url) == endpoint_label(other)
 
 
-def locate_own_pod(pod_name, pod_namespace, hostname,
-                   namespace_path=SERVICE_ACCOUNT_NAMESPACE_PATH):
+def locate_own_pod(
+    pod_name, pod_namespace, hostname, namespace_path=SERVICE_ACCOUNT_NAMESPACE_PATH
+):
     """Return (name, namespace) of the pod k8svent runs in, else None.
 
     POD_NAME/POD_NAMESPACE come from the downward API; failing that, a pod's
@@ -2959,6 +3184,7 @@ def get_own_image(settings, name, namespace):
 
 # --- Polling and watching ----------------------------------------------------
 
+
 class Poller:
     """The worker that polls pods on a timer and hands out what is owed."""
 
@@ -2971,10 +3197,9 @@ class Poller:
         self.listed_rv = None
         self.unseen = []
         self.pending = {}
-        self.last_progress = time.monotonic()   # for Health: is it stuck?
+        self.last_progress = time.monotonic()  # for Health: is it stuck?
         self.first_poll_done = threading.Event()
-        self._thread = threading.Thread(target=self.run, name="poller",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.run, name="poller", daemon=True)
 
     def poll_once(self, watched_rv=None):
         """One whole cycle: list, merge, mark deletions, deliver; True if ok.
@@ -3005,9 +3230,13 @@ class Poller:
             return False
         except KubectlError as exc:
             metrics.polled("failure")
-            log.error("poll failed, nothing changed; %s: %s",
-                      "exiting with status 1" if self._settings.once else
-                      f"retrying in {self._settings.retry_interval:g} s", exc)
+            log.error(
+                "poll failed, nothing changed; %s: %s",
+                "exiting with status 1"
+                if self._settings.once
+                else f"retrying in {self._settings.retry_interval:g} s",
+                exc,
+            )
             return False
         self.unseen = store.finish_poll(delete=watched_rv is None)
         counts["deleted"] = store.replaced + (0 if watched_rv is not None else len(self.unseen))
@@ -3019,10 +3248,15 @@ class Poller:
         metrics.polled("success", time.monotonic() - started, seen, counts)
         if watched_rv is not None:
             _report_missed(missed, "new or changed pods")
-        log.info("poll: %d pods seen; sending %d new, %d changed, %d unhealthy, "
-                 "%d deleted (%.2f s)", seen, counts["new"], counts["changed"],
-                 counts["unhealthy"], counts["deleted"],
-                 time.monotonic() - started)
+        log.info(
+            "poll: %d pods seen; sending %d new, %d changed, %d unhealthy, %d deleted (%.2f s)",
+            seen,
+            counts["new"],
+            counts["changed"],
+            counts["unhealthy"],
+            counts["deleted"],
+            time.monotonic() - started,
+        )
         return True
 
     def _list(self, watched_rv, listed):
@@ -3061,7 +3295,7 @@ class Poller:
         for reason, n in self._store.apply_page(batch, staged).items():
             counts[reason] += n
         counts["missed"] += len(staged)
-        self.last_progress = time.monotonic()   # for /healthz: not stuck
+        self.last_progress = time.monotonic()  # for /healthz: not stuck
 
     def _wake_senders(self):
         for sender in self._senders:
@@ -3073,8 +3307,7 @@ class Poller:
             try:
                 ok = self.poll_once()
             except Exception:  # never let the poller die silently
-                log.exception("poll crashed; retrying in %g s",
-                              self._settings.retry_interval)
+                log.exception("poll crashed; retrying in %g s", self._settings.retry_interval)
                 metrics.polled("error")
                 ok = False
             self.last_progress = time.monotonic()
@@ -3153,7 +3386,7 @@ class Watcher(Poller):
                         continue
                     self.first_poll_done.set()
                     self._suspects.clear()
-                    if resync_from is not None:     # go on from where the watch was
+                    if resync_from is not None:  # go on from where the watch was
                         self._rv = resync_from
                         self._suspects.update(self.unseen)
                         self._suspects_rv = self.listed_rv
@@ -3162,8 +3395,7 @@ class Watcher(Poller):
                         self._rv = self.listed_rv
                     resync_from = None
                     if self._rv is None:
-                        log.warning("the pod list carried no resourceVersion; "
-                                    "watching from now")
+                        log.warning("the pod list carried no resourceVersion; watching from now")
                 now = self._clock()
                 if now >= next_duress:
                     next_duress = now + settings.interval
@@ -3190,8 +3422,12 @@ class Watcher(Poller):
                 metrics.watch_restarts.labels("error").inc()
                 delay = min(backoff_delay(failures), settings.retry_interval)
                 # Each failure is logged: they are minutes apart once backed off.
-                log.error("watch failed (%s); watching again in %.1f s%s", exc, delay,
-                          "" if failures < WATCH_RELIST_AFTER else ", after a new list")
+                log.error(
+                    "watch failed (%s); watching again in %.1f s%s",
+                    exc,
+                    delay,
+                    "" if failures < WATCH_RELIST_AFTER else ", after a new list",
+                )
                 if failures >= WATCH_RELIST_AFTER:
                     self._rv, failures = None, 0
                 self._pause(delay)
@@ -3208,7 +3444,7 @@ class Watcher(Poller):
     def _watch(self, seconds):
         """Apply the events of one watch of up to `seconds` to the store."""
         for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds):
-            self.last_progress = self._clock()      # a live watch is not stuck
+            self.last_progress = self._clock()  # a live watch is not stuck
             metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             if kind in ("ADDED", "MODIFIED", "DELETED"):
@@ -3222,8 +3458,9 @@ class Watcher(Poller):
                     reason = self._store.apply_event(entry)
                 if reason is not None:
                     metrics.pods_selected.labels(reason).inc()
-                    log.debug("watch: %s %s (%s)", kind, entry.key, reason,
-                              extra={"pod": entry.key})
+                    log.debug(
+                        "watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key}
+                    )
                     self._wake_senders()
                 self._suspects.discard(entry.key)
                 self.pending.pop(entry.key, None)
@@ -3254,6 +3491,7 @@ class Watcher(Poller):
 
 # --- Upgrades ----------------------------------------------------------------
 
+
 class Upgrader:
     """Checks the registry for a newer version now and then, in a daemon thread.
 
@@ -3267,16 +3505,28 @@ class Upgrader:
     first successful poll).
     """
 
-    def __init__(self, client, current_version, interval_seconds,
-                 on_newer, logger, *,
-                 error_seconds=UPGRADE_ERROR_SECONDS, first_delay_seconds=0.0,
-                 rng=None, decide=None, ready=None, on_available=None,
-                 client_for=None):
+    def __init__(
+        self,
+        client,
+        current_version,
+        interval_seconds,
+        on_newer,
+        logger,
+        *,
+        error_seconds=UPGRADE_ERROR_SECONDS,
+        first_delay_seconds=0.0,
+        rng=None,
+        decide=None,
+        ready=None,
+        on_available=None,
+        client_for=None,
+    ):
         self.decide = decide
         self.client = client
         self._clients = {client.image: client}
-        self._client_for = client_for or (lambda image: RegistryClient(
-            image, user_agent=f"k8svent/{current_version}"))
+        self._client_for = client_for or (
+            lambda image: RegistryClient(image, user_agent=f"k8svent/{current_version}")
+        )
         self.ready = ready
         self.on_available = on_available or (lambda newer: None)
         self._plan_shown = None
@@ -3289,8 +3539,7 @@ class Upgrader:
         self.log = logger
         self._rng = rng or random.Random()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.run, name="k8svent-upgrader",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.run, name="k8svent-upgrader", daemon=True)
 
     def start(self):
         """Start the checking thread."""
@@ -3332,8 +3581,11 @@ class Upgrader:
             tags = client.list_tags()
             ignored = non_version_tags(tags)
             if ignored:
-                self.log.debug("ignoring %d tags that are not semantic versions: %s",
-                               len(ignored), cut(" ".join(ignored)))
+                self.log.debug(
+                    "ignoring %d tags that are not semantic versions: %s",
+                    len(ignored),
+                    cut(" ".join(ignored)),
+                )
             newer = newer_version(self.current_version, tags)
             if newer is not None and plan.channel_tag is not None:
                 digest = client.manifest_digest(plan.channel_tag)
@@ -3344,8 +3596,13 @@ class Upgrader:
             return self._after_error(type(error).__name__, None)
         delay = jittered(self.interval_seconds, self._rng)
         if newer is None:
-            self.log.debug("no version newer than %s among %d tags of %s; next check in %.0f s",
-                           self.current_version, len(tags), plan.image, delay)
+            self.log.debug(
+                "no version newer than %s among %d tags of %s; next check in %.0f s",
+                self.current_version,
+                len(tags),
+                plan.image,
+                delay,
+            )
             return delay
         if plan.channel_tag is not None and plan.running_digest in (None, digest):
             # Exiting would pull the same image again, and again: a stray tag,
@@ -3354,14 +3611,20 @@ class Upgrader:
                 self._announced.add(newer)
                 self.log.info(
                     "newer version %s found (running %s), but %s:%s %s; not restarting "
-                    "until the tag moves", newer, self.current_version, plan.image,
+                    "until the tag moves",
+                    newer,
+                    self.current_version,
+                    plan.image,
                     plan.channel_tag,
-                    "is still the image running" if plan.running_digest else
-                    "cannot be compared with the image running (its digest is unknown)")
+                    "is still the image running"
+                    if plan.running_digest
+                    else "cannot be compared with the image running (its digest is unknown)",
+                )
             self._call(self.on_available, newer)
             return delay
-        self.log.info("newer version %s found (running %s); exiting to upgrade",
-                      newer, self.current_version)
+        self.log.info(
+            "newer version %s found (running %s); exiting to upgrade", newer, self.current_version
+        )
         self._call(self.on_newer, newer)
         return None
 
@@ -3376,10 +3639,15 @@ class Upgrader:
                 return None
         if plan != self._plan_shown:
             self._plan_shown = plan
-            self.log.info("checking %s for a version newer than %s every %.0f s (+-10 %%)%s",
-                          plan.image, self.current_version, self.interval_seconds,
-                          f"; restarting when {plan.channel_tag} moves off the image "
-                          f"running" if plan.channel_tag else "")
+            self.log.info(
+                "checking %s for a version newer than %s every %.0f s (+-10 %%)%s",
+                plan.image,
+                self.current_version,
+                self.interval_seconds,
+                f"; restarting when {plan.channel_tag} moves off the image running"
+                if plan.channel_tag
+                else "",
+            )
         return plan
 
     def _client_of(self, image):
@@ -3410,8 +3678,7 @@ class Upgrader:
 # poll finished or failed) for this many intervals plus one kubectl timeout.
 STUCK_INTERVALS = 3
 POLL_DURATION_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                           10, 30)
+LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The status port: a whole request within this, at most this many at once
 # (the oldest is closed to make room), and how long a new one waits for that.
 STATUS_REQUEST_SECONDS = 5
@@ -3430,50 +3697,75 @@ class Metrics:
         prometheus_client.disable_created_metrics()
         self.registry = registry = prometheus_client.CollectorRegistry()
         self.polls = prometheus_client.Counter(
-            "k8svent_polls", "Polls of the pod list by outcome: success, "
+            "k8svent_polls",
+            "Polls of the pod list by outcome: success, "
             "failure (kubectl failed; nothing changed) or error (a bug).",
-            ["outcome"], registry=registry)
+            ["outcome"],
+            registry=registry,
+        )
         self.poll_duration = prometheus_client.Histogram(
             "k8svent_poll_duration_seconds",
             "Seconds a successful poll took: list, compare, hand out.",
-            buckets=POLL_DURATION_BUCKETS_SECONDS, registry=registry)
+            buckets=POLL_DURATION_BUCKETS_SECONDS,
+            registry=registry,
+        )
         self.pods_seen = prometheus_client.Gauge(
-            "k8svent_pods_seen", "Pods listed by the last successful poll.",
-            registry=registry)
+            "k8svent_pods_seen", "Pods listed by the last successful poll.", registry=registry
+        )
         self.pods_selected = prometheus_client.Counter(
-            "k8svent_pods_selected", "Pods chosen to send, by reason: new, "
-            "changed, unhealthy or deleted.", ["reason"], registry=registry)
+            "k8svent_pods_selected",
+            "Pods chosen to send, by reason: new, changed, unhealthy or deleted.",
+            ["reason"],
+            registry=registry,
+        )
         self.deliveries = prometheus_client.Counter(
-            "k8svent_deliveries", "Deliveries by endpoint and outcome: success, "
+            "k8svent_deliveries",
+            "Deliveries by endpoint and outcome: success, "
             "retry (an attempt failed, another follows), rejected (a 3xx or "
             "4xx, not retried) or failed (retry budget spent).",
-            ["endpoint", "outcome"], registry=registry)
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
         self.latency = prometheus_client.Histogram(
             "k8svent_delivery_latency_seconds",
             "Seconds from sending a POST to its answer (or error), by endpoint.",
-            ["endpoint"], buckets=LATENCY_BUCKETS_SECONDS, registry=registry)
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
         self.last_poll = prometheus_client.Gauge(
             "k8svent_last_successful_poll_timestamp_seconds",
             "Unix time at which the last successful poll finished.",
-            registry=registry)
+            registry=registry,
+        )
         self.watch_events = prometheus_client.Counter(
-            "k8svent_watch_events", "Watch events received, by type: ADDED, MODIFIED, "
-            "DELETED, BOOKMARK, ERROR (or other).", ["type"], registry=registry)
+            "k8svent_watch_events",
+            "Watch events received, by type: ADDED, MODIFIED, DELETED, BOOKMARK, ERROR (or other).",
+            ["type"],
+            registry=registry,
+        )
         self.watch_restarts = prometheus_client.Counter(
-            "k8svent_watch_restarts", "Watches started again, by why the last one "
+            "k8svent_watch_restarts",
+            "Watches started again, by why the last one "
             "ended: ended (its timeout, or the server closed it), expired (410: "
-            "listed again), error (kubectl failed) or resync.", ["reason"],
-            registry=registry)
+            "listed again), error (kubectl failed) or resync.",
+            ["reason"],
+            registry=registry,
+        )
         self.resync_changes = prometheus_client.Counter(
-            "k8svent_resync_changes", "Changes a resync list found that the watch "
-            "had missed (new, changed or deleted pods).", registry=registry)
+            "k8svent_resync_changes",
+            "Changes a resync list found that the watch had missed (new, changed or deleted pods).",
+            registry=registry,
+        )
         self.newer_version = prometheus_client.Gauge(
             "k8svent_newer_version_available",
             "1 when the registry has a newer version (its label), else 0.",
-            ["version"], registry=registry)
+            ["version"],
+            registry=registry,
+        )
         self.build = prometheus_client.Info(
-            "k8svent_build", "The running version of k8svent.",
-            registry=registry)
+            "k8svent_build", "The running version of k8svent.", registry=registry
+        )
         registry.register(_OutboxCollector(self))
         self._lock = threading.Lock()
         self.senders = ()
@@ -3526,20 +3818,25 @@ class Metrics:
 class _OutboxCollector:
     """What each webhook is owed, read from the outbox at each scrape, and its health."""
 
-    OWED = ("k8svent_deliveries_owed",
-            "Deliveries owed to an endpoint (the outbox's rows), by endpoint.")
-    OLDEST = ("k8svent_delivery_oldest_owed_seconds",
-              "Seconds the oldest delivery owed to an endpoint has waited (0 when "
-              "none is owed): the lag to alert on.")
-    UP = ("k8svent_endpoint_up",
-          "1 while an endpoint answers, 0 while it counts as down.")
+    OWED = (
+        "k8svent_deliveries_owed",
+        "Deliveries owed to an endpoint (the outbox's rows), by endpoint.",
+    )
+    OLDEST = (
+        "k8svent_delivery_oldest_owed_seconds",
+        "Seconds the oldest delivery owed to an endpoint has waited (0 when "
+        "none is owed): the lag to alert on.",
+    )
+    UP = ("k8svent_endpoint_up", "1 while an endpoint answers, 0 while it counts as down.")
 
     def __init__(self, metrics):
         self._metrics = metrics
 
     def _families(self):
-        return [prometheus_client.core.GaugeMetricFamily(name, text, labels=["endpoint"])
-                for name, text in (self.OWED, self.OLDEST, self.UP)]
+        return [
+            prometheus_client.core.GaugeMetricFamily(name, text, labels=["endpoint"])
+            for name, text in (self.OWED, self.OLDEST, self.UP)
+        ]
 
     def describe(self):
         yield from self._families()
@@ -3554,8 +3851,7 @@ class _OutboxCollector:
             count, since = self._metrics.store.backlog(sender.endpoint.id)
             age = 0.0 if since is None else max(0.0, now - since)
             total, worst, all_up = by_label.get(sender.endpoint.label, (0, 0.0, True))
-            by_label[sender.endpoint.label] = (total + count, max(worst, age),
-                                               all_up and sender.up)
+            by_label[sender.endpoint.label] = (total + count, max(worst, age), all_up and sender.up)
         for label, (count, age, is_up) in by_label.items():
             owed.add_metric([label], count)
             oldest.add_metric([label], age)
@@ -3568,8 +3864,9 @@ metrics = Metrics()
 
 def stuck_after_seconds(settings):
     """How long the poller may make no progress before it counts as stuck."""
-    return (STUCK_INTERVALS * max(settings.interval, settings.retry_interval)
-            + settings.kubectl_timeout)
+    return (
+        STUCK_INTERVALS * max(settings.interval, settings.retry_interval) + settings.kubectl_timeout
+    )
 
 
 def poller_trouble(alive, idle_seconds, limit_seconds):
@@ -3577,8 +3874,9 @@ def poller_trouble(alive, idle_seconds, limit_seconds):
     if not alive:
         return "the poller thread is not running"
     if idle_seconds > limit_seconds:
-        return (f"the poller has made no progress for {idle_seconds:.0f} s "
-                f"(limit {limit_seconds:g} s)")
+        return (
+            f"the poller has made no progress for {idle_seconds:.0f} s (limit {limit_seconds:g} s)"
+        )
     return None
 
 
@@ -3592,9 +3890,9 @@ class Health:
 
     def live(self):
         """(True, text) while the poller runs and progresses, else (False, why)."""
-        trouble = poller_trouble(self._poller.is_alive(),
-                                 self._clock() - self._poller.last_progress,
-                                 self._limit)
+        trouble = poller_trouble(
+            self._poller.is_alive(), self._clock() - self._poller.last_progress, self._limit
+        )
         return trouble is None, trouble or "ok"
 
     def ready(self):
@@ -3614,8 +3912,9 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         seconds = self.server.request_seconds
         self.connection.settimeout(seconds)
         self.rfile.close()
-        self.rfile = _DeadlineReader(self.connection, time.monotonic() + seconds,
-                                     seconds).makefile()
+        self.rfile = _DeadlineReader(
+            self.connection, time.monotonic() + seconds, seconds
+        ).makefile()
 
     def version_string(self):
         return f"k8svent/{version()}"
@@ -3624,13 +3923,13 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         if path == "/metrics":
             encoder, content_type = prometheus_client.exposition.choose_encoder(
-                self.headers.get("Accept", ""))
+                self.headers.get("Accept", "")
+            )
             self._send(200, encoder(metrics.registry), content_type)
         elif path in ("/healthz", "/readyz"):
             health = self.server.health
             ok, text = health.live() if path == "/healthz" else health.ready()
-            self._send(200 if ok else 503, f"{text}\n".encode(),
-                       "text/plain; charset=utf-8")
+            self._send(200 if ok else 503, f"{text}\n".encode(), "text/plain; charset=utf-8")
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -3660,7 +3959,7 @@ class _StatusHTTPServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, handler, request_seconds, max_connections):
         self.request_seconds = request_seconds
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._open = {}     # connection -> None, oldest first
+        self._open = {}  # connection -> None, oldest first
         self._open_lock = threading.Lock()
         super().__init__(address, handler)
 
@@ -3703,8 +4002,7 @@ class _StatusHTTPServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         # Probes and scrapers hang up early; that is no reason for a traceback.
-        log.debug("status server: request from %s failed", client_address[0],
-                  exc_info=True)
+        log.debug("status server: request from %s failed", client_address[0], exc_info=True)
 
 
 class _StatusHTTPServer6(_StatusHTTPServer):
@@ -3714,15 +4012,19 @@ class _StatusHTTPServer6(_StatusHTTPServer):
 class StatusServer:
     """The --listen server: /healthz, /readyz, /metrics, in a daemon thread."""
 
-    def __init__(self, address, request_seconds=STATUS_REQUEST_SECONDS,
-                 max_connections=STATUS_MAX_CONNECTIONS):
+    def __init__(
+        self,
+        address,
+        request_seconds=STATUS_REQUEST_SECONDS,
+        max_connections=STATUS_MAX_CONNECTIONS,
+    ):
         """Bind the address at once (raises OSError), serve after start()."""
         host, port = address
         kind = _StatusHTTPServer6 if ":" in host else _StatusHTTPServer
-        self._server = kind((host, port), _StatusHandler, request_seconds,
-                            max_connections)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="status", daemon=True)
+        self._server = kind((host, port), _StatusHandler, request_seconds, max_connections)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="status", daemon=True
+        )
 
     @property
     def url(self):
@@ -3744,6 +4046,7 @@ class StatusServer:
 
 # --- Main --------------------------------------------------------------------
 
+
 def version(environ=None):
     """The running version: K8SVENT_VERSION (stamped into the image), else .ci/version's
     for a git checkout, else __version__."""
@@ -3758,8 +4061,14 @@ def _checkout_version():
     if not script.is_file():
         return None
     try:
-        done = subprocess.run([sys.executable, str(script)], cwd=script.parent.parent,
-                              capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=script.parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     found = done.stdout.strip()
@@ -3794,8 +4103,9 @@ class _TextFormatter(logging.Formatter):
 
     def formatException(self, exc_info):
         # A traceback spans lines; within each, controls are escaped.
-        return "\n".join(escape_controls(line) for line in
-                         super().formatException(exc_info).split("\n"))
+        return "\n".join(
+            escape_controls(line) for line in super().formatException(exc_info).split("\n")
+        )
 
     def formatStack(self, stack_info):
         return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
@@ -3844,26 +4154,36 @@ def main(argv=None, environ=None):
         return 2
 
     try:
-        endpoints = [StdoutEndpoint()] if settings.dry_run else \
-            [Endpoint(url, settings) for url in settings.urls]
-    except OSError as exc:   # REQUESTS_CA_BUNDLE names a missing or bad file
-        print(f"k8svent: error: cannot set up TLS for the webhooks: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        endpoints = (
+            [StdoutEndpoint()]
+            if settings.dry_run
+            else [Endpoint(url, settings) for url in settings.urls]
+        )
+    except OSError as exc:  # REQUESTS_CA_BUNDLE names a missing or bad file
+        print(
+            f"k8svent: error: cannot set up TLS for the webhooks: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 2
     status_server = None
     if settings.listen and not settings.once:
         try:
             status_server = StatusServer(settings.listen)
         except OSError as exc:
-            print(f"k8svent: error: cannot listen on {settings.listen[0]}:"
-                  f"{settings.listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"k8svent: error: cannot listen on {settings.listen[0]}:"
+                f"{settings.listen[1]}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
             return 2
     configure_logging(settings)
     if settings.listen and settings.once:
         log.warning("--listen is not served with --once")
     if settings.repeated_urls:
-        log.warning("%d webhook URLs were given more than once; each is sent "
-                    "to once", settings.repeated_urls)
+        log.warning(
+            "%d webhook URLs were given more than once; each is sent to once",
+            settings.repeated_urls,
+        )
     # --dry-run must not change what the state file says webhooks received.
     state = None if settings.dry_run else settings.state
     if settings.dry_run and settings.state:
@@ -3879,21 +4199,25 @@ def main(argv=None, environ=None):
     except (OSError, sqlite3.Error) as exc:
         if status_server:
             status_server.stop()
-        print(f"k8svent: error: cannot open state file {settings.state!r}: {exc}",
-              file=sys.stderr)
+        print(f"k8svent: error: cannot open state file {settings.state!r}: {exc}", file=sys.stderr)
         return 2
 
     if server is None and state:
-        log.warning("cannot tell which API server kubectl talks to; the state file's "
-                    "snapshot is taken to be of it")
+        log.warning(
+            "cannot tell which API server kubectl talks to; the state file's "
+            "snapshot is taken to be of it"
+        )
     stop = threading.Event()
     store.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
     poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
     metrics.watch(senders, store, version())
-    log.info("k8svent %s starting: %s, webhooks %s", version(),
-             f"namespace {settings.namespace}" if settings.namespace
-             else "all namespaces", ", ".join(e.label for e in endpoints))
+    log.info(
+        "k8svent %s starting: %s, webhooks %s",
+        version(),
+        f"namespace {settings.namespace}" if settings.namespace else "all namespaces",
+        ", ".join(e.label for e in endpoints),
+    )
     if status_server:
         status_server.start(Health(poller, settings))
         log.info("listening on %s", status_server.url)
@@ -3915,19 +4239,22 @@ def main(argv=None, environ=None):
     if not settings.once and settings.upgrade != "never":
         upgrader = Upgrader(
             RegistryClient(settings.image, user_agent=f"k8svent/{version()}"),
-            version(), upgrade_interval_seconds(version(), settings.upgrade_interval),
-            on_newer, log, decide=lambda: upgrade_decision_here(settings, environ),
-            ready=poller.first_poll_done, on_available=metrics.set_newer_version)
+            version(),
+            upgrade_interval_seconds(version(), settings.upgrade_interval),
+            on_newer,
+            log,
+            decide=lambda: upgrade_decision_here(settings, environ),
+            ready=poller.first_poll_done,
+            on_available=metrics.set_newer_version,
+        )
 
-    previous = {s: signal.signal(s, on_signal)
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if settings.once:
             ok = poller.poll_once()
             for sender in senders:
                 sender.wait_idle()
-            failed = sum(s.failed for s in senders) + \
-                sum(s.unfinished() for s in senders)
+            failed = sum(s.failed for s in senders) + sum(s.unfinished() for s in senders)
             status = 0 if ok and not failed else 1
             if failed and not stop.is_set():
                 log.error("%d deliveries failed", failed)
@@ -3937,7 +4264,7 @@ def main(argv=None, environ=None):
                 upgrader.start()
             while poller.is_alive():
                 poller.join(0.5)
-                if stop.is_set():       # stdout closed under --dry-run
+                if stop.is_set():  # stdout closed under --dry-run
                     poller.stop()
             if upgrader is not None:
                 upgrader.stop()
@@ -3964,14 +4291,26 @@ def _quiet_stdout():
 def cluster_server(settings, environ):
     """The API server kubectl talks to (with --context and KUBECONFIG), or None if unknown."""
     try:
-        server = run_kubectl(settings, "config", "view", "--minify", "-o",
-                             "jsonpath={.clusters[0].cluster.server}").decode().strip()
+        server = (
+            run_kubectl(
+                settings,
+                "config",
+                "view",
+                "--minify",
+                "-o",
+                "jsonpath={.clusters[0].cluster.server}",
+            )
+            .decode()
+            .strip()
+        )
     except KubectlError as exc:
         log.debug("cannot tell which API server kubectl uses: %s", exc)
         server = ""
-    if not server and environ.get("KUBERNETES_SERVICE_HOST"):   # in a pod
-        server = (f"https://{environ['KUBERNETES_SERVICE_HOST']}:"
-                  f"{environ.get('KUBERNETES_SERVICE_PORT', '443')}")
+    if not server and environ.get("KUBERNETES_SERVICE_HOST"):  # in a pod
+        server = (
+            f"https://{environ['KUBERNETES_SERVICE_HOST']}:"
+            f"{environ.get('KUBERNETES_SERVICE_PORT', '443')}"
+        )
     return server or None
 
 
@@ -3980,16 +4319,17 @@ def upgrade_decision_here(settings, environ):
     version_set = bool(environ.get("K8SVENT_VERSION"))
     pod = None
     if settings.upgrade == "auto" and version_set:
-        located = locate_own_pod(environ.get("POD_NAME"),
-                                 environ.get("POD_NAMESPACE"), socket.gethostname())
+        located = locate_own_pod(
+            environ.get("POD_NAME"), environ.get("POD_NAMESPACE"), socket.gethostname()
+        )
         if located:
             try:
                 pod = get_own_pod(settings, *located)
             except KubectlError as exc:
-                raise KubectlError(f"cannot look up own pod {located[1]}/{located[0]}: "
-                                   f"{exc}") from None
-    return upgrade_plan(settings.upgrade, version_set, pod, settings.image,
-                        settings.image_given)
+                raise KubectlError(
+                    f"cannot look up own pod {located[1]}/{located[0]}: {exc}"
+                ) from None
+    return upgrade_plan(settings.upgrade, version_set, pod, settings.image, settings.image_given)
 
 
 def _shut_down(senders, store, stop, status):

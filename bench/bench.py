@@ -35,7 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ijson  # noqa: E402
 
 import k8svent  # noqa: E402
 from test.kubeapi import FakeKubeAPI  # noqa: E402
@@ -48,16 +47,17 @@ SAMPLE_SECONDS = 0.01
 SECRET = "bench-secret"
 SLOW_SECONDS = 0.05
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
-SEQ_LABEL = "k8svent-bench-seq"          # the latency row's changes carry their number here
+SEQ_LABEL = "k8svent-bench-seq"  # the latency row's changes carry their number here
 SEQ_PATTERN = re.compile(rb'"k8svent-bench-seq":"([0-9]+-[0-9]+)"')
-WATCH_SAMPLE_SECONDS = 0.05              # how often the latency row reads /proc
-WATCH_OPEN_TIMEOUT_SECONDS = 600         # the list of 150,000 pods comes first
-SETTLE_SECONDS = 2                       # after the watch opened, before the first change
-DRAIN_TIMEOUT_SECONDS = 30               # for receipts after the last change
+WATCH_SAMPLE_SECONDS = 0.05  # how often the latency row reads /proc
+WATCH_OPEN_TIMEOUT_SECONDS = 600  # the list of 150,000 pods comes first
+SETTLE_SECONDS = 2  # after the watch opened, before the first change
+DRAIN_TIMEOUT_SECONDS = 30  # for receipts after the last change
 MISS = "✗ MISS"
 
 
 # --- measuring processes -----------------------------------------------------
+
 
 def _hwm(pid):
     """VmHWM (peak RSS) of a process in bytes, or 0 when it is gone."""
@@ -102,8 +102,8 @@ class ChildSampler(threading.Thread):
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self.peak_rss_bytes = 0
-        self._cpu_at_mark = {}        # pid -> CPU s when mark() was called
-        self._cpu_since_mark = {}     # pid -> CPU s last read, for children seen since
+        self._cpu_at_mark = {}  # pid -> CPU s when mark() was called
+        self._cpu_since_mark = {}  # pid -> CPU s last read, for children seen since
 
     def run(self):
         while not self._stop_event.wait(WATCH_SAMPLE_SECONDS):
@@ -128,8 +128,10 @@ class ChildSampler(threading.Thread):
         """CPU time the children used since mark() (children that ended count until last read)."""
         self.sample()
         with self._lock:
-            return sum(cpu - self._cpu_at_mark.get(child, 0.0)
-                       for child, cpu in self._cpu_since_mark.items())
+            return sum(
+                cpu - self._cpu_at_mark.get(child, 0.0)
+                for child, cpu in self._cpu_since_mark.items()
+            )
 
     def stop(self):
         self._stop_event.set()
@@ -213,13 +215,17 @@ def prepare_state(n, env, tmp, receiver):
     """A state file in which every one of n pods has reached the receiver (k8svent --once)."""
     state = tmp / f"state-{n}.db"
     before = receiver.count
-    wall, _, _, _ = run_measured(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
-                                              "--once"), env)
+    wall, _, _, _ = run_measured(
+        k8svent_argv(f"--state={state}", f"--url={receiver.url}", "--once"), env
+    )
     delivered = receiver.count - before
     if delivered != n:
         raise RuntimeError(f"k8svent --once delivered {delivered} of {n} pods")
-    print(f"  state: {n:,} pods listed and delivered by k8svent --once in {wall:.1f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"  state: {n:,} pods listed and delivered by k8svent --once in {wall:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return state
 
 
@@ -231,15 +237,21 @@ def bench_size(n, runs, original_max, env, tmp, state, receiver):
     for run in range(runs):
         floors.append(run_measured(python(FLOOR, KUBECTL, str(n)), env))
         # Default settings: --mode=watch, --chunk-size=5000; --once lists and exits.
-        steady.append(run_measured(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
-                                                "--once"), env))
+        steady.append(
+            run_measured(k8svent_argv(f"--state={state}", f"--url={receiver.url}", "--once"), env)
+        )
         # --dry-run keeps no state: every pod is new, printed to /dev/null.
         first.append(run_measured(k8svent_argv("--dry-run", "--once"), env))
         if n <= original_max:
             original.append(run_measured(python(ORIGINAL, KUBECTL, str(n)), env))
         scratch = tmp / f"retained-{n}-{run}.db"
-        out = subprocess.run(python(RETAINED, str(ROOT), str(scratch)), env=env,
-                             capture_output=True, check=True, text=True).stdout
+        out = subprocess.run(
+            python(RETAINED, str(ROOT), str(scratch)),
+            env=env,
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
         retained.append(int(out) / n)
         for path in tmp.glob(f"retained-{n}-{run}.db*"):
             path.unlink()
@@ -265,12 +277,13 @@ def bench_size(n, runs, original_max, env, tmp, state, receiver):
 
 # --- the watch: latency from the API server's event to the webhook ----------
 
+
 class Receiver:
     """A webhook in this process on 127.0.0.1: answers 200; times bodies while recording."""
 
     def __init__(self):
-        self.count = 0                # bodies received, recorded or not
-        self._received = []           # (time.monotonic(), body) while recording
+        self.count = 0  # bodies received, recorded or not
+        self._received = []  # (time.monotonic(), body) while recording
         self._recording = False
         self._lock = threading.Lock()
         receiver = self
@@ -291,9 +304,12 @@ class Receiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="receiver",
+            daemon=True,
+        )
 
     def _take(self, at, body):
         with self._lock:
@@ -358,9 +374,12 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
     delivered_before = receiver.count
     with open(log_path, "wb") as log_file:
         # Defaults but for --upgrade=never: no registry is reachable from here.
-        proc = subprocess.Popen(k8svent_argv(f"--state={state}", f"--url={receiver.url}",
-                                             "--upgrade=never"),
-                                env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+        proc = subprocess.Popen(
+            k8svent_argv(f"--state={state}", f"--url={receiver.url}", "--upgrade=never"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     sampler = ChildSampler(proc.pid)
     sampler.start()
     try:
@@ -391,8 +410,10 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
         receiver.reset()
     latencies = sorted(received[seq] - at for seq, at in changed.items() if seq in received)
     if listed_delivered:
-        print(f"  warning: the list before the watch delivered {listed_delivered} pods",
-              file=sys.stderr)
+        print(
+            f"  warning: the list before the watch delivered {listed_delivered} pods",
+            file=sys.stderr,
+        )
     return {
         "made": len(changed),
         "delivered": len(latencies),
@@ -420,11 +441,15 @@ def bench_latency(api, env, tmp, state, receiver, args):
     for run in range(args.runs):
         runs.append(watch_latency_once(api, env, tmp, state, receiver, args, run))
         last = runs[-1]
-        print(f"  watch run {run + 1}: p50 {last['p50']:.3f} s, p99 {last['p99']:.3f} s, "
-              f"max {last['max']:.3f} s, {last['delivered']}/{last['made']} received, "
-              f"{last['rate']:.0f} changes/s, CPU {last['cpu cores']:.2f} cores "
-              f"(kubectl {last['kubectl cpu cores']:.2f}), RSS {last['rss']:.0f} MiB "
-              f"(kubectl {last['kubectl rss']:.0f})", file=sys.stderr, flush=True)
+        print(
+            f"  watch run {run + 1}: p50 {last['p50']:.3f} s, p99 {last['p99']:.3f} s, "
+            f"max {last['max']:.3f} s, {last['delivered']}/{last['made']} received, "
+            f"{last['rate']:.0f} changes/s, CPU {last['cpu cores']:.2f} cores "
+            f"(kubectl {last['kubectl cpu cores']:.2f}), RSS {last['rss']:.0f} MiB "
+            f"(kubectl {last['kubectl rss']:.0f})",
+            file=sys.stderr,
+            flush=True,
+        )
     row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     row["made"] = sum(r["made"] for r in runs)
     row["delivered"] = sum(r["delivered"] for r in runs)
@@ -432,6 +457,7 @@ def bench_latency(api, env, tmp, state, receiver, args):
 
 
 # --- delivery -----------------------------------------------------------------
+
 
 def free_port():
     with socket.socket() as s:
@@ -469,8 +495,7 @@ http {{
     }}
 }}
 """)
-    proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(conf)],
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
     _wait_listening(port)
     return proc, f"http://127.0.0.1:{port}/hook"
 
@@ -515,7 +540,7 @@ def owed_store(count):
     store = k8svent.Store()
     store.begin_poll()
     batch = []
-    for namespace, name, data in generate_items(count):
+    for _namespace, _name, data in generate_items(count):
         batch.append(k8svent.pod_entry(k8svent.pod_from_item(__import__("json").loads(data))))
     store.apply_page(batch)
     store.finish_poll()
@@ -526,7 +551,7 @@ def k8svent_rate(url, store, workers, count):
     """Deliveries per second of one k8svent Sender, signed, from the store."""
     settings = k8svent.Settings(urls=(url,), secret=SECRET, workers=workers)
     endpoint = k8svent.Endpoint(url, settings)
-    store.set_endpoints([])                     # forget earlier runs' deliveries
+    store.set_endpoints([])  # forget earlier runs' deliveries
     store.set_endpoints([endpoint.id])
     stop = threading.Event()
     sender = k8svent.Sender(endpoint, store, settings, stop)
@@ -562,8 +587,9 @@ def bench_delivery(args, tmp):
     if nginx is not None:
         try:
             store, bodies = owed_store(args.deliveries)
-            ours = [k8svent_rate(url, store, args.workers, args.deliveries)
-                    for _ in range(args.runs)]
+            ours = [
+                k8svent_rate(url, store, args.workers, args.deliveries) for _ in range(args.runs)
+            ]
             base = [http_client_rate(url, bodies) for _ in range(args.runs)]
             store.close()
             rows["nginx"] = (statistics.median(ours), statistics.median(base))
@@ -573,8 +599,9 @@ def bench_delivery(args, tmp):
     slow, url = start_slow_receiver()
     try:
         store, _ = owed_store(args.slow_deliveries)
-        ours = [k8svent_rate(url, store, args.workers, args.slow_deliveries)
-                for _ in range(args.runs)]
+        ours = [
+            k8svent_rate(url, store, args.workers, args.slow_deliveries) for _ in range(args.runs)
+        ]
         store.close()
         rows["slow"] = (statistics.median(ours), args.workers / SLOW_SECONDS)
     finally:
@@ -584,6 +611,7 @@ def bench_delivery(args, tmp):
 
 
 # --- the table ----------------------------------------------------------------
+
 
 class Target(collections.namedtuple("Target", "text limit at_most")):
     """A target: at most (or at least) a limit; `text` is what the table shows."""
@@ -609,7 +637,7 @@ def checked(row_name, column, cell, target, misses):
     """The cell's text, marked when its value misses the target (noted in `misses`)."""
     if target is None or cell.value is None:
         return cell.text
-    if cell.value != cell.value or not target.met(cell.value):    # nan: not measured
+    if cell.value != cell.value or not target.met(cell.value):  # nan: not measured
         misses.append(f"{row_name} at {column}")
         return f"{cell.text} {MISS}"
     return cell.text
@@ -617,6 +645,7 @@ def checked(row_name, column, cell, target, misses):
 
 def table(sizes, polls, delivery, latency, args):
     """The one table, in Markdown, and the lines that follow it."""
+
     def cells(fmt, key, ratio_to=None, absent="not run"):
         out = []
         for n in sizes:
@@ -640,63 +669,102 @@ def table(sizes, polls, delivery, latency, args):
     above = f"not run: above --original-max={args.original_max:,}"
     lines = [
         ("floor: `kubectl get --raw` \\| ijson, wall s", cells("{:.2f}", "floor"), None),
-        (("steady relist at default settings (`--once`, chunk 5000, nothing to send), "
-          "wall s (x floor)"), cells("{:.2f}", "steady wall", "floor"), at_most(1.5, "x")),
+        (
+            (
+                "steady relist at default settings (`--once`, chunk 5000, nothing to send), "
+                "wall s (x floor)"
+            ),
+            cells("{:.2f}", "steady wall", "floor"),
+            at_most(1.5, "x"),
+        ),
         ("steady relist CPU s (k8svent + kubectl)", cells("{:.2f}", "steady cpu"), None),
-        ("first poll `--dry-run` wall s (x floor)", cells("{:.2f}", "first wall", "floor"),
-         None),
+        ("first poll `--dry-run` wall s (x floor)", cells("{:.2f}", "first wall", "floor"), None),
         ("first poll CPU s", cells("{:.2f}", "first cpu"), None),
         ("k8svent peak RSS, steady relist, MiB", cells("{:.0f}", "steady rss"), at_most(150)),
         ("k8svent peak RSS, first poll, MiB", cells("{:.0f}", "first rss"), at_most(150)),
         ("kubectl peak RSS (either), MiB", cells("{:.0f}", "kubectl rss"), at_most(64)),
         ("floor peak RSS (ijson process), MiB", cells("{:.0f}", "floor rss"), None),
         ("retained bytes/pod between polls", cells("{:.0f}", "retained"), at_most(400)),
-        ("original: `get pods -A -o json` + json.loads, wall s",
-         cells("{:.2f}", "original wall", "floor", above), None),
-        ("original: Python peak RSS, MiB", cells("{:.0f}", "original rss", absent=above),
-         None),
-        ("original: kubectl peak RSS, MiB",
-         cells("{:.0f}", "original kubectl rss", absent=above), None),
+        (
+            "original: `get pods -A -o json` + json.loads, wall s",
+            cells("{:.2f}", "original wall", "floor", above),
+            None,
+        ),
+        ("original: Python peak RSS, MiB", cells("{:.0f}", "original rss", absent=above), None),
+        (
+            "original: kubectl peak RSS, MiB",
+            cells("{:.0f}", "original kubectl rss", absent=above),
+            None,
+        ),
     ]
-    watch = (f"watch, {args.latency_pods:,} pods, {args.changes_per_second:g} changes/s "
-             f"for {args.latency_seconds:g} s:")
+    watch = (
+        f"watch, {args.latency_pods:,} pods, {args.changes_per_second:g} changes/s "
+        f"for {args.latency_seconds:g} s:"
+    )
     if isinstance(latency, str):
-        lines.append(("watch: event to webhook receipt, CPU, peak RSS",
-                      single(Cell(latency, None)), None))
+        lines.append(
+            ("watch: event to webhook receipt, CPU, peak RSS", single(Cell(latency, None)), None)
+        )
     else:
         n = args.latency_pods
         made, delivered = latency["made"], latency["delivered"]
         lines += [
-            (f"{watch} event to webhook receipt p50, s",
-             single(Cell(f"{latency['p50']:.3f}", None), n), None),
-            (f"{watch} event to webhook receipt p99, s",
-             single(Cell(f"{latency['p99']:.3f}", latency["p99"]), n), at_most(1)),
-            (f"{watch} changes received / made (all runs)",
-             single(Cell(f"{delivered:,} / {made:,}", delivered / made), n),
-             Target("all", 1, False)),
-            (f"{watch} k8svent CPU, cores",
-             single(Cell(f"{latency['cpu cores']:.2f}", latency["cpu cores"]), n),
-             at_most(0.5)),
-            (f"{watch} kubectl CPU, cores",
-             single(Cell(f"{latency['kubectl cpu cores']:.2f}", None), n), None),
-            (f"{watch} k8svent peak RSS (list + watch), MiB",
-             single(Cell(f"{latency['rss']:.0f}", latency["rss"]), n), at_most(150)),
-            (f"{watch} kubectl peak RSS (list + watch), MiB",
-             single(Cell(f"{latency['kubectl rss']:.0f}", latency["kubectl rss"]), n),
-             at_most(64)),
+            (
+                f"{watch} event to webhook receipt p50, s",
+                single(Cell(f"{latency['p50']:.3f}", None), n),
+                None,
+            ),
+            (
+                f"{watch} event to webhook receipt p99, s",
+                single(Cell(f"{latency['p99']:.3f}", latency["p99"]), n),
+                at_most(1),
+            ),
+            (
+                f"{watch} changes received / made (all runs)",
+                single(Cell(f"{delivered:,} / {made:,}", delivered / made), n),
+                Target("all", 1, False),
+            ),
+            (
+                f"{watch} k8svent CPU, cores",
+                single(Cell(f"{latency['cpu cores']:.2f}", latency["cpu cores"]), n),
+                at_most(0.5),
+            ),
+            (
+                f"{watch} kubectl CPU, cores",
+                single(Cell(f"{latency['kubectl cpu cores']:.2f}", None), n),
+                None,
+            ),
+            (
+                f"{watch} k8svent peak RSS (list + watch), MiB",
+                single(Cell(f"{latency['rss']:.0f}", latency["rss"]), n),
+                at_most(150),
+            ),
+            (
+                f"{watch} kubectl peak RSS (list + watch), MiB",
+                single(Cell(f"{latency['kubectl rss']:.0f}", latency["kubectl rss"]), n),
+                at_most(64),
+            ),
         ]
     name = f"deliveries/s to nginx, signed ({args.deliveries:,}) / http.client loop"
     if isinstance(delivery["nginx"], str):
         lines.append((name, single(Cell(delivery["nginx"], None)), at_least(0.4, "x")))
     else:
         ours, base = delivery["nginx"]
-        lines.append((name, single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)",
-                                        ours / base)), at_least(0.4, "x")))
+        lines.append(
+            (
+                name,
+                single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)", ours / base)),
+                at_least(0.4, "x"),
+            )
+        )
     ours, base = delivery["slow"]
-    lines.append(((f"deliveries/s to a 50 ms receiver ({args.slow_deliveries:,}) / "
-                   f"workers/0.05 s"),
-                  single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)", ours / base)),
-                  at_least(0.8, "x")))
+    lines.append(
+        (
+            (f"deliveries/s to a 50 ms receiver ({args.slow_deliveries:,}) / workers/0.05 s"),
+            single(Cell(f"{ours:.0f} / {base:.0f} ({ours / base:.2f}x)", ours / base)),
+            at_least(0.8, "x"),
+        )
+    )
 
     columns = [f"{n:,} pods" for n in sizes]
     header = [f"measure (median of {args.runs} runs)", *columns, "target"]
@@ -704,7 +772,7 @@ def table(sizes, polls, delivery, latency, args):
     misses, checks, absent = [], 0, []
     for name, values, target in lines:
         texts = []
-        for column, cell in zip(columns, values):
+        for column, cell in zip(columns, values, strict=True):
             checks += target is not None and cell.value is not None
             if cell.value is None and cell.text.startswith("not run"):
                 absent.append(name)
@@ -712,8 +780,11 @@ def table(sizes, polls, delivery, latency, args):
         out.append("| " + " | ".join([name, *texts, target.text if target else ""]) + " |")
     out.append("")
     if misses:
-        out.append(f"{MISS}: {len(misses)} of {checks} figures with a target miss it: "
-                   + "; ".join(misses) + ".")
+        out.append(
+            f"{MISS}: {len(misses)} of {checks} figures with a target miss it: "
+            + "; ".join(misses)
+            + "."
+        )
     else:
         out.append(f"All {checks} figures with a target meet it.")
     if absent:
@@ -725,16 +796,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000,150000")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--original-max", type=int, default=10000,
-                        help="largest size to run the original algorithm at")
+    parser.add_argument(
+        "--original-max",
+        type=int,
+        default=10000,
+        help="largest size to run the original algorithm at",
+    )
     parser.add_argument("--deliveries", type=int, default=5000)
     parser.add_argument("--slow-deliveries", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--latency-pods", type=int, default=150000,
-                        help="pods listed for the watch latency rows (0: skip them)")
+    parser.add_argument(
+        "--latency-pods",
+        type=int,
+        default=150000,
+        help="pods listed for the watch latency rows (0: skip them)",
+    )
     parser.add_argument("--changes-per-second", type=float, default=100)
-    parser.add_argument("--latency-seconds", type=float, default=30,
-                        help="how long pods change in each latency run")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=30, help="how long pods change in each latency run"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else []
     polls = {}
@@ -755,8 +835,9 @@ def main():
                 # The state's scope names this API server (its port): one per size.
                 state = prepare_state(n, env, tmp, receiver)
                 if n in sizes:
-                    polls[n] = bench_size(n, args.runs, args.original_max, env, tmp, state,
-                                          receiver)
+                    polls[n] = bench_size(
+                        n, args.runs, args.original_max, env, tmp, state, receiver
+                    )
                 if n == args.latency_pods:
                     print(f"watch latency at {n:,} pods ...", file=sys.stderr, flush=True)
                     latency = bench_latency(api, env, tmp, state, receiver, args)

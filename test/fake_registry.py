@@ -26,8 +26,18 @@ class FakeRegistry:
     answers, `realm` the token realm, `link_origin` the origin of next links.
     """
 
-    def __init__(self, tags=(), page_size=None, mode="ok", status=500, headers=None,
-                 auth=False, token_field="token", expires_in=None, absolute_links=False):
+    def __init__(
+        self,
+        tags=(),
+        page_size=None,
+        mode="ok",
+        status=500,
+        headers=None,
+        auth=False,
+        token_field="token",
+        expires_in=None,
+        absolute_links=False,
+    ):
         self.digests = {}
         self.body = b'{"errors":[{"code":"BROKEN"}]}'
         self.realm = None
@@ -47,8 +57,9 @@ class FakeRegistry:
         self.tokens = []
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
 
     @property
     def address(self):
@@ -101,20 +112,27 @@ class FakeRegistry:
 
             def unauthorized(self):
                 """Answer 401 (True) unless the request carries a token we issued."""
-                if not registry.auth or self.headers.get("Authorization", "").removeprefix(
-                        "Bearer ") in registry.tokens:
+                if (
+                    not registry.auth
+                    or self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    in registry.tokens
+                ):
                     return False
                 realm = registry.realm or f"http://{registry.address}/token"
-                challenge = (f'Bearer realm="{realm}",service="fake-registry",'
-                             f'scope="repository:{REPOSITORY}:pull"')
-                self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
-                          {"WWW-Authenticate": challenge})
+                challenge = (
+                    f'Bearer realm="{realm}",service="fake-registry",'
+                    f'scope="repository:{REPOSITORY}:pull"'
+                )
+                self.send(
+                    401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}
+                )
                 return True
 
             def do_HEAD(self):
                 url = urllib.parse.urlsplit(self.path)
-                registry.requests.append({"path": url.path, "method": "HEAD", "query": {},
-                                          "headers": dict(self.headers)})
+                registry.requests.append(
+                    {"path": url.path, "method": "HEAD", "query": {}, "headers": dict(self.headers)}
+                )
                 tag = url.path.removeprefix(MANIFESTS_PATH)
                 if not url.path.startswith(MANIFESTS_PATH):
                     self.send(404)
@@ -125,8 +143,7 @@ class FakeRegistry:
                 elif tag in registry.digests:
                     self.send_response(200)
                     self.send_header("Docker-Content-Digest", registry.digests[tag])
-                    self.send_header("Content-Type",
-                                     "application/vnd.oci.image.index.v1+json")
+                    self.send_header("Content-Type", "application/vnd.oci.image.index.v1+json")
                     self.send_header("Content-Length", "1234")
                     self.end_headers()
                 else:
@@ -136,7 +153,8 @@ class FakeRegistry:
                 url = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(url.query)
                 registry.requests.append(
-                    {"path": url.path, "query": query, "headers": dict(self.headers)})
+                    {"path": url.path, "query": query, "headers": dict(self.headers)}
+                )
                 if url.path == "/token":
                     body = {registry.token_field: registry._new_token()}
                     if registry.expires_in is not None:
@@ -149,8 +167,11 @@ class FakeRegistry:
                 elif registry.mode == "status":
                     self.send(registry.status, registry.body, registry.headers)
                 elif registry.mode == "huge":
-                    self.send(200, b'{"tags": [' + b" " * registry.huge_bytes + b"]}",
-                              {"Content-Type": "application/json"})
+                    self.send(
+                        200,
+                        b'{"tags": [' + b" " * registry.huge_bytes + b"]}",
+                        {"Content-Type": "application/json"},
+                    )
                 elif registry.mode == "redirect":
                     self.send(307, b"", {"Location": registry.location})
                 elif registry.mode == "garbage":

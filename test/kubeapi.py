@@ -145,8 +145,14 @@ POD_RESOURCES = {
             "namespaced": True,
             "kind": "Pod",
             "verbs": [
-                "create", "delete", "deletecollection", "get", "list", "patch",
-                "update", "watch",
+                "create",
+                "delete",
+                "deletecollection",
+                "get",
+                "list",
+                "patch",
+                "update",
+                "watch",
             ],
             "shortNames": ["po"],
             "categories": ["all"],
@@ -195,8 +201,10 @@ _LABEL_TERM_RES = (
     ("value", re.compile(rf"(?P<key>{_WORD})\s*(?P<op>==|!=|=|<|>)\s*(?P<value>{_WORD})?")),
     ("exists", re.compile(rf"(?P<key>{_WORD})")),
 )
-FIELD_PATHS = {"metadata.namespace": ("metadata", "namespace"),
-               "metadata.name": ("metadata", "name")}
+FIELD_PATHS = {
+    "metadata.namespace": ("metadata", "namespace"),
+    "metadata.name": ("metadata", "name"),
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,7 +214,7 @@ def parse_label_selector(text):
     # Commas separate terms, except inside the parentheses of in/notin.
     for term in re.split(r",(?![^()]*\))", text) if text.strip() else ():
         term = term.strip()
-        for kind, pattern in _LABEL_TERM_RES:
+        for kind, pattern in _LABEL_TERM_RES:  # noqa: B007 - used after the loop
             found = pattern.fullmatch(term)
             if found:
                 break
@@ -221,8 +229,10 @@ def parse_label_selector(text):
         else:
             value = found["value"] or ""
             if found["op"] in ("<", ">") and not re.fullmatch(r"-?\d+", value):
-                raise SelectorError(f"invalid value {value!r}: for 'Gt', 'Lt' operators, "
-                                    f"the value must be an integer")
+                raise SelectorError(
+                    f"invalid value {value!r}: for 'Gt', 'Lt' operators, "
+                    f"the value must be an integer"
+                )
             terms.append((key, found["op"], (value,)))
     return tuple(terms)
 
@@ -236,7 +246,7 @@ def parse_field_selector(text):
         if not found:
             raise SelectorError(f"invalid selector: {term!r}; can't understand {term!r}")
         if found[1] not in FIELD_PATHS:
-            raise SelectorError(f'field label not supported: {found[1]}')
+            raise SelectorError(f"field label not supported: {found[1]}")
         terms.append((found[1], "!=" if found[2] == "!=" else "=", found[3]))
     return tuple(terms)
 
@@ -255,7 +265,7 @@ def _label_matches(labels, key, operator, values):
         except ValueError:
             return False
         return have < want if operator == "<" else have > want
-    return labels[key] in values      # =, ==, in
+    return labels[key] in values  # =, ==, in
 
 
 def _selection(query):
@@ -331,9 +341,16 @@ class _Request:
 class FakeKubeAPI:
     """A Kubernetes API server for pods, good enough for the real kubectl."""
 
-    def __init__(self, host="127.0.0.1", port=0, token=TOKEN, *,
-                 watch_history=WATCH_HISTORY_EVENTS, bookmark_seconds=BOOKMARK_SECONDS,
-                 typed_watch_objects=True):
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=0,
+        token=TOKEN,
+        *,
+        watch_history=WATCH_HISTORY_EVENTS,
+        bookmark_seconds=BOOKMARK_SECONDS,
+        typed_watch_objects=True,
+    ):
         self.host = host
         self.token = token
         self._requested_port = port
@@ -637,16 +654,24 @@ class FakeKubeAPI:
 
     # -- failure injection ------------------------------------------------
 
-    def fail(self, status, count=1, page=None, path_prefix=None, *, message=None,
-             retry_after=None):
+    def fail(self, status, count=1, page=None, path_prefix=None, *, message=None, retry_after=None):
         """Answer the next ``count`` matching requests with a Status ``status``.
 
         ``page`` limits it to that 0-based page of a list; ``path_prefix`` to
         paths starting with it (give "/" to include discovery). ``retry_after``
         adds a Retry-After header (client-go then retries 429 and 5xx itself).
         """
-        self._add(_Rule("fail", count, status=status, page=page, path_prefix=path_prefix,
-                        message=message, retry_after=retry_after))
+        self._add(
+            _Rule(
+                "fail",
+                count,
+                status=status,
+                page=page,
+                path_prefix=path_prefix,
+                message=message,
+                retry_after=retry_after,
+            )
+        )
 
     def truncate(self, count=1, page=None):
         """Send the next ``count`` matching bodies half-way, then close the connection.
@@ -828,13 +853,19 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/version":
             self._send_json(200, SERVER_VERSION)
         elif path == "/api":
-            self._send_json(200, {
-                "kind": "APIVersions",
-                "versions": ["v1"],
-                "serverAddressByClientCIDRs": [
-                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.server.api.host}:{self.server.api.port}"}
-                ],
-            })
+            self._send_json(
+                200,
+                {
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [
+                        {
+                            "clientCIDR": "0.0.0.0/0",
+                            "serverAddress": f"{self.server.api.host}:{self.server.api.port}",
+                        }
+                    ],
+                },
+            )
         elif path == "/apis":
             self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
         elif path == "/api/v1":
@@ -850,20 +881,24 @@ class _Handler(BaseHTTPRequestHandler):
             holds_pods = index < len(api._keys) and api._keys[index][0] == namespace
         if not holds_pods and namespace not in BUILTIN_NAMESPACES:
             self._send_status(
-                404, f'namespaces "{namespace}" not found',
+                404,
+                f'namespaces "{namespace}" not found',
                 details={"name": namespace, "kind": "namespaces"},
             )
             return
-        self._send_json(200, {
-            "kind": "Namespace",
-            "apiVersion": "v1",
-            "metadata": {
-                "name": namespace,
-                "labels": {"kubernetes.io/metadata.name": namespace},
+        self._send_json(
+            200,
+            {
+                "kind": "Namespace",
+                "apiVersion": "v1",
+                "metadata": {
+                    "name": namespace,
+                    "labels": {"kubernetes.io/metadata.name": namespace},
+                },
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
             },
-            "spec": {"finalizers": ["kubernetes"]},
-            "status": {"phase": "Active"},
-        })
+        )
 
     def _get(self, namespace, name):
         api = self.server.api
@@ -903,8 +938,9 @@ class _Handler(BaseHTTPRequestHandler):
         field_selector = query.get("fieldSelector", "")
         items = snapshot.items
         try:
-            selecting = bool(parse_label_selector(label_selector)
-                             or parse_field_selector(field_selector))
+            selecting = bool(
+                parse_label_selector(label_selector) or parse_field_selector(field_selector)
+            )
         except SelectorError as exc:
             self._send_status(400, str(exc))
             return
@@ -923,9 +959,11 @@ class _Handler(BaseHTTPRequestHandler):
         if end < high:
             api._remember(snapshot)
             metadata["continue"] = _encode_continue(snapshot, end, page + 1, namespace)
-            if not selecting:   # the real server leaves it out for selectors
+            if not selecting:  # the real server leaves it out for selectors
                 metadata["remainingItemCount"] = high - end
-        head = b'{"kind":"PodList","apiVersion":"v1","metadata":' + _compact(metadata) + b',"items":['
+        head = (
+            b'{"kind":"PodList","apiVersion":"v1","metadata":' + _compact(metadata) + b',"items":['
+        )
         tail = b"]}\n"
         length = len(head) + len(tail) + max(0, stop - low - 1)
         for i in range(low, stop):
@@ -937,7 +975,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _list_pieces(head, items, low, end, tail):
         yield head
         for chunk_start in range(low, end, WRITE_CHUNK_ITEMS):
-            chunk = b",".join(items[chunk_start:min(end, chunk_start + WRITE_CHUNK_ITEMS)])
+            chunk = b",".join(items[chunk_start : min(end, chunk_start + WRITE_CHUNK_ITEMS)])
             yield (b"," + chunk) if chunk_start > low else chunk
         yield tail
 
@@ -954,8 +992,10 @@ class _Handler(BaseHTTPRequestHandler):
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
         rule = api._take("expire_watch", "", _Request(), True)
         if rule is not None and rule.http:
-            self._send_json(410, status_object(410, _too_old(position, api.resource_version),
-                                               reason=rule.reason))
+            self._send_json(
+                410,
+                status_object(410, _too_old(position, api.resource_version), reason=rule.reason),
+            )
             return
         deadline = time.monotonic() + timeout
         with api._lock:
@@ -966,9 +1006,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._start_chunked()
             if rule is not None:
                 self._send_error_event(position, api.resource_version, rule.reason)
-            elif not self._stream_events(namespace, position, version == "0", cuts, deadline,
-                                         bookmarks, _selection(query)):
-                self.close_connection = True    # cut: no last chunk, as a dropped connection
+            elif not self._stream_events(
+                namespace, position, version == "0", cuts, deadline, bookmarks, _selection(query)
+            ):
+                self.close_connection = True  # cut: no last chunk, as a dropped connection
                 return
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -978,8 +1019,9 @@ class _Handler(BaseHTTPRequestHandler):
                 api._open_watches -= 1
                 api._changed.notify_all()
 
-    def _stream_events(self, namespace, position, initial, cuts, deadline, bookmarks,
-                       selection=None):
+    def _stream_events(
+        self, namespace, position, initial, cuts, deadline, bookmarks, selection=None
+    ):
         """Write events as they happen; False when cut, True at timeoutSeconds or expiry.
 
         With a selection (labelSelector, fieldSelector), only the events whose
@@ -990,14 +1032,17 @@ class _Handler(BaseHTTPRequestHandler):
 
         def wanted(ns, data):
             return namespace in (None, ns) and (
-                selection is None or matches(json.loads(data), *selection))
+                selection is None or matches(json.loads(data), *selection)
+            )
 
         if initial:
             snapshot = api._snapshot()
             position = snapshot.resource_version
             self._write_events(
-                ("ADDED", data) for key, data in zip(snapshot.keys, snapshot.items)
-                if wanted(key[0], data))
+                ("ADDED", data)
+                for key, data in zip(snapshot.keys, snapshot.items, strict=True)
+                if wanted(key[0], data)
+            )
         next_bookmark = time.monotonic() + api.bookmark_seconds
         while True:
             wake_at = min(deadline, next_bookmark) if bookmarks else deadline
@@ -1009,8 +1054,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
             if step == "events":
                 position = value[-1][0]
-                self._write_events((kind, data) for _, kind, ns, data in value
-                                   if wanted(ns, data))
+                self._write_events((kind, data) for _, kind, ns, data in value if wanted(ns, data))
                 continue
             position = value
             now = time.monotonic()
@@ -1042,10 +1086,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_bookmark(self, position):
         # What the real server sends: a Pod that is empty but for its resourceVersion.
-        bookmark = {"type": "BOOKMARK", "object": {
-            "kind": "Pod", "apiVersion": "v1",
-            "metadata": {"resourceVersion": str(position), "creationTimestamp": None},
-            "spec": {"containers": None}, "status": {}}}
+        bookmark = {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(position), "creationTimestamp": None},
+                "spec": {"containers": None},
+                "status": {},
+            },
+        }
         self._write_chunk(_compact(bookmark) + b"\n")
 
     def _send_error_event(self, position, compacted, reason="Expired"):
@@ -1112,5 +1162,8 @@ def _failure_message(code):
     if code == 503:
         return "the server is currently unable to handle the request"
     if code == 504:
-        return "the server was unable to return a response in the time allotted, but may still be processing the request"
+        return (
+            "the server was unable to return a response in the time allotted, "
+            "but may still be processing the request"
+        )
     return f"injected failure ({code})"

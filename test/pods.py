@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 
-EPOCH = datetime.datetime(2025, 1, 6, 9, 0, 0, tzinfo=datetime.timezone.utc)
+EPOCH = datetime.datetime(2025, 1, 6, 9, 0, 0, tzinfo=datetime.UTC)
 NAMESPACES = ("default", "kube-system", "monitoring", "payments", "search", "web")
 IMAGE = "nginx:1.27.3"
 INIT_IMAGE = "busybox:1.36.1"
@@ -82,8 +82,13 @@ def _condition(kind, status, at, reason=None, message=None):
 def _conditions_fields(kinds):
     return {
         f'k:{{"type":"{kind}"}}': {
-            ".": {}, "f:lastProbeTime": {}, "f:lastTransitionTime": {},
-            "f:message": {}, "f:reason": {}, "f:status": {}, "f:type": {},
+            ".": {},
+            "f:lastProbeTime": {},
+            "f:lastTransitionTime": {},
+            "f:message": {},
+            "f:reason": {},
+            "f:status": {},
+            "f:type": {},
         }
         for kind in kinds
     }
@@ -91,22 +96,45 @@ def _conditions_fields(kinds):
 
 def _container_fields(name, ports):
     fields = {
-        ".": {}, "f:env": {".": {}, 'k:{"name":"NGINX_PORT"}': {".": {}, "f:name": {}, "f:value": {}}},
-        "f:image": {}, "f:imagePullPolicy": {},
-        "f:livenessProbe": {".": {}, "f:failureThreshold": {}, "f:httpGet": {".": {}, "f:path": {},
-                            "f:port": {}, "f:scheme": {}}, "f:periodSeconds": {},
-                            "f:successThreshold": {}, "f:timeoutSeconds": {}},
+        ".": {},
+        "f:env": {".": {}, 'k:{"name":"NGINX_PORT"}': {".": {}, "f:name": {}, "f:value": {}}},
+        "f:image": {},
+        "f:imagePullPolicy": {},
+        "f:livenessProbe": {
+            ".": {},
+            "f:failureThreshold": {},
+            "f:httpGet": {".": {}, "f:path": {}, "f:port": {}, "f:scheme": {}},
+            "f:periodSeconds": {},
+            "f:successThreshold": {},
+            "f:timeoutSeconds": {},
+        },
         "f:name": {},
-        "f:readinessProbe": {".": {}, "f:failureThreshold": {}, "f:httpGet": {".": {}, "f:path": {},
-                             "f:port": {}, "f:scheme": {}}, "f:periodSeconds": {},
-                             "f:successThreshold": {}, "f:timeoutSeconds": {}},
-        "f:resources": {".": {}, "f:limits": {".": {}, "f:memory": {}},
-                        "f:requests": {".": {}, "f:cpu": {}, "f:memory": {}}},
-        "f:terminationMessagePath": {}, "f:terminationMessagePolicy": {},
+        "f:readinessProbe": {
+            ".": {},
+            "f:failureThreshold": {},
+            "f:httpGet": {".": {}, "f:path": {}, "f:port": {}, "f:scheme": {}},
+            "f:periodSeconds": {},
+            "f:successThreshold": {},
+            "f:timeoutSeconds": {},
+        },
+        "f:resources": {
+            ".": {},
+            "f:limits": {".": {}, "f:memory": {}},
+            "f:requests": {".": {}, "f:cpu": {}, "f:memory": {}},
+        },
+        "f:terminationMessagePath": {},
+        "f:terminationMessagePolicy": {},
     }
     if ports:
-        fields["f:ports"] = {".": {}, 'k:{"containerPort":80,"protocol":"TCP"}': {
-            ".": {}, "f:containerPort": {}, "f:name": {}, "f:protocol": {}}}
+        fields["f:ports"] = {
+            ".": {},
+            'k:{"containerPort":80,"protocol":"TCP"}': {
+                ".": {},
+                "f:containerPort": {},
+                "f:name": {},
+                "f:protocol": {},
+            },
+        }
     return {f'k:{{"name":"{name}"}}': fields}
 
 
@@ -120,8 +148,18 @@ def _probe(path):
     }
 
 
-def make_pod(namespace, name, *, phase="Running", healthy=True, init_container=False,
-             resource_version="1", node="worker-1", image=IMAGE, restarts=None):
+def make_pod(
+    namespace,
+    name,
+    *,
+    phase="Running",
+    healthy=True,
+    init_container=False,
+    resource_version="1",
+    node="worker-1",
+    image=IMAGE,
+    restarts=None,
+):
     """A realistic pod dict, as ``GET /api/v1/namespaces/NS/pods/NAME`` returns it.
 
     ``phase`` is Running or Pending (an nginx Deployment pod), Succeeded or
@@ -168,14 +206,23 @@ def _identity(namespace, name, resource_version, shape):
     }
     if phase in ("Succeeded", "Failed"):
         app = name.rsplit("-", 1)[0] if "-" in name else name
-        ident.update(app=app, owner_name=app, owner_hash="", generate_name=f"{app}-",
-                     owner_uid=_uid(_digest("job", namespace, app)))
+        ident.update(
+            app=app,
+            owner_name=app,
+            owner_hash="",
+            generate_name=f"{app}-",
+            owner_uid=_uid(_digest("job", namespace, app)),
+        )
     else:
         app, owner_hash = _split_name(name, digest)
         owner_name = f"{app}-{owner_hash}"
-        ident.update(app=app, owner_name=owner_name, owner_hash=owner_hash,
-                     generate_name=f"{owner_name}-",
-                     owner_uid=_uid(_digest("replicaset", namespace, owner_name)))
+        ident.update(
+            app=app,
+            owner_name=owner_name,
+            owner_hash=owner_hash,
+            generate_name=f"{owner_name}-",
+            owner_uid=_uid(_digest("replicaset", namespace, owner_name)),
+        )
     return ident
 
 
@@ -184,7 +231,7 @@ def _build(ident, shape):
     phase, crash, init_container, node, image, restarts = shape
     is_job = phase in ("Succeeded", "Failed")
     name, namespace, app = ident["name"], ident["namespace"], ident["app"]
-    created, started = ident["created"], ident["started"]
+    created = ident["created"]
     running_since, pod_ip = ident["running_since"], ident["pod_ip"]
     owner_name, owner_uid = ident["owner_name"], ident["owner_uid"]
     token_volume = ident["token_volume"]
@@ -210,8 +257,11 @@ def _build(ident, shape):
         },
         "f:spec": {
             "f:containers": _container_fields(container_name, not is_job),
-            "f:dnsPolicy": {}, "f:enableServiceLinks": {}, "f:restartPolicy": {},
-            "f:schedulerName": {}, "f:securityContext": {},
+            "f:dnsPolicy": {},
+            "f:enableServiceLinks": {},
+            "f:restartPolicy": {},
+            "f:schedulerName": {},
+            "f:securityContext": {},
             "f:terminationGracePeriodSeconds": {},
         },
     }
@@ -221,7 +271,10 @@ def _build(ident, shape):
     kubelet_status = {
         "f:conditions": _conditions_fields(condition_kinds),
         "f:containerStatuses": {},
-        "f:hostIP": {}, "f:hostIPs": {}, "f:phase": {}, "f:podIP": {},
+        "f:hostIP": {},
+        "f:hostIPs": {},
+        "f:phase": {},
+        "f:podIP": {},
         "f:podIPs": {".": {}, f'k:{{"ip":"{pod_ip}"}}': {".": {}, "f:ip": {}}},
         "f:startTime": {},
     }
@@ -241,14 +294,16 @@ def _build(ident, shape):
             "prometheus.io/port": "9113",
             "prometheus.io/scrape": "true",
         },
-        "ownerReferences": [{
-            "apiVersion": owner_api,
-            "kind": owner_kind,
-            "name": owner_name,
-            "uid": owner_uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }],
+        "ownerReferences": [
+            {
+                "apiVersion": owner_api,
+                "kind": owner_kind,
+                "name": owner_name,
+                "uid": owner_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
         "managedFields": [
             {
                 "manager": "kube-controller-manager",
@@ -299,19 +354,36 @@ def _build(ident, shape):
             **{k: v for k, v in container.items() if k not in ("name", "image")},
         }
     spec = {
-        "volumes": [{
-            "name": token_volume,
-            "projected": {
-                "sources": [
-                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-                    {"configMap": {"name": "kube-root-ca.crt",
-                                   "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {
-                        "apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
-                ],
-                "defaultMode": 420,
-            },
-        }],
+        "volumes": [
+            {
+                "name": token_volume,
+                "projected": {
+                    "sources": [
+                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                        {
+                            "configMap": {
+                                "name": "kube-root-ca.crt",
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "path": "namespace",
+                                        "fieldRef": {
+                                            "apiVersion": "v1",
+                                            "fieldPath": "metadata.namespace",
+                                        },
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                    "defaultMode": 420,
+                },
+            }
+        ],
         "containers": [container],
         "restartPolicy": "Never" if is_job else "Always",
         "terminationGracePeriodSeconds": 30,
@@ -322,10 +394,18 @@ def _build(ident, shape):
         "securityContext": {},
         "schedulerName": "default-scheduler",
         "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists",
-             "effect": "NoExecute", "tolerationSeconds": 300},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists",
-             "effect": "NoExecute", "tolerationSeconds": 300},
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            },
+            {
+                "key": "node.kubernetes.io/unreachable",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            },
         ],
         "priority": 0,
         "enableServiceLinks": True,
@@ -372,28 +452,40 @@ def _status(ident, shape, container_name, container_image, mount):
         _condition("PodScheduled", "True", created),
     ]
     status_mount = {**mount, "recursiveReadOnly": "Disabled"}
-    image_id = f"docker.io/library/{container_image.split(':')[0]}@sha256:{_digest('image', container_image)}"
+    image_digest = _digest("image", container_image)
+    image_id = f"docker.io/library/{container_image.split(':')[0]}@sha256:{image_digest}"
     if phase == "Running" and not crash:
         state, last_state = {"running": {"startedAt": running_since}}, {}
     elif crash:
-        state = {"waiting": {
-            "reason": "CrashLoopBackOff",
-            "message": f"back-off 2m40s restarting failed container={container_name} "
-                       f"pod={ident['name']}_{ident['namespace']}({ident['uid']})",
-        }}
-        last_state = {"terminated": {
-            "exitCode": 1, "reason": "Error", "startedAt": running_since,
-            "finishedAt": running_since, "containerID": ident["last_container_id"],
-        }}
+        state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off 2m40s restarting failed container={container_name} "
+                f"pod={ident['name']}_{ident['namespace']}({ident['uid']})",
+            }
+        }
+        last_state = {
+            "terminated": {
+                "exitCode": 1,
+                "reason": "Error",
+                "startedAt": running_since,
+                "finishedAt": running_since,
+                "containerID": ident["last_container_id"],
+            }
+        }
     elif pending:
         state, last_state = {"waiting": {"reason": "ContainerCreating"}}, {}
     else:
         code = 0 if phase == "Succeeded" else 1
-        state = {"terminated": {
-            "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-            "startedAt": running_since, "finishedAt": running_since,
-            "containerID": ident["container_id"],
-        }}
+        state = {
+            "terminated": {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "startedAt": running_since,
+                "finishedAt": running_since,
+                "containerID": ident["container_id"],
+            }
+        }
         last_state = {}
     container_status = {
         "name": container_name,
@@ -408,29 +500,39 @@ def _status(ident, shape, container_name, container_image, mount):
         container_status["containerID"] = ident["container_id"]
     container_status["started"] = ready
     container_status["volumeMounts"] = [status_mount]
-    status = {"phase": phase, "conditions": conditions, "hostIP": host_ip,
-              "hostIPs": [{"ip": host_ip}]}
+    status = {
+        "phase": phase,
+        "conditions": conditions,
+        "hostIP": host_ip,
+        "hostIPs": [{"ip": host_ip}],
+    }
     if not pending:
         status["podIP"] = pod_ip
         status["podIPs"] = [{"ip": pod_ip}]
     status["startTime"] = started
     if init_container:
-        status["initContainerStatuses"] = [{
-            "name": "init-config",
-            "state": {"terminated": {
-                "exitCode": 0, "reason": "Completed", "startedAt": started,
-                "finishedAt": running_since,
+        status["initContainerStatuses"] = [
+            {
+                "name": "init-config",
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "reason": "Completed",
+                        "startedAt": started,
+                        "finishedAt": running_since,
+                        "containerID": ident["init_container_id"],
+                    }
+                },
+                "lastState": {},
+                "ready": True,
+                "restartCount": 0,
+                "image": f"docker.io/library/{INIT_IMAGE}",
+                "imageID": f"docker.io/library/busybox@sha256:{_digest('image', INIT_IMAGE)}",
                 "containerID": ident["init_container_id"],
-            }},
-            "lastState": {},
-            "ready": True,
-            "restartCount": 0,
-            "image": f"docker.io/library/{INIT_IMAGE}",
-            "imageID": f"docker.io/library/busybox@sha256:{_digest('image', INIT_IMAGE)}",
-            "containerID": ident["init_container_id"],
-            "started": False,
-            "volumeMounts": [status_mount],
-        }]
+                "started": False,
+                "volumeMounts": [status_mount],
+            }
+        ]
     status["containerStatuses"] = [container_status]
     status["qosClass"] = "Burstable"
     return status
@@ -448,8 +550,7 @@ def _is_healthy(i, unhealthy_every):
     return not (unhealthy_every and i % unhealthy_every == unhealthy_every - 1)
 
 
-def generate(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy_every=0,
-             start=0):
+def generate(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy_every=0, start=0):
     """Yield ``n`` Running Deployment pods (dicts) spread over ``namespaces``.
 
     Pod i is in namespace ``i % len(namespaces)``, belongs to one of
@@ -458,12 +559,12 @@ def generate(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy_every
     i, to make further pods. Names are distinct for i below 27**5.
     """
     for i, namespace, name in _names(n, namespaces, apps_per_namespace, start):
-        yield make_pod(namespace, name, healthy=_is_healthy(i, unhealthy_every),
-                       resource_version=str(i + 1))
+        yield make_pod(
+            namespace, name, healthy=_is_healthy(i, unhealthy_every), resource_version=str(i + 1)
+        )
 
 
-def generate_items(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy_every=0,
-                   start=0):
+def generate_items(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy_every=0, start=0):
     """Yield the pods of ``generate`` as ``(namespace, name, bytes)``, fast.
 
     The bytes are the pod as a PodList item: compact JSON without
@@ -478,9 +579,11 @@ def generate_items(n, namespaces=NAMESPACES, *, apps_per_namespace=50, unhealthy
         parts = templates.get(shape)
         if parts is None:
             parts = templates[shape] = _template(ident, shape)
-        yield namespace, name, "".join(
-            [part if j % 2 == 0 else ident[part] for j, part in enumerate(parts)]
-        ).encode()
+        yield (
+            namespace,
+            name,
+            "".join([part if j % 2 == 0 else ident[part] for j, part in enumerate(parts)]).encode(),
+        )
 
 
 def _template(ident, shape):

@@ -54,16 +54,20 @@ def signature_problem(secret, headers, body):
     would: Webhook(secret) for a whsec_ secret, else Webhook(secret.encode()).
     """
     if secret is None:
-        return "signed, but the receiver has no secret" if "webhook-signature" in headers \
-            or "x-atomist-signature" in headers else None
-    verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_")
-                                        else secret.encode())
+        return (
+            "signed, but the receiver has no secret"
+            if "webhook-signature" in headers or "x-atomist-signature" in headers
+            else None
+        )
+    verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_") else secret.encode())
     try:
         verifier.verify(body, headers, json_parse=False)
     except standardwebhooks.webhooks.WebhookVerificationError as exc:
         return f"Standard Webhooks: {exc}"
-    for header, name, digest in (("x-atomist-signature", "sha1", hashlib.sha1),
-                                 ("x-hub-signature-256", "sha256", hashlib.sha256)):
+    for header, name, digest in (
+        ("x-atomist-signature", "sha1", hashlib.sha1),
+        ("x-hub-signature-256", "sha256", hashlib.sha256),
+    ):
         expected = f"{name}=" + hmac.new(secret.encode(), body, digest).hexdigest()
         if not hmac.compare_digest(headers.get(header, ""), expected):
             return f"{header} does not verify"
@@ -91,7 +95,7 @@ class Receiver:
 
     def __init__(self, answers=(), secret=None, respond=None):
         self.received = []
-        self.requests = []      # every request, whatever the answer
+        self.requests = []  # every request, whatever the answer
         self.problems = []
         self.secret = secret
         self.answers = collections.deque(answers)
@@ -117,8 +121,7 @@ class Receiver:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = Received(
-                    self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                request = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 problem = signature_problem(receiver.secret, request.headers, body)
                 with receiver._cond:
                     receiver.requests.append(request)
@@ -135,8 +138,7 @@ class Receiver:
                 if answer in (RESET, CLOSE):
                     self._hang_up(answer)
                     return
-                status, headers, reply = (answer if isinstance(answer, tuple)
-                                          else (answer, {}, b""))
+                status, headers, reply = answer if isinstance(answer, tuple) else (answer, {}, b"")
                 with receiver._cond:
                     # Recorded before the answer goes out: the next delivery
                     # of a pod never overtakes this one in `received`.
@@ -158,8 +160,9 @@ class Receiver:
                 if how == RESET:
                     # Linger 0: the close sends RST instead of FIN. Closed here,
                     # before the server's shutdown() would send a FIN.
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               struct.pack("ii", 1, 0))
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                     os.close(self.connection.detach())
                 with receiver._cond:
                     receiver.statuses.append(how)
@@ -184,7 +187,8 @@ class Receiver:
                 if left <= 0:
                     raise AssertionError(
                         f"{len(self.received)} of {count} deliveries arrived: "
-                        f"{sorted(self.keys())}; refused: {self.problems}")
+                        f"{sorted(self.keys())}; refused: {self.problems}"
+                    )
                 self._cond.wait(left)
             return list(self.received)
 
@@ -219,8 +223,7 @@ class Receiver:
 
     def latest(self):
         """{key: the pod last received under that key}."""
-        return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
-                for p in self.pods()}
+        return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in self.pods()}
 
     def wait_until(self, condition, timeout=20, what="the condition"):
         """Wait until condition() holds, looking again after each request."""

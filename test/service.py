@@ -20,9 +20,13 @@ class Service:
         self.err_path = workdir / "stderr"
         self._out = open(self.out_path, "wb")
         self._err = open(self.err_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(K8SVENT), *args], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(K8SVENT), *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
+        )
 
     def log(self):
         return self.err_path.read_text(errors="replace")

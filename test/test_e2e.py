@@ -26,8 +26,7 @@ def start(kubeapi, kubeconfig, kubectl_path, tmp_path):
 
     def run(*args, env=None, fast=True, kubectl=None):
         argv = [f"--kubectl={kubectl or kubectl_path}", *(FAST if fast else ()), *args]
-        service = Service(argv, service_env(kubeconfig, env),
-                          tmp_path / f"run{len(started)}")
+        service = Service(argv, service_env(kubeconfig, env), tmp_path / f"run{len(started)}")
         started.append(service)
         return service
 
@@ -52,8 +51,7 @@ def relabel(pod, value):
 
 
 def test_first_poll_sends_every_pod_to_every_url(kubeapi, start, receivers):
-    pods = [make_pod("default", f"web-{i}") for i in range(5)] + \
-        [make_pod("kube-system", "dns")]
+    pods = [make_pod("default", f"web-{i}") for i in range(5)] + [make_pod("kube-system", "dns")]
     put(kubeapi, *pods)
     first, second = receivers(), receivers()
     service = start(f"--url={first.url}", f"--url={second.url}", "--chunk-size=2")
@@ -88,8 +86,9 @@ def test_unhealthy_changed_and_deleted(kubeapi, start, receivers):
     kubeapi.delete_pod("default", "doomed")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not (
-            receiver.keys().count("default/healthy") == 2
-            and receiver.keys().count("default/doomed") == 2):
+        receiver.keys().count("default/healthy") == 2
+        and receiver.keys().count("default/doomed") == 2
+    ):
         time.sleep(0.05)
     service.wait_polls(service.polls() + 3)
     pods = receiver.pods()
@@ -103,8 +102,7 @@ def test_unhealthy_changed_and_deleted(kubeapi, start, receivers):
     assert service.stop() == 0
 
 
-def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, start,
-                                            receivers):
+def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, start, receivers):
     pod = make_pod("default", "web", init_container=True)
     put(kubeapi, pod)
     receiver = receivers()
@@ -112,7 +110,10 @@ def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, s
     assert service.wait() == 0
     printed = subprocess.run(
         [kubectl_path, "get", "pod", "web", "-n", "default", "-o", "json"],
-        env=service_env(kubeconfig), capture_output=True, check=True).stdout
+        env=service_env(kubeconfig),
+        capture_output=True,
+        check=True,
+    ).stdout
     (received,) = receiver.received
     assert json.loads(received.body) == {"pod": json.loads(printed)}
     assert received.headers["content-type"] == "application/json"
@@ -122,16 +123,20 @@ def test_payload_is_what_kubectl_get_prints(kubeapi, kubeconfig, kubectl_path, s
 @pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
 def test_signatures_verify(kubeapi, start, receivers, secret):
     put(kubeapi, make_pod("default", "web"))
-    receiver = receivers(secret=secret)     # verifies all three signatures
+    receiver = receivers(secret=secret)  # verifies all three signatures
     began = int(time.time())
     service = start(f"--url={receiver.url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": secret})
     assert service.wait() == 0
     (received,) = receiver.received
     body = received.body
-    assert received.headers["x-atomist-signature"] == \
-        "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
-    assert received.headers["x-hub-signature-256"] == \
-        "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert (
+        received.headers["x-atomist-signature"]
+        == "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    )
+    assert (
+        received.headers["x-hub-signature-256"]
+        == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    )
     assert re.fullmatch(r"msg_[0-9a-f]{26}", received.headers["webhook-id"])
     assert began <= int(received.headers["webhook-timestamp"]) <= time.time()
     assert received.headers["webhook-signature"].startswith("v1,")
@@ -143,7 +148,7 @@ def test_signatures_verify(kubeapi, start, receivers, secret):
 
 def test_unsigned_without_a_secret(kubeapi, start, receivers):
     put(kubeapi, make_pod("default", "web"))
-    receiver = receivers()      # refuses any signed request
+    receiver = receivers()  # refuses any signed request
     service = start(f"--url={receiver.url}", "--once")
     assert service.wait() == 0
     (received,) = receiver.received
@@ -166,7 +171,7 @@ def test_new_deliveries_get_new_webhook_ids(kubeapi, start, receivers):
     put(kubeapi, web, sick)
     receiver = receivers(secret="s3cr3t")
     service = start(f"--url={receiver.url}", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
-    receiver.wait_for(3)            # web, and sick twice: re-sent on the next poll
+    receiver.wait_for(3)  # web, and sick twice: re-sent on the next poll
     kubeapi.put_pod(relabel(web, "changed"))
     deadline = time.monotonic() + 20
     while receiver.keys().count("default/web") < 2 and time.monotonic() < deadline:
@@ -195,14 +200,15 @@ def test_503_then_200_gets_the_newest_state(kubeapi, start, receivers):
     # no line per attempt; at most one down and one back up (503s of a
     # delivery that failed before do not count: they may be about the pod)
     down = service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ is down \(HTTP 503\)")
-    assert down <= 1 and down == service.count(r"WARNING webhook http://127\.0\.0\.1:\d+ "
-                                               r"is back up")
+    assert down <= 1 and down == service.count(
+        r"WARNING webhook http://127\.0\.0\.1:\d+ "
+        r"is back up"
+    )
     assert service.count(r"WARNING") == 2 * down
     assert service.stop() == 0
 
 
-def test_receiver_down_for_three_polls_gets_every_missed_change_once(
-        kubeapi, start, receivers):
+def test_receiver_down_for_three_polls_gets_every_missed_change_once(kubeapi, start, receivers):
     steady, changing, doomed = (make_pod("default", n) for n in ("steady", "changing", "doomed"))
     put(kubeapi, steady, changing, doomed)
     up, flaky = receivers(), receivers()
@@ -264,7 +270,7 @@ def test_sigterm_during_a_hung_poll_exits_promptly(kubeapi, start, receivers):
     deadline = time.monotonic() + 10
     while not any("/pods" in path for _, path in kubeapi.requests[asked:]):
         assert time.monotonic() < deadline, "no poll asked for pods"
-        time.sleep(0.05)   # then that poll hangs in kubectl
+        time.sleep(0.05)  # then that poll hangs in kubectl
     began = time.monotonic()
     assert service.stop(signal.SIGTERM) == 0
     assert time.monotonic() - began < 5
@@ -279,8 +285,9 @@ def test_signal_during_once_with_undelivered_pods_exits_1(kubeapi, start, receiv
     assert service.stop(signal.SIGTERM) == 1
 
 
-@pytest.mark.parametrize("failure", ["500 on a later page", "truncated body",
-                                     "expired continue", "kubectl hangs"])
+@pytest.mark.parametrize(
+    "failure", ["500 on a later page", "truncated body", "expired continue", "kubectl hangs"]
+)
 def test_failing_polls_send_no_deletions(kubeapi, start, receivers, failure):
     put(kubeapi, *(make_pod("default", f"web-{i}") for i in range(5)))
     receiver = receivers()
@@ -305,8 +312,9 @@ def test_failing_polls_send_no_deletions(kubeapi, start, receivers, failure):
     assert service.stop() == 0
 
 
-def test_kubectl_missing_sends_nothing_and_keeps_going(kubeapi, start, receivers, kubectl_path,
-                                                        tmp_path):
+def test_kubectl_missing_sends_nothing_and_keeps_going(
+    kubeapi, start, receivers, kubectl_path, tmp_path
+):
     put(kubeapi, make_pod("default", "web"))
     link = tmp_path / "kubectl"
     link.symlink_to(kubectl_path)
@@ -325,8 +333,7 @@ def test_kubectl_missing_sends_nothing_and_keeps_going(kubeapi, start, receivers
 def test_once_says_it_exits_rather_than_a_retry_it_will_not_make(start, receivers, tmp_path):
     service = start(f"--url={receivers().url}", "--once", kubectl=str(tmp_path / "nokubectl"))
     assert service.wait() == 1
-    assert "poll failed, nothing changed; exiting with status 1: kubectl not found" \
-        in service.log()
+    assert "poll failed, nothing changed; exiting with status 1: kubectl not found" in service.log()
     assert "retrying" not in service.log()
 
 
@@ -366,8 +373,9 @@ def test_url_password_never_logged(kubeapi, start, receivers):
     service = start(f"--url={url}", "--once", env={"K8SVENT_WEBHOOK_SECRET": "s3cr3t"})
     assert service.wait() == 0
     (received,) = receiver.received
-    assert received.headers["authorization"] == \
-        "Basic " + base64.b64encode(b"user:hunter2").decode()
+    assert (
+        received.headers["authorization"] == "Basic " + base64.b64encode(b"user:hunter2").decode()
+    )
     log = service.log()
     assert "failed (HTTP 503)" in log
     assert "hunter2" not in log and "s3cr3t" not in log
@@ -385,9 +393,12 @@ def test_redirect_is_not_followed(kubeapi, start, receivers):
 
 def test_retry_after_is_honoured_and_correlation_id_logged(kubeapi, start, receivers):
     put(kubeapi, make_pod("default", "web"))
-    receiver = receivers([(429, {"Retry-After": "2"}, b""),
-                          (200, {"Content-Type": "application/json"},
-                           b'{"correlation_id": "abc-123"}')])
+    receiver = receivers(
+        [
+            (429, {"Retry-After": "2"}, b""),
+            (200, {"Content-Type": "application/json"}, b'{"correlation_id": "abc-123"}'),
+        ]
+    )
     service = start(f"--url={receiver.url}", "--once")
     began = time.monotonic()
     assert service.wait() == 0
@@ -398,14 +409,18 @@ def test_retry_after_is_honoured_and_correlation_id_logged(kubeapi, start, recei
 def test_http_proxy_is_used_and_no_proxy_honoured(kubeapi, start, receivers):
     put(kubeapi, make_pod("default", "web"))
     proxy, direct = receivers(), receivers()
-    service = start("--url=http://webhook.invalid/hook", f"--url={direct.url}", "--once",
-                    env={"HTTP_PROXY": f"http://user:pw@127.0.0.1:{proxy.port}",
-                         "NO_PROXY": "127.0.0.1"})
+    service = start(
+        "--url=http://webhook.invalid/hook",
+        f"--url={direct.url}",
+        "--once",
+        env={"HTTP_PROXY": f"http://user:pw@127.0.0.1:{proxy.port}", "NO_PROXY": "127.0.0.1"},
+    )
     assert service.wait() == 0
     (via_proxy,) = proxy.received
     assert via_proxy.path == "http://webhook.invalid:80/hook"
-    assert via_proxy.headers["proxy-authorization"] == \
-        "Basic " + base64.b64encode(b"user:pw").decode()
+    assert (
+        via_proxy.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"user:pw").decode()
+    )
     assert direct.keys() == ["default/web"] and direct.received[0].path == "/hook"
 
 
@@ -425,14 +440,23 @@ SELECTION_PODS = [
 ]
 
 
-@pytest.mark.parametrize("args, env, expected", [
-    (["--selector=app=web,tier!=cache"], {}, ["dev/web", "prod/web", "staging/web"]),
-    ([], {"K8SVENT_SELECTOR": "app in (web, dns), !canary"},
-     ["dev/web", "kube-system/dns", "prod/cache", "prod/web"]),
-    (["--exclude-namespace=kube-system", "--exclude-namespace=dev"], {},
-     ["prod/cache", "prod/web", "staging/web"]),
-    (["--selector=app=web"], {"K8SVENT_EXCLUDE_NAMESPACES": "prod,staging"}, ["dev/web"]),
-])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["--selector=app=web,tier!=cache"], {}, ["dev/web", "prod/web", "staging/web"]),
+        (
+            [],
+            {"K8SVENT_SELECTOR": "app in (web, dns), !canary"},
+            ["dev/web", "kube-system/dns", "prod/cache", "prod/web"],
+        ),
+        (
+            ["--exclude-namespace=kube-system", "--exclude-namespace=dev"],
+            {},
+            ["prod/cache", "prod/web", "staging/web"],
+        ),
+        (["--selector=app=web"], {"K8SVENT_EXCLUDE_NAMESPACES": "prod,staging"}, ["dev/web"]),
+    ],
+)
 def test_only_selected_pods_arrive(kubeapi, start, receivers, args, env, expected):
     put(kubeapi, *SELECTION_PODS)
     receiver = receivers()
@@ -462,5 +486,7 @@ def test_another_selection_starts_a_fresh_snapshot(kubeapi, start, receivers, tm
 def test_bad_selector_exits_2_in_one_line(kubeapi, start):
     service = start("--url=http://127.0.0.1:9/hook", "--selector=app in (web")
     assert service.wait() == 2
-    assert service.log() == ("k8svent: error: K8SVENT_SELECTOR (--selector) 'app in (web' is "
-                             "not a label selector: expected , or ) in the values of app\n")
+    assert service.log() == (
+        "k8svent: error: K8SVENT_SELECTOR (--selector) 'app in (web' is "
+        "not a label selector: expected , or ) in the values of app\n"
+    )

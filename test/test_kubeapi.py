@@ -31,6 +31,7 @@ unexpected EOF`` after the events that came whole; an HTTP error prints
 ``Error from server (REASON): MESSAGE`` and nothing on stdout.
 """
 
+import http.client
 import json
 import queue
 import subprocess
@@ -89,7 +90,7 @@ def test_get_pods_all_namespaces(kubeapi, kubeconfig, kubectl_path, five_pods):
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)
     assert listed["kind"] == "List"
-    keys = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}' for p in listed["items"]]
+    keys = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in listed["items"]]
     assert keys == kubeapi.pod_keys() == five_pods
     for item in listed["items"]:
         stored = kubeapi.get_pod(item["metadata"]["namespace"], item["metadata"]["name"])
@@ -104,15 +105,24 @@ def test_get_pods_in_one_namespace(kubeapi, kubeconfig, kubectl_path, five_pods)
     assert names == [k.split("/")[1] for k in five_pods if k.startswith("kube-system/")]
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"healthy": False}, {"init_container": True}, {"phase": "Succeeded"}, {"phase": "Pending"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"healthy": False},
+        {"init_container": True},
+        {"phase": "Succeeded"},
+        {"phase": "Pending"},
+    ],
+)
 def test_get_pod_prints_the_stored_object(kubeapi, kubeconfig, kubectl_path, options):
     kubeapi.put_pod(make_pod("shop", "web-7c79c4bf97-x2kq9", **options))
     result = kubectl(kubectl_path, "get", "pod", "web-7c79c4bf97-x2kq9", "-n", "shop", "-o", "json")
     assert result.returncode == 0, result.stderr
     expected = without_managed_fields(kubeapi.get_pod("shop", "web-7c79c4bf97-x2kq9"))
-    assert result.stdout == json.dumps(expected, indent=4, sort_keys=True, ensure_ascii=False) + "\n"
+    assert (
+        result.stdout == json.dumps(expected, indent=4, sort_keys=True, ensure_ascii=False) + "\n"
+    )
 
 
 def test_get_pod_escapes_like_go(kubeapi, kubeconfig, kubectl_path):
@@ -124,10 +134,13 @@ def test_get_pod_escapes_like_go(kubeapi, kubeconfig, kubectl_path):
     assert json.loads(result.stdout)["metadata"]["annotations"]["note"] == "a<b>&c é \u2028 😀"
 
 
-@pytest.mark.parametrize("namespace, message", [
-    ("default", 'pods "nope" not found'),
-    ("nowhere", 'namespaces "nowhere" not found'),  # kubectl then asks for the namespace
-])
+@pytest.mark.parametrize(
+    "namespace, message",
+    [
+        ("default", 'pods "nope" not found'),
+        ("nowhere", 'namespaces "nowhere" not found'),  # kubectl then asks for the namespace
+    ],
+)
 def test_get_missing_pod(kubeapi, kubeconfig, kubectl_path, namespace, message):
     result = kubectl(kubectl_path, "get", "pod", "nope", "-n", namespace, "-o", "json")
     assert result.returncode == 1
@@ -150,7 +163,7 @@ def test_raw_paging_follows_continue(kubeapi, kubeconfig, kubectl_path, five_pod
         for item in page["items"]:
             assert "apiVersion" not in item and "kind" not in item
             assert item["metadata"]["managedFields"]
-            seen.append(f'{item["metadata"]["namespace"]}/{item["metadata"]["name"]}')
+            seen.append(f"{item['metadata']['namespace']}/{item['metadata']['name']}")
         token = page["metadata"].get("continue")
         if not token:
             assert "remainingItemCount" not in page["metadata"]
@@ -160,13 +173,20 @@ def test_raw_paging_follows_continue(kubeapi, kubeconfig, kubectl_path, five_pod
     assert seen == five_pods
 
 
-def test_error_on_a_later_page_prints_the_earlier_pages(kubeapi, kubeconfig, kubectl_path, five_pods):
+def test_error_on_a_later_page_prints_the_earlier_pages(
+    kubeapi, kubeconfig, kubectl_path, five_pods
+):
     kubeapi.fail(500, page=1)
     result = kubectl(kubectl_path, "get", "pods", "-A", "-o", "json", "--chunk-size=2")
     assert result.returncode == 1
-    assert result.stderr == "Error from server (InternalError): Internal error occurred: injected failure\n"
+    assert (
+        result.stderr
+        == "Error from server (InternalError): Internal error occurred: injected failure\n"
+    )
     partial = json.loads(result.stdout)
-    assert [p["metadata"]["name"] for p in partial["items"]] == [k.split("/")[1] for k in five_pods[:2]]
+    assert [p["metadata"]["name"] for p in partial["items"]] == [
+        k.split("/")[1] for k in five_pods[:2]
+    ]
 
 
 def test_error_on_the_first_page_prints_an_empty_list(kubeapi, kubeconfig, kubectl_path, five_pods):
@@ -189,7 +209,10 @@ def test_truncated_body(kubeapi, kubeconfig, kubectl_path, five_pods):
     result = kubectl(kubectl_path, "get", "pods", "-A", "-o", "json")
     assert result.returncode == 1
     assert result.stdout == EMPTY_LIST_OUTPUT
-    assert "unexpected error when reading response body. Please retry. Original error: unexpected EOF" in result.stderr
+    assert (
+        "unexpected error when reading response body. Please retry. Original error: unexpected EOF"
+        in result.stderr
+    )
 
 
 def test_expired_continue(kubeapi, kubeconfig, kubectl_path, five_pods):
@@ -221,8 +244,9 @@ class Watch:
     """``kubectl get --raw`` of a watch path, its stdout read line by line as it comes."""
 
     def __init__(self, kubectl_path, path):
-        self.process = subprocess.Popen([kubectl_path, "get", "--raw", path],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [kubectl_path, "get", "--raw", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self._lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -287,7 +311,7 @@ def watch_path(resource_version=None, *, namespace=None, timeout=30, bookmarks=F
 def summary(event):
     """(type, namespace/name, resourceVersion) of an event."""
     meta = event["object"]["metadata"]
-    return event["type"], f'{meta.get("namespace")}/{meta.get("name")}', meta["resourceVersion"]
+    return event["type"], f"{meta.get('namespace')}/{meta.get('name')}", meta["resourceVersion"]
 
 
 def test_watch_prints_each_event_while_the_stream_is_open(kubeapi, watch):
@@ -309,8 +333,9 @@ def test_watch_prints_each_event_while_the_stream_is_open(kubeapi, watch):
     assert summary(event) == ("DELETED", "shop/web-7c79c4bf97-x2kq9", kubeapi.resource_version)
     assert int(kubeapi.resource_version) > int(modified)
     # The last state, but for the resourceVersion of the deletion.
-    assert event["object"] == dict(last, metadata=dict(
-        last["metadata"], resourceVersion=kubeapi.resource_version))
+    assert event["object"] == dict(
+        last, metadata=dict(last["metadata"], resourceVersion=kubeapi.resource_version)
+    )
     assert watching.process.poll() is None
 
 
@@ -352,17 +377,24 @@ def test_watch_of_one_namespace(kubeapi, watch):
     assert summary(watching.next_event()) == ("ADDED", "shop/b-7c79c4bf97-x2kq9", live)
     # kubectl sorts the query's parameters by name.
     assert kubeapi.requests == [
-        ("GET", f"/api/v1/namespaces/shop/pods?resourceVersion={start}&timeoutSeconds=30&watch=1")]
+        ("GET", f"/api/v1/namespaces/shop/pods?resourceVersion={start}&timeoutSeconds=30&watch=1")
+    ]
 
 
 def test_watch_bookmarks_carry_the_current_resource_version(kubeapi, watch):
     kubeapi.bookmark_seconds = 0.2
     start = kubeapi.resource_version
     watching = watch(watch_path(start, bookmarks=True))
-    assert watching.next_event() == {"type": "BOOKMARK", "object": {
-        "kind": "Pod", "apiVersion": "v1",
-        "metadata": {"resourceVersion": start, "creationTimestamp": None},
-        "spec": {"containers": None}, "status": {}}}
+    assert watching.next_event() == {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": start, "creationTimestamp": None},
+            "spec": {"containers": None},
+            "status": {},
+        },
+    }
     added = kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
     event = watching.next_event()
     while event["type"] == "BOOKMARK":
@@ -393,10 +425,20 @@ def test_watch_from_a_compacted_resource_version_gets_410(kubeapi, watch):
     kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))  # the event at `first` goes
     events, status, stderr = watch(watch_path(start), opened=False).rest()
     assert (status, stderr) == (0, "")
-    assert events == [{"type": "ERROR", "object": {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": f"too old resource version: {start} ({first})", "reason": "Expired",
-        "code": 410}}]
+    assert events == [
+        {
+            "type": "ERROR",
+            "object": {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": f"too old resource version: {start} ({first})",
+                "reason": "Expired",
+                "code": 410,
+            },
+        }
+    ]
     events, status, _ = watch(watch_path(first, timeout=1), opened=False).rest()
     assert ([e["type"] for e in events], status) == (["MODIFIED", "MODIFIED"], 0)
 
@@ -413,7 +455,8 @@ def test_expire_watch_sends_an_error_event(kubeapi, watch):
     kubeapi.expire_watch()
     events, status, _ = watch(watch_path(kubeapi.resource_version), opened=False).rest()
     assert [(e["type"], e["object"]["code"], e["object"]["reason"]) for e in events] == [
-        ("ERROR", 410, "Expired")]
+        ("ERROR", 410, "Expired")
+    ]
     assert status == 0
 
 
@@ -463,8 +506,13 @@ def test_unknown_continue_token_is_expired(kubeapi):
     status, body = fetch(kubeapi, "/api/v1/pods?limit=1&continue=bm90LWEtdG9rZW4")
     assert status == 410
     assert body == {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": EXPIRED_MESSAGE, "reason": "Expired", "code": 410,
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": EXPIRED_MESSAGE,
+        "reason": "Expired",
+        "code": 410,
     }
 
 
@@ -479,7 +527,10 @@ def test_paged_list_is_a_consistent_snapshot(kubeapi, five_pods):
     kubeapi.put_pod(make_pod("aaa", "new-7c79c4bf97-x2kq9"))
     _, rest = fetch(kubeapi, "/api/v1/pods?limit=10&continue=" + first["metadata"]["continue"])
     assert rest["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
-    names = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}' for p in first["items"] + rest["items"]]
+    names = [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in first["items"] + rest["items"]
+    ]
     assert names == five_pods
     _, fresh = fetch(kubeapi, "/api/v1/pods")
     assert len(fresh["items"]) == 5 and fresh["items"][0]["metadata"]["namespace"] == "aaa"
@@ -507,7 +558,7 @@ def test_truncated_body_is_cut_in_the_middle(kubeapi, five_pods):
     kubeapi.truncate()
     with urllib.request.urlopen(kubeapi.url + "/api/v1/pods", timeout=10) as response:
         length = int(response.headers["Content-Length"])
-        with pytest.raises(Exception):  # http.client.IncompleteRead
+        with pytest.raises(http.client.IncompleteRead):
             response.read()
     assert length > 5 * 5000
 
@@ -515,7 +566,9 @@ def test_truncated_body_is_cut_in_the_middle(kubeapi, five_pods):
 def test_generated_items_match_generated_pods():
     from test.pods import generate_items
 
-    for pod, (namespace, name, data) in zip(generate(20, unhealthy_every=3), generate_items(20, unhealthy_every=3)):
+    for pod, (namespace, name, data) in zip(
+        generate(20, unhealthy_every=3), generate_items(20, unhealthy_every=3), strict=True
+    ):
         assert (namespace, name) == (pod["metadata"]["namespace"], pod["metadata"]["name"])
         assert {"apiVersion": "v1", "kind": "Pod", **json.loads(data)} == pod
 
@@ -548,47 +601,73 @@ def labelled_pods(kubeapi):
     return pods
 
 
-@pytest.mark.parametrize("selector, expected", [
-    ("app=web", ["prod/cache", "prod/web", "staging/web"]),
-    ("app==web,tier!=cache", ["prod/web", "staging/web"]),
-    ("env in (prod,staging)", ["prod/cache", "prod/web", "staging/web"]),
-    ("env notin (prod, staging)", ["dev/api", "kube-system/dns"]),
-    ("canary", ["staging/web"]),
-    ("!canary,app", ["dev/api", "prod/cache", "prod/web"]),
-    ("replicas>2", ["dev/api"]),
-    ("replicas<3", []),
-    ("app=nothing", []),
-])
-def test_kubectl_label_selector(kubeapi, kubeconfig, kubectl_path, labelled_pods, selector,
-                                expected):
-    result = kubectl(kubectl_path, "get", "pods", "-A", "-l", selector, "-o", "json",
-                     "--chunk-size=1")
+@pytest.mark.parametrize(
+    "selector, expected",
+    [
+        ("app=web", ["prod/cache", "prod/web", "staging/web"]),
+        ("app==web,tier!=cache", ["prod/web", "staging/web"]),
+        ("env in (prod,staging)", ["prod/cache", "prod/web", "staging/web"]),
+        ("env notin (prod, staging)", ["dev/api", "kube-system/dns"]),
+        ("canary", ["staging/web"]),
+        ("!canary,app", ["dev/api", "prod/cache", "prod/web"]),
+        ("replicas>2", ["dev/api"]),
+        ("replicas<3", []),
+        ("app=nothing", []),
+    ],
+)
+def test_kubectl_label_selector(
+    kubeapi, kubeconfig, kubectl_path, labelled_pods, selector, expected
+):
+    result = kubectl(
+        kubectl_path, "get", "pods", "-A", "-l", selector, "-o", "json", "--chunk-size=1"
+    )
     assert result.returncode == 0, result.stderr
-    keys = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}'
-            for p in json.loads(result.stdout)["items"]]
+    keys = [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in json.loads(result.stdout)["items"]
+    ]
     assert keys == expected
     assert any("labelSelector=" in path for _, path in kubeapi.requests)
 
 
-@pytest.mark.parametrize("selector, expected", [
-    ("metadata.namespace!=prod,metadata.namespace!=kube-system", ["dev/api", "staging/web"]),
-    ("metadata.namespace=prod", ["prod/cache", "prod/web"]),
-    ("metadata.namespace==dev", ["dev/api"]),
-    ("metadata.name=web,metadata.namespace!=prod", ["staging/web"]),
-])
-def test_kubectl_field_selector(kubeapi, kubeconfig, kubectl_path, labelled_pods, selector,
-                                expected):
-    result = kubectl(kubectl_path, "get", "pods", "-A", "--field-selector", selector,
-                     "-o", "json", "--chunk-size=2")
+@pytest.mark.parametrize(
+    "selector, expected",
+    [
+        ("metadata.namespace!=prod,metadata.namespace!=kube-system", ["dev/api", "staging/web"]),
+        ("metadata.namespace=prod", ["prod/cache", "prod/web"]),
+        ("metadata.namespace==dev", ["dev/api"]),
+        ("metadata.name=web,metadata.namespace!=prod", ["staging/web"]),
+    ],
+)
+def test_kubectl_field_selector(
+    kubeapi, kubeconfig, kubectl_path, labelled_pods, selector, expected
+):
+    result = kubectl(
+        kubectl_path,
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        selector,
+        "-o",
+        "json",
+        "--chunk-size=2",
+    )
     assert result.returncode == 0, result.stderr
-    keys = [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}'
-            for p in json.loads(result.stdout)["items"]]
+    keys = [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in json.loads(result.stdout)["items"]
+    ]
     assert keys == expected
 
 
 def test_selected_pages_are_short_and_consistent(kubeapi, labelled_pods):
-    query = "labelSelector=" + urllib.parse.quote("app=web") + \
-        "&fieldSelector=" + urllib.parse.quote("metadata.namespace!=staging")
+    query = (
+        "labelSelector="
+        + urllib.parse.quote("app=web")
+        + "&fieldSelector="
+        + urllib.parse.quote("metadata.namespace!=staging")
+    )
     status, first = fetch(kubeapi, f"/api/v1/pods?limit=1&{query}")
     # dev/api does not match: the first page walks past it to prod/cache
     assert status == 200 and [p["metadata"]["name"] for p in first["items"]] == ["cache"]
@@ -597,10 +676,11 @@ def test_selected_pages_are_short_and_consistent(kubeapi, labelled_pods):
     kubeapi.put_pod(labelled("prod", "late", app="web"))
     seen, token = [], first["metadata"]["continue"]
     while token:
-        _, page = fetch(kubeapi, f"/api/v1/pods?limit=1&{query}&continue="
-                        + urllib.parse.quote(token))
+        _, page = fetch(
+            kubeapi, f"/api/v1/pods?limit=1&{query}&continue=" + urllib.parse.quote(token)
+        )
         assert page["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
-        seen += [f'{p["metadata"]["namespace"]}/{p["metadata"]["name"]}' for p in page["items"]]
+        seen += [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in page["items"]]
         token = page["metadata"].get("continue")
     # the snapshot of the first page: prod/web still there, prod/late not yet;
     # the last page (staging/web does not match) is empty
@@ -608,37 +688,43 @@ def test_selected_pages_are_short_and_consistent(kubeapi, labelled_pods):
     assert page["items"] == []
 
 
-@pytest.mark.parametrize("query, message", [
-    ("labelSelector=" + urllib.parse.quote("app in (web"), "unable to parse requirement"),
-    ("labelSelector=" + urllib.parse.quote("replicas>many"), "must be an integer"),
-    ("fieldSelector=" + urllib.parse.quote("spec.secret=x"), "field label not supported"),
-    ("fieldSelector=" + urllib.parse.quote("metadata.namespace"), "invalid selector"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("labelSelector=" + urllib.parse.quote("app in (web"), "unable to parse requirement"),
+        ("labelSelector=" + urllib.parse.quote("replicas>many"), "must be an integer"),
+        ("fieldSelector=" + urllib.parse.quote("spec.secret=x"), "field label not supported"),
+        ("fieldSelector=" + urllib.parse.quote("metadata.namespace"), "invalid selector"),
+    ],
+)
 def test_bad_selector_is_a_bad_request(kubeapi, labelled_pods, query, message):
     status, body = fetch(kubeapi, f"/api/v1/pods?{query}")
     assert (status, body["reason"]) == (400, "BadRequest")
     assert message in body["message"]
 
 
-@pytest.mark.parametrize("labels, label_selector, field_selector, selected", [
-    ({"a": "1"}, "", "", True),
-    ({"a": "1"}, "a", "", True),
-    ({"a": "1"}, "!a", "", False),
-    ({}, "!a", "", True),
-    ({"a": "1"}, "a=1", "", True),
-    ({"a": "1"}, "a==2", "", False),
-    ({}, "a!=1", "", True),
-    ({"a": "1"}, "a in (1,2)", "", True),
-    ({}, "a in (1,2)", "", False),
-    ({}, "a notin (1,2)", "", True),
-    ({"a": "3"}, "a notin (1,2)", "", True),
-    ({"a": "x"}, "a>1", "", False),
-    ({"a": ""}, "a=", "", True),
-    ({"a": "1"}, "a=1,b", "", False),
-    ({"a": "1"}, "", "metadata.namespace=ns", True),
-    ({"a": "1"}, "", "metadata.namespace!=ns", False),
-    ({"a": "1"}, "a=1", "metadata.namespace!=other,metadata.name==p", True),
-])
+@pytest.mark.parametrize(
+    "labels, label_selector, field_selector, selected",
+    [
+        ({"a": "1"}, "", "", True),
+        ({"a": "1"}, "a", "", True),
+        ({"a": "1"}, "!a", "", False),
+        ({}, "!a", "", True),
+        ({"a": "1"}, "a=1", "", True),
+        ({"a": "1"}, "a==2", "", False),
+        ({}, "a!=1", "", True),
+        ({"a": "1"}, "a in (1,2)", "", True),
+        ({}, "a in (1,2)", "", False),
+        ({}, "a notin (1,2)", "", True),
+        ({"a": "3"}, "a notin (1,2)", "", True),
+        ({"a": "x"}, "a>1", "", False),
+        ({"a": ""}, "a=", "", True),
+        ({"a": "1"}, "a=1,b", "", False),
+        ({"a": "1"}, "", "metadata.namespace=ns", True),
+        ({"a": "1"}, "", "metadata.namespace!=ns", False),
+        ({"a": "1"}, "a=1", "metadata.namespace!=other,metadata.name==p", True),
+    ],
+)
 def test_matches(labels, label_selector, field_selector, selected):
     pod = {"metadata": {"namespace": "ns", "name": "p", "labels": labels}}
     assert kubeapi_module.matches(pod, label_selector, field_selector) is selected

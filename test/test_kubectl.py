@@ -15,61 +15,87 @@ EVENT_WAIT_SECONDS = 10
 # -- pure parts -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("namespace, query, url", [
-    (None, {}, "/api/v1/pods"),
-    ("shop", {}, "/api/v1/namespaces/shop/pods"),
-    ("a/b", {}, "/api/v1/namespaces/a%2Fb/pods"),
-    (None, {"limit": 500, "continue_": None}, "/api/v1/pods?limit=500"),
-    (None, {"limit": 500, "continue_": "eyJ2Ijo+/="},
-     "/api/v1/pods?limit=500&continue=eyJ2Ijo%2B%2F%3D"),
-    ("shop", {"watch": 1, "resourceVersion": "1234", "allowWatchBookmarks": True,
-              "timeoutSeconds": 300},
-     "/api/v1/namespaces/shop/pods?watch=1&resourceVersion=1234&allowWatchBookmarks=true"
-     "&timeoutSeconds=300"),
-])
+@pytest.mark.parametrize(
+    "namespace, query, url",
+    [
+        (None, {}, "/api/v1/pods"),
+        ("shop", {}, "/api/v1/namespaces/shop/pods"),
+        ("a/b", {}, "/api/v1/namespaces/a%2Fb/pods"),
+        (None, {"limit": 500, "continue_": None}, "/api/v1/pods?limit=500"),
+        (
+            None,
+            {"limit": 500, "continue_": "eyJ2Ijo+/="},
+            "/api/v1/pods?limit=500&continue=eyJ2Ijo%2B%2F%3D",
+        ),
+        (
+            "shop",
+            {
+                "watch": 1,
+                "resourceVersion": "1234",
+                "allowWatchBookmarks": True,
+                "timeoutSeconds": 300,
+            },
+            "/api/v1/namespaces/shop/pods?watch=1&resourceVersion=1234&allowWatchBookmarks=true"
+            "&timeoutSeconds=300",
+        ),
+    ],
+)
 def test_pods_url(namespace, query, url):
     assert k8svent.pods_url(k8svent.Settings(namespace=namespace), **query) == url
 
 
 def test_watch_event_normalises_the_pod():
-    line = (b'{"type":"MODIFIED","object":{"metadata":{"name":"p","namespace":"ns",'
-            b'"resourceVersion":"7","managedFields":[{"manager":"kubelet"}]},'
-            b'"spec":{},"status":{"phase":"Running"}}}\n')
+    line = (
+        b'{"type":"MODIFIED","object":{"metadata":{"name":"p","namespace":"ns",'
+        b'"resourceVersion":"7","managedFields":[{"manager":"kubelet"}]},'
+        b'"spec":{},"status":{"phase":"Running"}}}\n'
+    )
     kind, pod = k8svent.watch_event(line)
     assert kind == "MODIFIED"
-    assert pod == {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": "p", "namespace": "ns", "resourceVersion": "7"},
-                   "spec": {}, "status": {"phase": "Running"}}
+    assert pod == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "resourceVersion": "7"},
+        "spec": {},
+        "status": {"phase": "Running"},
+    }
     assert list(pod) == ["apiVersion", "kind", "metadata", "spec", "status"]
 
 
 def test_watch_event_passes_a_bookmark_on():
-    line = (b'{"type":"BOOKMARK","object":{"kind":"Pod","apiVersion":"v1","metadata":'
-            b'{"resourceVersion":"12746","creationTimestamp":null},"spec":{"containers":null},'
-            b'"status":{}}}\n')
+    line = (
+        b'{"type":"BOOKMARK","object":{"kind":"Pod","apiVersion":"v1","metadata":'
+        b'{"resourceVersion":"12746","creationTimestamp":null},"spec":{"containers":null},'
+        b'"status":{}}}\n'
+    )
     kind, obj = k8svent.watch_event(line)
     assert (kind, obj["metadata"]["resourceVersion"]) == ("BOOKMARK", "12746")
 
 
 @pytest.mark.parametrize("code, error", [(410, k8svent.Expired), (500, k8svent.KubectlError)])
 def test_watch_event_raises_an_error_event(code, error):
-    line = (b'{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},'
-            b'"status":"Failure","message":"too old resource version: 1 (5)","reason":"X",'
-            b'"code":%d}}\n' % code)
+    line = (
+        b'{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},'
+        b'"status":"Failure","message":"too old resource version: 1 (5)","reason":"X",'
+        b'"code":%d}}\n' % code
+    )
     with pytest.raises(error) as raised:
         k8svent.watch_event(line)
     assert type(raised.value) is error
     assert str(raised.value) == f"watch failed: {code} X: too old resource version: 1 (5)"
 
 
-@pytest.mark.parametrize("line", [
-    b'{"type":"ADDED","object":{"metadata"\n',
-    b"[]\n",
-    b'{"type":"ADDED"}\n',
-    b'{"type":"CHANGED","object":{"metadata":{}}}\n',
-    b'{"type":"ADDED","object":{"metadata":"p"}}\n',
-    b'{"type":"DELETED","object":{"metadata":{},"status":[]}}\n',
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type":"ADDED","object":{"metadata"\n',
+        b"[]\n",
+        b'{"type":"ADDED"}\n',
+        b'{"type":"CHANGED","object":{"metadata":{}}}\n',
+        b'{"type":"ADDED","object":{"metadata":"p"}}\n',
+        b'{"type":"DELETED","object":{"metadata":{},"status":[]}}\n',
+    ],
+)
 def test_watch_event_refuses_a_malformed_line(line):
     with pytest.raises(k8svent.KubectlError, match="watch event") as raised:
         k8svent.watch_event(line)
@@ -88,7 +114,8 @@ class Watching:
         self.error = None
         self._events = queue.Queue()
         self._thread = threading.Thread(
-            target=self._run, args=(settings, resource_version), kwargs=kwargs, daemon=True)
+            target=self._run, args=(settings, resource_version), kwargs=kwargs, daemon=True
+        )
         self._thread.start()
 
     def _run(self, settings, resource_version, **kwargs):
@@ -159,7 +186,7 @@ def test_watch_pods_yields_events_as_they_happen(kubeapi, settings, watching, ty
     assert (kind, k8svent.pod_key(obj)) == ("DELETED", "shop/web-7c79c4bf97-x2kq9")
     assert obj["metadata"]["resourceVersion"] == kubeapi.resource_version
     assert obj["apiVersion"] == "v1" and obj["kind"] == "Pod"
-    assert not k8svent.pod_healthy(obj)     # the last state
+    assert not k8svent.pod_healthy(obj)  # the last state
     assert not watch.ended.is_set()
 
 
@@ -177,9 +204,15 @@ def test_watch_pods_replays_and_ends_at_the_timeout(kubeapi, watching):
         ("ADDED", "shop/b-7c79c4bf97-x2kq9", second),
         ("DELETED", "shop/a-7c79c4bf97-x2kq9", kubeapi.resource_version),
     ]
-    assert kubeapi.requests == [("GET", (
-        f"/api/v1/pods?allowWatchBookmarks=true&resourceVersion={start}&timeoutSeconds=1"
-        "&watch=1"))]
+    assert kubeapi.requests == [
+        (
+            "GET",
+            (
+                f"/api/v1/pods?allowWatchBookmarks=true&resourceVersion={start}&timeoutSeconds=1"
+                "&watch=1"
+            ),
+        )
+    ]
 
 
 def test_watch_pods_yields_bookmarks(kubeapi, watching):
@@ -202,16 +235,22 @@ def test_watch_pods_of_one_namespace(kubeapi, settings, watching):
     shop = k8svent.Settings(kubectl=settings.kubectl, namespace="shop")
     events, error = watching(start, opened=False, settings=shop, timeout_seconds=1).finish()
     assert ([summary(e) for e in events], error) == (
-        [("ADDED", "shop/a-7c79c4bf97-x2kq9", added)], None)
+        [("ADDED", "shop/a-7c79c4bf97-x2kq9", added)],
+        None,
+    )
     assert kubeapi.requests[0][1].startswith("/api/v1/namespaces/shop/pods?")
 
 
-@pytest.mark.parametrize("expire", [
-    lambda api: api.set_watch_history(0),   # the server has compacted past the RV
-    lambda api: api.expire_watch(),
-    lambda api: api.expire_watch(http=True),
-    lambda api: api.expire_watch(http=True, reason="Gone"),
-], ids=["compacted", "error-event", "http-410", "http-410-gone"])
+@pytest.mark.parametrize(
+    "expire",
+    [
+        lambda api: api.set_watch_history(0),  # the server has compacted past the RV
+        lambda api: api.expire_watch(),
+        lambda api: api.expire_watch(http=True),
+        lambda api: api.expire_watch(http=True, reason="Gone"),
+    ],
+    ids=["compacted", "error-event", "http-410", "http-410-gone"],
+)
 def test_watch_pods_raises_expired(kubeapi, watching, expire):
     start = kubeapi.resource_version
     kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
@@ -258,8 +297,9 @@ def test_watch_pods_kills_a_kubectl_that_outlives_the_watch(kubeapi, settings, w
     kubeapi.hang(30)
     slow = k8svent.Settings(kubectl=settings.kubectl, kubectl_timeout=1)
     began = time.monotonic()
-    events, error = watching(kubeapi.resource_version, opened=False, settings=slow,
-                             timeout_seconds=1).finish()
+    events, error = watching(
+        kubeapi.resource_version, opened=False, settings=slow, timeout_seconds=1
+    ).finish()
     assert 2 <= time.monotonic() - began < 6
     assert (events, type(error)) == ([], k8svent.KubectlError)
     assert str(error).startswith("kubectl killed after")

@@ -69,8 +69,9 @@ def status(base, path):
 
 
 def test_metrics_count_polls_pods_and_deliveries(kubeapi, start, receivers):
-    pods = [make_pod("default", f"web-{i}") for i in range(3)] + \
-        [make_pod("default", "sick", healthy=False)]
+    pods = [make_pod("default", f"web-{i}") for i in range(3)] + [
+        make_pod("default", "sick", healthy=False)
+    ]
     for pod in pods:
         kubeapi.put_pod(pod)
     good = receivers()
@@ -82,8 +83,12 @@ def test_metrics_count_polls_pods_and_deliveries(kubeapi, start, receivers):
     failing_label = f"http://127.0.0.1:{failing.port}"
     good.wait_for(4)
     service.wait_polls(3)
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_total", endpoint=failing_label, outcome="retry") >= 3)
+    samples = wait_metric(
+        base,
+        lambda s: (
+            value(s, "k8svent_deliveries_total", endpoint=failing_label, outcome="retry") >= 3
+        ),
+    )
 
     assert value(samples, "k8svent_polls_total", outcome="success") >= 3
     assert value(samples, "k8svent_polls_total", outcome="failure") == 0
@@ -92,17 +97,19 @@ def test_metrics_count_polls_pods_and_deliveries(kubeapi, start, receivers):
     assert value(samples, "k8svent_pods_selected_total", reason="new") == 4
     assert value(samples, "k8svent_pods_selected_total", reason="unhealthy") >= 2
     assert value(samples, "k8svent_pods_selected_total", reason="deleted") == 0
-    assert time.time() - 30 < value(samples, "k8svent_last_successful_poll_timestamp_seconds") \
+    assert (
+        time.time() - 30
+        < value(samples, "k8svent_last_successful_poll_timestamp_seconds")
         <= time.time()
+    )
     # the healthy endpoint took every pod (the sick one again on each poll)
-    assert value(samples, "k8svent_deliveries_total",
-                 endpoint=good_label, outcome="success") >= 4
+    assert value(samples, "k8svent_deliveries_total", endpoint=good_label, outcome="success") >= 4
     assert value(samples, "k8svent_deliveries_total", endpoint=good_label, outcome="retry") == 0
     # the failing one: every attempt counted as a retry, nothing delivered
-    assert value(samples, "k8svent_deliveries_total",
-                 endpoint=failing_label, outcome="success") == 0
-    assert value(samples, "k8svent_delivery_latency_seconds_count",
-                 endpoint=failing_label) >= 3
+    assert (
+        value(samples, "k8svent_deliveries_total", endpoint=failing_label, outcome="success") == 0
+    )
+    assert value(samples, "k8svent_delivery_latency_seconds_count", endpoint=failing_label) >= 3
     assert value(samples, "k8svent_deliveries_owed", endpoint=failing_label) == 4
     assert value(samples, "k8svent_build_info", version=k8svent.version()) == 1
     assert value(samples, "k8svent_newer_version_available", version="") == 0
@@ -110,8 +117,9 @@ def test_metrics_count_polls_pods_and_deliveries(kubeapi, start, receivers):
     assert "t0ken" not in text and "s3cr3t" not in text and "/hook" not in text
 
     kubeapi.delete_pod("default", "web-0")
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_pods_selected_total", reason="deleted") == 1)
+    samples = wait_metric(
+        base, lambda s: value(s, "k8svent_pods_selected_total", reason="deleted") == 1
+    )
     assert value(samples, "k8svent_pods_seen") == 3
     assert service.stop() == 0
 
@@ -121,14 +129,17 @@ def test_rejected_deliveries_are_counted(kubeapi, start, receivers):
     receiver = receivers([401])
     service, base = start(f"--url={receiver.url}")
     label = f"http://127.0.0.1:{receiver.port}"
-    receiver.wait_attempts(1)   # rejected: that state is not sent again
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_total", endpoint=label, outcome="rejected") == 1)
+    receiver.wait_attempts(1)  # rejected: that state is not sent again
+    samples = wait_metric(
+        base,
+        lambda s: value(s, "k8svent_deliveries_total", endpoint=label, outcome="rejected") == 1,
+    )
     assert value(samples, "k8svent_deliveries_total", endpoint=label, outcome="success") == 0
-    kubeapi.put_pod(make_pod("default", "web"))   # a new resourceVersion
+    kubeapi.put_pod(make_pod("default", "web"))  # a new resourceVersion
     receiver.wait_for(1)
-    wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_total", endpoint=label, outcome="success") == 1)
+    wait_metric(
+        base, lambda s: value(s, "k8svent_deliveries_total", endpoint=label, outcome="success") == 1
+    )
     assert service.stop() == 0
 
 
@@ -140,33 +151,38 @@ def test_owed_rises_during_an_outage_and_falls_after(kubeapi, start, receivers):
     service, base = start(f"--url={receiver.url}")
     label = f"http://127.0.0.1:{receiver.port}"
     receiver.wait_for(3)
-    wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_total", endpoint=label, outcome="success") == 3)
+    wait_metric(
+        base, lambda s: value(s, "k8svent_deliveries_total", endpoint=label, outcome="success") == 3
+    )
     assert value(scrape(base), "k8svent_deliveries_owed", endpoint=label) == 0
 
     receiver.down()
     for i in range(3, 8):
         kubeapi.put_pod(make_pod("default", f"web-{i}"))
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_owed", endpoint=label) == 5)
-    samples = wait_metric(base, lambda s: value(
-        s, "k8svent_deliveries_total", endpoint=label, outcome="retry") >= 5)
+    samples = wait_metric(base, lambda s: value(s, "k8svent_deliveries_owed", endpoint=label) == 5)
+    samples = wait_metric(
+        base, lambda s: value(s, "k8svent_deliveries_total", endpoint=label, outcome="retry") >= 5
+    )
     assert value(samples, "k8svent_deliveries_total", endpoint=label, outcome="success") == 3
 
     receiver.up()
     receiver.wait_for(8, timeout=30)
     # The receiver has the body before k8svent has read the answer and
     # counted it: wait for both numbers rather than read one after the other.
-    wait_metric(base, lambda s: value(s, "k8svent_deliveries_owed", endpoint=label) == 0
-                and value(s, "k8svent_deliveries_total", endpoint=label,
-                          outcome="success") == 8)
+    wait_metric(
+        base,
+        lambda s: (
+            value(s, "k8svent_deliveries_owed", endpoint=label) == 0
+            and value(s, "k8svent_deliveries_total", endpoint=label, outcome="success") == 8
+        ),
+    )
     assert sorted(receiver.keys()) == sorted(f"default/web-{i}" for i in range(8))
     assert service.stop() == 0
 
 
 def test_readyz_waits_for_the_first_successful_poll(kubeapi, start, receivers):
     kubeapi.put_pod(make_pod("default", "web"))
-    kubeapi.hang(3)             # the first list is slow, well within its timeout
+    kubeapi.hang(3)  # the first list is slow, well within its timeout
     receiver = receivers()
     service, base = start(f"--url={receiver.url}", "--kubectl-timeout=20")
     assert status(base, "/readyz") == 503
@@ -208,7 +224,7 @@ def test_a_failing_kubectl_is_not_stuck_either(kubeapi, start, receivers):
     samples = scrape(base)
     assert value(samples, "k8svent_polls_total", outcome="failure") >= 3
     assert status(base, "/healthz") == 200
-    assert status(base, "/readyz") == 200      # it had succeeded once
+    assert status(base, "/readyz") == 200  # it had succeeded once
     assert service.stop() == 0
 
 
@@ -217,17 +233,18 @@ def _settings(*argv):
 
 
 def test_healthz_503_when_the_poller_thread_is_dead(tmp_path):
-    settings = _settings("--dry-run", "--kubectl=/nonexistent/kubectl", "--interval=0.1",
-                         "--retry-interval=0.1")
+    settings = _settings(
+        "--dry-run", "--kubectl=/nonexistent/kubectl", "--interval=0.1", "--retry-interval=0.1"
+    )
     store = k8svent.Store(str(tmp_path / "state.db"))
     poller = k8svent.Poller(settings, store, [])
     server = k8svent.StatusServer(("127.0.0.1", 0))
     server.start(k8svent.Health(poller, settings))
     try:
-        assert status(server.url, "/healthz") == 503      # not started yet
+        assert status(server.url, "/healthz") == 503  # not started yet
         poller.start()
         assert status(server.url, "/healthz") == 200
-        assert status(server.url, "/readyz") == 503       # kubectl is missing
+        assert status(server.url, "/readyz") == 503  # kubectl is missing
         poller.stop()
         poller.join(5)
         assert not poller.is_alive()
@@ -239,10 +256,14 @@ def test_healthz_503_when_the_poller_thread_is_dead(tmp_path):
         store.close()
 
 
-def test_healthz_503_when_the_poller_makes_no_progress(kubeapi, kubeconfig, kubectl_path,
-                                                      tmp_path):
-    settings = _settings("--dry-run", f"--kubectl={kubectl_path}", "--interval=10",
-                         "--retry-interval=5", "--kubectl-timeout=60")
+def test_healthz_503_when_the_poller_makes_no_progress(kubeapi, kubeconfig, kubectl_path, tmp_path):
+    settings = _settings(
+        "--dry-run",
+        f"--kubectl={kubectl_path}",
+        "--interval=10",
+        "--retry-interval=5",
+        "--kubectl-timeout=60",
+    )
     assert k8svent.stuck_after_seconds(settings) == 3 * 10 + 60
     kubeapi.put_pod(make_pod("default", "web"))
     kubeapi.hang(3)
@@ -269,12 +290,15 @@ def test_healthz_503_when_the_poller_makes_no_progress(kubeapi, kubeconfig, kube
         store.close()
 
 
-@pytest.mark.parametrize("alive, idle, trouble", [
-    (True, 0, None),
-    (True, 90, None),
-    (True, 90.5, "no progress"),
-    (False, 0, "not running"),
-])
+@pytest.mark.parametrize(
+    "alive, idle, trouble",
+    [
+        (True, 0, None),
+        (True, 90, None),
+        (True, 90.5, "no progress"),
+        (False, 0, "not running"),
+    ],
+)
 def test_poller_trouble(alive, idle, trouble):
     found = k8svent.poller_trouble(alive, idle, 90)
     assert (found is None) if trouble is None else (trouble in found)
@@ -284,8 +308,9 @@ def test_the_docs_document_every_metric():
     text = OPERATIONS.read_text()
     section = text.split("\n## Health and metrics\n", 1)[1].split("\n## ", 1)[0]
     suffix = {"counter": "_total", "info": "_info"}
-    names = [family.name + suffix.get(family.type, "")
-             for family in k8svent.metrics.registry.collect()]
+    names = [
+        family.name + suffix.get(family.type, "") for family in k8svent.metrics.registry.collect()
+    ]
     assert len(names) >= 10
     for name in names:
         assert f"`{name}`" in section, f"{name} is not in docs/operations.md"
@@ -317,8 +342,9 @@ def test_an_address_in_use_is_one_line_and_exit_2(capsys):
 def test_json_logs_are_one_object_per_line(kubeapi, start, receivers):
     kubeapi.put_pod(make_pod("default", "web"))
     kubeapi.put_pod(make_pod("default", "sick", healthy=False))
-    receiver = receivers([503, 401, (200, {"Content-Type": "application/json"},
-                                     b'{"correlation_id": "abc-123"}')])
+    receiver = receivers(
+        [503, 401, (200, {"Content-Type": "application/json"}, b'{"correlation_id": "abc-123"}')]
+    )
     service, _ = start(f"--url={receiver.url}/path?token=s3cr3t", "--log-format=json")
     receiver.wait_for(3)
     service.wait_polls(service.polls() + 2)
@@ -338,6 +364,5 @@ def test_json_logs_are_one_object_per_line(kubeapi, start, receivers):
         assert entry["pod"] in ("default/web", "default/sick")
     assert any(e.get("status") == 503 and e["level"] == "debug" for e in entries)
     assert any(e.get("status") == 401 and e["level"] == "error" for e in entries)
-    assert any(e.get("correlation_id") == "abc-123" and e.get("status") == 200
-               for e in entries)
+    assert any(e.get("correlation_id") == "abc-123" and e.get("status") == 200 for e in entries)
     assert any(e["message"].startswith("listening on http://127.0.0.1:") for e in entries)

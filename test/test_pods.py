@@ -18,12 +18,24 @@ def running_pod(**status):
         "spec": {},
         "status": {
             "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True"},
-                           {"type": "PodScheduled", "status": "True"}],
-            "initContainerStatuses": [{"name": "init", "ready": True, "state": {
-                "terminated": {"exitCode": 0, "reason": "Completed"}}}],
-            "containerStatuses": [{"name": "c", "ready": True, "state": {
-                "running": {"startedAt": "2026-01-01T00:00:00Z"}}}],
+            "conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "PodScheduled", "status": "True"},
+            ],
+            "initContainerStatuses": [
+                {
+                    "name": "init",
+                    "ready": True,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                }
+            ],
+            "containerStatuses": [
+                {
+                    "name": "c",
+                    "ready": True,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                }
+            ],
         },
     }
     pod["status"].update(status)
@@ -37,43 +49,55 @@ def with_container(state, ready=True, init=False):
     return pod
 
 
-@pytest.mark.parametrize("pod, healthy", [
-    (running_pod(), True),
-    (running_pod(phase="Pending"), False),
-    (running_pod(phase="Failed"), False),
-    (running_pod(phase="Succeeded"), False),
-    (running_pod(conditions=[{"type": "Ready", "status": "False"}]), False),
-    (running_pod(conditions=[{"type": "Ready", "status": "Unknown"}]), False),
-    (running_pod(conditions=[]), True),
-    (with_container({"waiting": {"reason": "CrashLoopBackOff"}}, ready=False), False),
-    (with_container({"running": {}}, ready=False), False),
-    (with_container({"terminated": {"exitCode": 0}}), False),
-    (with_container({"running": {}, "waiting": {}}), False),
-    (with_container({}), False),
-    (with_container({"terminated": {"exitCode": 0}}, init=True), True),
-    (with_container({"terminated": {"exitCode": 1}}, init=True), False),
-    (with_container({"running": {}}, init=True), True),
-    (with_container({"running": {}}, ready=False, init=True), False),
-    (with_container({"waiting": {"reason": "PodInitializing"}}, init=True), False),
-    (with_container({}, init=True), False),
-])
+@pytest.mark.parametrize(
+    "pod, healthy",
+    [
+        (running_pod(), True),
+        (running_pod(phase="Pending"), False),
+        (running_pod(phase="Failed"), False),
+        (running_pod(phase="Succeeded"), False),
+        (running_pod(conditions=[{"type": "Ready", "status": "False"}]), False),
+        (running_pod(conditions=[{"type": "Ready", "status": "Unknown"}]), False),
+        (running_pod(conditions=[]), True),
+        (with_container({"waiting": {"reason": "CrashLoopBackOff"}}, ready=False), False),
+        (with_container({"running": {}}, ready=False), False),
+        (with_container({"terminated": {"exitCode": 0}}), False),
+        (with_container({"running": {}, "waiting": {}}), False),
+        (with_container({}), False),
+        (with_container({"terminated": {"exitCode": 0}}, init=True), True),
+        (with_container({"terminated": {"exitCode": 1}}, init=True), False),
+        (with_container({"running": {}}, init=True), True),
+        (with_container({"running": {}}, ready=False, init=True), False),
+        (with_container({"waiting": {"reason": "PodInitializing"}}, init=True), False),
+        (with_container({}, init=True), False),
+    ],
+)
 def test_pod_healthy(pod, healthy):
     assert k8svent.pod_healthy(pod) is healthy
 
 
-@pytest.mark.parametrize("phase, duress", [
-    ("Running", False), ("Pending", True), ("Failed", True), ("Unknown", True),
-    # Correction to the original: a finished Job pod is not in trouble.
-    ("Succeeded", False),
-])
+@pytest.mark.parametrize(
+    "phase, duress",
+    [
+        ("Running", False),
+        ("Pending", True),
+        ("Failed", True),
+        ("Unknown", True),
+        # Correction to the original: a finished Job pod is not in trouble.
+        ("Succeeded", False),
+    ],
+)
 def test_pod_under_duress(phase, duress):
     pod = running_pod(phase=phase)
     assert k8svent.pod_under_duress(pod) is duress
 
 
 def test_pod_from_item_matches_kubectl_get():
-    item = {"metadata": {"name": "p", "namespace": "ns", "managedFields": [{"x": 1}]},
-            "spec": {"a": 1}, "status": {"phase": "Running"}}
+    item = {
+        "metadata": {"name": "p", "namespace": "ns", "managedFields": [{"x": 1}]},
+        "spec": {"a": 1},
+        "status": {"phase": "Running"},
+    }
     pod = k8svent.pod_from_item(copy.deepcopy(item))
     assert list(pod)[:2] == ["apiVersion", "kind"]
     assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
@@ -92,12 +116,23 @@ def test_payload_and_deleted():
 
 
 # Known answers: SPEC section 3 (Atomist's sha1) and GitHub's published sha256.
-@pytest.mark.parametrize("secret, body, header, expected", [
-    ("The400Unit", b'{"jason":"isbell"}', "x-atomist-signature",
-     "sha1=634212a9128672522f8d9ac32657d996d80ef7be"),
-    ("It's a Secret to Everybody", b"Hello, World!", "X-Hub-Signature-256",
-     "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"),
-])
+@pytest.mark.parametrize(
+    "secret, body, header, expected",
+    [
+        (
+            "The400Unit",
+            b'{"jason":"isbell"}',
+            "x-atomist-signature",
+            "sha1=634212a9128672522f8d9ac32657d996d80ef7be",
+        ),
+        (
+            "It's a Secret to Everybody",
+            b"Hello, World!",
+            "X-Hub-Signature-256",
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+        ),
+    ],
+)
 def test_sign_known_answers(secret, body, header, expected):
     assert k8svent.sign(body, secret)[header] == expected
 
@@ -106,19 +141,33 @@ def test_sign_known_answers(secret, body, header, expected):
 # (standard-webhooks, also Svix's libraries); the others were made with the
 # standardwebhooks package: Webhook(secret) for whsec_, else Webhook(secret.encode()).
 STANDARD_WEBHOOKS_VECTORS = [
-    ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-     b'{"test": 2432232314}', "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
-    ("The400Unit", "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", 1700000000,
-     b'{"jason":"isbell"}', "v1,ZzojFwvDfxrHy8k55FjKQClTv0LYoJxO3cDDmiULlk8="),
-    ("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "msg_loFOjxBNrRLzqYUf", 1731705121,
-     b'{"pod":{}}', "v1,1qF0ZcxjFhqcnnvu8mYz9tCfHvPAwsIEL5BvBA+Z1NE="),
+    (
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1614265330,
+        b'{"test": 2432232314}',
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+    ),
+    (
+        "The400Unit",
+        "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+        1700000000,
+        b'{"jason":"isbell"}',
+        "v1,ZzojFwvDfxrHy8k55FjKQClTv0LYoJxO3cDDmiULlk8=",
+    ),
+    (
+        "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+        "msg_loFOjxBNrRLzqYUf",
+        1731705121,
+        b'{"pod":{}}',
+        "v1,1qF0ZcxjFhqcnnvu8mYz9tCfHvPAwsIEL5BvBA+Z1NE=",
+    ),
     # unpadded base64, which the package accepts
     ("whsec_YWI", "msg_1", 1, b"x", "v1,WCxiHgOruXUZip89JISTAUIP52U+rVtS0itFVm/658s="),
 ]
 
 
-@pytest.mark.parametrize("secret, message_id, timestamp, body, expected",
-                         STANDARD_WEBHOOKS_VECTORS)
+@pytest.mark.parametrize("secret, message_id, timestamp, body, expected", STANDARD_WEBHOOKS_VECTORS)
 def test_standard_webhooks_known_answers(secret, message_id, timestamp, body, expected):
     headers = k8svent.sign(body, secret, message_id, timestamp)
     assert headers["webhook-id"] == message_id
@@ -129,12 +178,12 @@ def test_standard_webhooks_known_answers(secret, message_id, timestamp, body, ex
     assert headers["X-Hub-Signature-256"] == k8svent.sign(body, secret)["X-Hub-Signature-256"]
 
 
-@pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-                                    "ünïcödé", "whsec_YWI"])
+@pytest.mark.parametrize(
+    "secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "ünïcödé", "whsec_YWI"]
+)
 def test_standard_webhooks_package_verifies(secret):
     body = b'{"pod":{"metadata":{"name":"p"}}}'
-    verifier = standardwebhooks.Webhook(
-        secret if secret.startswith("whsec_") else secret.encode())
+    verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_") else secret.encode())
     headers = k8svent.sign(body, secret, k8svent.new_message_id(), int(time.time()))
     assert verifier.verify(body, headers) == json.loads(body)
     stale = k8svent.sign(body, secret, "msg_1", int(time.time()) - 301)
@@ -156,15 +205,18 @@ def test_message_ids_are_new_and_well_formed():
     assert all(re.fullmatch(r"msg_[0-9a-f]{26}", i) for i in ids)
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://user:pw@host:8443/p?q=1", "https://***@host:8443"),
-    # a token as the user name alone, as GitHub and others issue them
-    ("https://ghp_T0K3N@host/hooks", "https://***@host:443"),
-    ("https://:pw@host/", "https://***@host:443"),
-    ("https://@host/", "https://***@host:443"),
-    ("https://host/p/T0K3N?token=T0K3N", "https://host:443"),
-    ("http://[::1]:8080/x", "http://[::1]:8080"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://user:pw@host:8443/p?q=1", "https://***@host:8443"),
+        # a token as the user name alone, as GitHub and others issue them
+        ("https://ghp_T0K3N@host/hooks", "https://***@host:443"),
+        ("https://:pw@host/", "https://***@host:443"),
+        ("https://@host/", "https://***@host:443"),
+        ("https://host/p/T0K3N?token=T0K3N", "https://host:443"),
+        ("http://[::1]:8080/x", "http://[::1]:8080"),
+    ],
+)
 def test_redact_url(url, shown):
     assert k8svent.redact_url(url) == shown
     endpoint = k8svent.Endpoint(url, k8svent.Settings(urls=(url,)))
@@ -181,6 +233,7 @@ def test_backoff_delays_grow_with_jitter_and_cap():
         @staticmethod
         def uniform(a, b):
             return (a + b) / 2
+
     delays = k8svent.backoff_delays(Middle)
     first = [next(delays) for _ in range(30)]
     assert first[:3] == [0.5, 0.75, 1.125]
@@ -190,6 +243,7 @@ def test_backoff_delays_grow_with_jitter_and_cap():
 
 
 # --- Selection and deletion, against the store ---------------------------------
+
 
 def entries(*pods):
     return [k8svent.pod_entry(pod) for pod in pods]
@@ -248,7 +302,7 @@ def test_selection(store):
     b2["metadata"]["resourceVersion"] = "2"
     assert poll(store, a, b2, sick)["changed"] == 1
     assert owed(store, "e1") == ["ns/b", "ns/sick"]
-    assert json.loads(owed_rows(store, "e2")["ns/b"].body) == b2   # the newest state
+    assert json.loads(owed_rows(store, "e2")["ns/b"].body) == b2  # the newest state
 
 
 def test_deletion_sent_once_then_forgotten(store):
@@ -263,7 +317,7 @@ def test_deletion_sent_once_then_forgotten(store):
     assert poll(store, a)["deleted"] == 0  # reported once
     deliver_all(store, "e1")
     store.prune()
-    assert store.count() == 2   # e2 has not been told yet
+    assert store.count() == 2  # e2 has not been told yet
     deliver_all(store, "e2")
     store.prune()
     assert store.count() == 1
@@ -301,21 +355,23 @@ def test_temporary_state_is_removed():
     path = s.path
     s.close()
     import os
+
     assert not os.path.exists(path)
 
 
 def test_state_path_errors_are_one_line_and_touch_nothing(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
-    argv = ["--url=http://127.0.0.1:9/", "--once", "--upgrade=never",
-            "--kubectl=/nonexistent"]
+    argv = ["--url=http://127.0.0.1:9/", "--once", "--upgrade=never", "--kubectl=/nonexistent"]
     assert k8svent.main([*argv, f"--state={folder}"], {}) == 2
     assert folder.is_dir() and not list(tmp_path.glob("*.corrupt-*"))
     assert k8svent.main([*argv, f"--state={tmp_path}/missing/s.db"], {}) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"k8svent: error: state file {str(folder)!r} is a directory",
-                   f"k8svent: error: the folder of state file "
-                   f"{str(tmp_path / 'missing/s.db')!r} does not exist"]
+    assert err == [
+        f"k8svent: error: state file {str(folder)!r} is a directory",
+        f"k8svent: error: the folder of state file "
+        f"{str(tmp_path / 'missing/s.db')!r} does not exist",
+    ]
 
 
 def test_two_stores_never_share_a_file(tmp_path):
@@ -324,11 +380,12 @@ def test_two_stores_never_share_a_file(tmp_path):
     with pytest.raises(k8svent.StateError, match="in use by another k8svent"):
         k8svent.Store(path)
     first.close()
-    k8svent.Store(path).close()   # free again once the first is closed
+    k8svent.Store(path).close()  # free again once the first is closed
 
 
 def test_a_locked_database_is_not_taken_for_corruption(tmp_path):
     import sqlite3
+
     path = str(tmp_path / "s.db")
     k8svent.Store(path).close()
     other = sqlite3.connect(path, isolation_level=None)
@@ -364,14 +421,15 @@ def test_a_failed_poll_changes_nothing(store):
     a2 = copy.deepcopy(a)
     a2["metadata"]["resourceVersion"] = "2"
     store.begin_poll()
-    store.apply_page(entries(a2))     # then the listing fails
-    assert owed(store, "e1") == []            # nothing owed from a failed poll
-    assert poll(store, a2)["changed"] == 1    # the next poll sees the change
+    store.apply_page(entries(a2))  # then the listing fails
+    assert owed(store, "e1") == []  # nothing owed from a failed poll
+    assert poll(store, a2)["changed"] == 1  # the next poll sees the change
     assert owed(store, "e1") == ["ns/a"]
 
 
 def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
     import sqlite3
+
     db = store._db
     store._db = mocker.Mock(wraps=db)
     store._db.execute.side_effect = sqlite3.OperationalError("database is locked")
@@ -379,6 +437,7 @@ def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
         store.begin_poll()
     store._db = db
     import threading
+
     free = []
 
     def other_thread():
@@ -395,31 +454,46 @@ def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
 
 # A scope other than the file's starts a fresh snapshot: the API server that
 # kubectl talks to (whatever context names it), the namespace and the selection.
-@pytest.mark.parametrize("fields, scope", [
-    ({}, "https://a:6443|"),
-    ({"namespace": "shop"}, "https://a:6443|shop"),
-    ({"context": "prod"}, "https://a:6443|"),
-    ({"selector": "app=web"}, "https://a:6443|?labelSelector=app=web"),
-    ({"exclude_namespaces": ("a", "b")},
-     "https://a:6443|?fieldSelector=metadata.namespace!=a,metadata.namespace!=b"),
-    ({"context": "c", "selector": "!canary", "exclude_namespaces": ("a",)},
-     "https://a:6443|?labelSelector=!canary&fieldSelector=metadata.namespace!=a"),
-])
+@pytest.mark.parametrize(
+    "fields, scope",
+    [
+        ({}, "https://a:6443|"),
+        ({"namespace": "shop"}, "https://a:6443|shop"),
+        ({"context": "prod"}, "https://a:6443|"),
+        ({"selector": "app=web"}, "https://a:6443|?labelSelector=app=web"),
+        (
+            {"exclude_namespaces": ("a", "b")},
+            "https://a:6443|?fieldSelector=metadata.namespace!=a,metadata.namespace!=b",
+        ),
+        (
+            {"context": "c", "selector": "!canary", "exclude_namespaces": ("a",)},
+            "https://a:6443|?labelSelector=!canary&fieldSelector=metadata.namespace!=a",
+        ),
+    ],
+)
 def test_state_scope(fields, scope):
     assert k8svent.state_scope(k8svent.Settings(**fields), "https://a:6443") == scope
 
 
-@pytest.mark.parametrize("fields, token, query", [
-    ({}, None, "limit=500"),
-    ({"chunk_size": 2}, "abc=", "limit=2&continue=abc%3D"),
-    ({"selector": "env in (a,b)", "exclude_namespaces": ("x", "y")}, None,
-     "limit=500&labelSelector=env%20in%20%28a%2Cb%29"
-     "&fieldSelector=metadata.namespace%21%3Dx%2Cmetadata.namespace%21%3Dy"),
-])
+@pytest.mark.parametrize(
+    "fields, token, query",
+    [
+        ({}, None, "limit=500"),
+        ({"chunk_size": 2}, "abc=", "limit=2&continue=abc%3D"),
+        (
+            {"selector": "env in (a,b)", "exclude_namespaces": ("x", "y")},
+            None,
+            "limit=500&labelSelector=env%20in%20%28a%2Cb%29"
+            "&fieldSelector=metadata.namespace%21%3Dx%2Cmetadata.namespace%21%3Dy",
+        ),
+    ],
+)
 def test_list_query(fields, token, query):
     settings = k8svent.Settings(**{"chunk_size": 500, **fields})
-    assert k8svent.pods_url(settings, limit=settings.chunk_size, continue_=token) == \
-        "/api/v1/pods?" + query
+    assert (
+        k8svent.pods_url(settings, limit=settings.chunk_size, continue_=token)
+        == "/api/v1/pods?" + query
+    )
 
 
 @pytest.mark.parametrize("secret", ["s3cr3t", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
@@ -441,44 +515,63 @@ def test_documented_verifiers_accept_what_sign_makes(secret):
 
 # --- Reading a webhook's answer --------------------------------------------------
 
-@pytest.mark.parametrize("raw, status, body, reusable", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", True),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 200, b"", False),
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", False),
-    (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n", 503, b"abcde", True),
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
-    (b"HTTP/1.1 200 OK\r\n\r\nto the end", 200, b"to the e", False),   # cut at 8
-    # longer than the limit (8 bytes here): cut, and the connection not kept
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n0123456789ab", 200, b"01234567", False),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"c\r\n0123456789ab\r\n0\r\n\r\n", 200, b"", False),
-])
+
+@pytest.mark.parametrize(
+    "raw, status, body, reusable",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 200, b"", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", False),
+        (
+            b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n",
+            503,
+            b"abcde",
+            True,
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
+        (b"HTTP/1.1 200 OK\r\n\r\nto the end", 200, b"to the e", False),  # cut at 8
+        # longer than the limit (8 bytes here): cut, and the connection not kept
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n0123456789ab", 200, b"01234567", False),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n0123456789ab\r\n0\r\n\r\n",
+            200,
+            b"",
+            False,
+        ),
+    ],
+)
 def test_read_answer(raw, status, body, reusable):
     import io
+
     got = k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
     assert (got[0], got[2], got[3]) == (status, body, reusable)
 
 
 def test_read_answer_headers_by_any_case():
     import io
+
     raw = b"HTTP/1.1 429 Slow\r\nRetry-After: 7\r\nContent-Type: a/json\r\n\r\n"
     _, headers, _, _ = k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
     assert headers.get("retry-after") == headers.get("Retry-After") == "7"
     assert headers.get("Content-TYPE") == "a/json"
 
 
-@pytest.mark.parametrize("raw, error", [
-    (b"", "RemoteDisconnected"),
-    (b"SSH-2.0-OpenSSH\r\n\r\n", "BadStatusLine"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", "IncompleteRead"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTPException"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "HTTPException"),
-    (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "HTTPException"),
-])
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (b"", "RemoteDisconnected"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "BadStatusLine"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", "IncompleteRead"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTPException"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "HTTPException"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "HTTPException"),
+    ],
+)
 def test_read_answer_failures_are_http_errors(raw, error):
     import http.client
     import io
+
     with pytest.raises(http.client.HTTPException) as caught:
         k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
     assert type(caught.value).__name__ == error

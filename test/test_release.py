@@ -37,6 +37,7 @@ def _executable(name):
 
 # ---------------------------------------------------------------- pure logic
 
+
 @pytest.mark.parametrize(
     "tag, commits_since, expected",
     [
@@ -104,10 +105,11 @@ def test_last_release_tag_is_the_highest_by_semver():
 def _semver_key(text):
     """SemVer precedence for X.Y.Z[-PRE] (enough for the versions made here)."""
     release, _, prerelease = text.partition("-")
-    identifiers = [
-        (0, int(part), "") if part.isdigit() else (1, 0, part)
-        for part in prerelease.split(".")
-    ] if prerelease else []
+    identifiers = (
+        [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in prerelease.split(".")]
+        if prerelease
+        else []
+    )
     # A release ranks above all of its prereleases.
     return tuple(int(part) for part in release.split(".")), not prerelease, identifiers
 
@@ -132,6 +134,7 @@ def test_prereleases_sort_between_the_release_they_follow_and_the_next():
 
 # ------------------------------------------------------- throwaway repositories
 
+
 class Repo:
     """A throwaway git repository with commits and tags made on demand."""
 
@@ -154,8 +157,12 @@ class Repo:
     def git(self, *args):
         """Run git in the repository and return its output."""
         return subprocess.run(
-            ["git", *args], cwd=self.path, env=self.env,
-            check=True, capture_output=True, text=True,
+            ["git", *args],
+            cwd=self.path,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
 
     def commit(self, count=1):
@@ -172,8 +179,11 @@ class Repo:
         """Run .ci/version in the repository and return the completed process."""
         command = [script] if script else [sys.executable, str(VERSION_SCRIPT)]
         return subprocess.run(
-            [*command, *args], cwd=self.path, env=self.env,
-            capture_output=True, text=True,
+            [*command, *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
 
 
@@ -297,8 +307,11 @@ def test_a_shallow_clone_is_an_error(repo, tmp_path):
     shallow = tmp_path / "shallow"
     repo.git("clone", "-q", "--depth=1", f"file://{repo.path}", str(shallow))
     result = subprocess.run(
-        [sys.executable, str(VERSION_SCRIPT)], cwd=shallow, env=repo.env,
-        capture_output=True, text=True,
+        [sys.executable, str(VERSION_SCRIPT)],
+        cwd=shallow,
+        env=repo.env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stdout == ""
@@ -307,9 +320,11 @@ def test_a_shallow_clone_is_an_error(repo, tmp_path):
 
 def test_outside_a_repository_is_a_one_line_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(VERSION_SCRIPT)], cwd=tmp_path,
+        [sys.executable, str(VERSION_SCRIPT)],
+        cwd=tmp_path,
         env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)},
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("version: error: git ")
@@ -326,6 +341,7 @@ def test_the_script_runs_by_itself(repo):
 
 # ------------------------------------------------------------------ Makefile
 
+
 def test_make_image_builds_with_the_computed_version(repo):
     make = shutil.which("make")
     if make is None:
@@ -338,21 +354,30 @@ def test_make_image_builds_with_the_computed_version(repo):
     repo.tag("v1.4.2")
     repo.commit(2)
     dry_run = subprocess.run(
-        [make, "-n", "image"], cwd=repo.path, env=repo.env,
-        check=True, capture_output=True, text=True,
+        [make, "-n", "image"],
+        cwd=repo.path,
+        env=repo.env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert (
         "docker build --build-arg VERSION=1.4.3-next.2 -t atomist/k8svent:1.4.3-next.2 ."
         in dry_run.splitlines()
     )
     printed = subprocess.run(
-        [make, "-s", "version"], cwd=repo.path, env=repo.env,
-        check=True, capture_output=True, text=True,
+        [make, "-s", "version"],
+        cwd=repo.path,
+        env=repo.env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert printed == "1.4.3-next.2\n"
 
 
 # ----------------------------------------------------------------- workflows
+
 
 def test_there_are_workflows():
     assert WORKFLOWS, "no files in .github/workflows/"
@@ -364,7 +389,8 @@ def test_workflows_match_the_github_schema():
         pytest.fail("check-jsonschema is missing: pip install -r requirements-dev.txt")
     result = subprocess.run(
         [tool, "--builtin-schema", "vendor.github-workflows", *map(str, WORKFLOWS)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -375,6 +401,8 @@ def test_workflows_pass_actionlint():
         pytest.skip("actionlint is not installed")
     result = subprocess.run(
         [tool, "-no-color", *map(str, WORKFLOWS)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

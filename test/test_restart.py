@@ -27,8 +27,12 @@ def run(kubeconfig, kubectl_path, tmp_path):
     started = []
 
     def start(*args, state=None):
-        argv = [f"--kubectl={kubectl_path}", f"--state={state or tmp_path / 'state.db'}",
-                *FAST, *args]
+        argv = [
+            f"--kubectl={kubectl_path}",
+            f"--state={state or tmp_path / 'state.db'}",
+            *FAST,
+            *args,
+        ]
         service = Service(argv, service_env(kubeconfig), tmp_path / f"run{len(started)}")
         started.append(service)
         return service
@@ -44,13 +48,20 @@ def key(pod):
 
 def test_second_run_sends_only_changed_unhealthy_and_deleted(kubeapi, run, receiver):
     steady, changing, sick, doomed = (
-        make_pod("default", "steady"), make_pod("default", "changing"),
-        make_pod("default", "sick", healthy=False), make_pod("default", "doomed"))
+        make_pod("default", "steady"),
+        make_pod("default", "changing"),
+        make_pod("default", "sick", healthy=False),
+        make_pod("default", "doomed"),
+    )
     for pod in (steady, changing, sick, doomed):
         kubeapi.put_pod(pod)
     assert run(f"--url={receiver.url}", "--once").wait() == 0
-    assert sorted(receiver.keys()) == ["default/changing", "default/doomed",
-                                       "default/sick", "default/steady"]
+    assert sorted(receiver.keys()) == [
+        "default/changing",
+        "default/doomed",
+        "default/sick",
+        "default/steady",
+    ]
     receiver.clear()
     # while k8svent is down: one pod changes, one is deleted, one is born
     changing["metadata"].setdefault("labels", {})["change"] = "yes"
@@ -121,7 +132,8 @@ def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver, tmp_path):
     def items(restarts):
         return (
             (ns, name, data.replace(b'"restartCount":0', b'"restartCount":%d' % restarts))
-            for ns, name, data in generate_items(1200, unhealthy_every=0))
+            for ns, name, data in generate_items(1200, unhealthy_every=0)
+        )
 
     kubeapi.load_items(items(0))
     everything = set(kubeapi.pod_keys())
@@ -138,7 +150,7 @@ def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver, tmp_path):
         assert time.monotonic() < deadline, "no page was staged"
         time.sleep(0.05)
     victim.kill()
-    assert receiver.received == []    # nothing was delivered: the poll never ended
+    assert receiver.received == []  # nothing was delivered: the poll never ended
     kubeapi.clear()
     kubeapi.load_items(items(1))
     survivor = run(f"--url={receiver.url}", "--chunk-size=500", "--once")

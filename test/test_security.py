@@ -103,6 +103,7 @@ def test_a_state_file_of_another_user_is_refused(tmp_path):
 
 # --- the status port ----------------------------------------------------------
 
+
 def _wait_until(condition, timeout=20, what="condition"):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -145,7 +146,7 @@ def test_idle_connections_neither_pile_up_threads_nor_block_healthz(status_serve
     try:
         for _ in range(300):
             sock = socket.create_connection((host, int(port)), timeout=5)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")   # never finished
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
             idle.append(sock)
         peak = threading.active_count()
         started = time.monotonic()
@@ -173,7 +174,7 @@ def test_a_dripping_client_is_cut_off_at_the_deadline(status_server):
                 break
             if _hung_up(sock):
                 break
-            time.sleep(0.1)     # the drip itself, not a wait for a condition
+            time.sleep(0.1)  # the drip itself, not a wait for a condition
         _wait_until(lambda: _hung_up(sock), what="the dripping client cut off")
         assert time.monotonic() - started < 3
 
@@ -183,14 +184,17 @@ def test_a_dripping_client_is_cut_off_at_the_deadline(status_server):
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.mark.parametrize("body, expected", [
-    (b'{"correlation_id": "abc"}', "abc"),
-    (b"[" * 100_000, None),                       # too large to look at
-    (b"[" * 4000, None),                          # small, but nested past the recursion limit
-    (b'{"correlation_id": "' + b"x" * 5000 + b'"}', None),
-    (b'["correlation_id"]', None),
-    (b"\xff\xfe", None),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b'{"correlation_id": "abc"}', "abc"),
+        (b"[" * 100_000, None),  # too large to look at
+        (b"[" * 4000, None),  # small, but nested past the recursion limit
+        (b'{"correlation_id": "' + b"x" * 5000 + b'"}', None),
+        (b'["correlation_id"]', None),
+        (b"\xff\xfe", None),
+    ],
+)
 def test_correlation_id_of_any_answer(body, expected):
     assert k8svent.correlation_id(k8svent.Response(200, JSON, body)) == expected
 
@@ -232,8 +236,9 @@ class DrippingReceiver:
 
 def test_a_dripping_answer_ends_at_the_deadline():
     receiver = DrippingReceiver()
-    endpoint = k8svent.Endpoint(receiver.url, k8svent.Settings(urls=(receiver.url,)),
-                                deadline_seconds=1.5)
+    endpoint = k8svent.Endpoint(
+        receiver.url, k8svent.Settings(urls=(receiver.url,)), deadline_seconds=1.5
+    )
     started = time.monotonic()
     try:
         with pytest.raises(TimeoutError):
@@ -263,12 +268,14 @@ def test_a_hostile_pod_name_cannot_forge_a_log_line(kubeapi, start, receivers):
 
 def test_text_log_escapes_messages_and_arguments():
     formatter = k8svent._TextFormatter("%(levelname)s %(message)s")
-    record = logging.LogRecord("k8svent", logging.INFO, __file__, 1, "a\nb %s",
-                               ("c\x1b[0m\r\n",), None)
+    record = logging.LogRecord(
+        "k8svent", logging.INFO, __file__, 1, "a\nb %s", ("c\x1b[0m\r\n",), None
+    )
     assert formatter.format(record) == "INFO a\\nb c\\x1b[0m\\r\\n"
 
 
 # --- kubectl's environment ----------------------------------------------------
+
 
 def _recording_kubectl(tmp_path, kubectl_path):
     """A kubectl that writes its environment to a file, then runs the real one."""
@@ -282,14 +289,19 @@ def _recorded(tmp_path):
     return [path.read_text() for path in tmp_path.glob("env.*")]
 
 
-def test_kubectl_never_sees_k8svents_secrets(kubeapi, start, receivers, tmp_path,
-                                             kubectl_path):
+def test_kubectl_never_sees_k8svents_secrets(kubeapi, start, receivers, tmp_path, kubectl_path):
     kubeapi.put_pod(make_pod("default", "web"))
     receiver = receivers(secret="s3cr3t")
     kubectl = _recording_kubectl(tmp_path, kubectl_path)
-    service = start("--once", kubectl=str(kubectl), env={
-        "K8SVENT_WEBHOOKS": receiver.url + "?token=HOOKTOKEN",
-        "K8SVENT_WEBHOOK_SECRET": "s3cr3t", "KEEP_ME": "kept"})
+    service = start(
+        "--once",
+        kubectl=str(kubectl),
+        env={
+            "K8SVENT_WEBHOOKS": receiver.url + "?token=HOOKTOKEN",
+            "K8SVENT_WEBHOOK_SECRET": "s3cr3t",
+            "KEEP_ME": "kept",
+        },
+    )
     assert service.wait() == 0, service.log()
     recorded = _recorded(tmp_path)
     assert recorded
@@ -298,8 +310,9 @@ def test_kubectl_never_sees_k8svents_secrets(kubeapi, start, receivers, tmp_path
         assert "K8SVENT_" not in env and "s3cr3t" not in env and "HOOKTOKEN" not in env
 
 
-def test_own_pod_look_up_never_passes_secrets(kubeapi, kubeconfig, kubectl_path, tmp_path,
-                                              monkeypatch):
+def test_own_pod_look_up_never_passes_secrets(
+    kubeapi, kubeconfig, kubectl_path, tmp_path, monkeypatch
+):
     monkeypatch.setenv("K8SVENT_WEBHOOK_SECRET", "s3cr3t")
     kubeapi.put_pod(make_pod("k8svent", "me"))
     kubectl = _recording_kubectl(tmp_path, kubectl_path)

@@ -40,25 +40,36 @@ KUBECTL_PEAK_MIB = 64
 
 # What the code runs: `kubectl get --raw /api/v1/pods` and
 # `kubectl get pod POD_NAME -o json`.
-ALLOWED_RULES = [{"apiGroups": [""], "resources": ["pods"],
-                  "verbs": ["get", "list", "watch"]}]
+ALLOWED_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
 
 # Pod Security Standards, "restricted" profile.
 RESTRICTED_VOLUME_TYPES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-    "persistentVolumeClaim", "projected", "secret",
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
 }
 RESTRICTED_ADDABLE_CAPABILITIES = {"NET_BIND_SERVICE"}
 SAFE_SYSCTLS = {
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
-    "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
-    "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes",
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
 }
 
 
 # ---- helpers -----------------------------------------------------------------
+
 
 def find_tool(name, env_var=None, requirements="requirements-dev.txt"):
     """Path of an executable: $env_var, then beside sys.executable, then PATH."""
@@ -103,8 +114,11 @@ def pod_spec():
 
 
 def all_containers(spec):
-    return [c for key in ("initContainers", "containers", "ephemeralContainers")
-            for c in spec.get(key, [])]
+    return [
+        c
+        for key in ("initContainers", "containers", "ephemeralContainers")
+        for c in spec.get(key, [])
+    ]
 
 
 def the_container():
@@ -156,6 +170,7 @@ def instructions(name):
 
 # ---- deploy.yaml: schema -----------------------------------------------------
 
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_deploy_yaml_validates_strictly(version):
     validate = find_tool("kubernetes-validate")
@@ -165,16 +180,24 @@ def test_deploy_yaml_validates_strictly(version):
 
 def test_deploy_yaml_has_what_apply_needs():
     kinds = sorted(doc["kind"] for doc in load_deploy())
-    assert kinds == sorted([
-        "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "Secret", "NetworkPolicy", "Deployment",
-    ])
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Secret",
+            "NetworkPolicy",
+            "Deployment",
+        ]
+    )
     for doc in load_deploy():
         if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == "k8svent", doc["kind"]
 
 
 # ---- deploy.yaml: Pod Security Standard "restricted" -----------------------------
+
 
 def test_namespace_enforces_restricted():
     labels = the_one("Namespace")["metadata"]["labels"]
@@ -189,7 +212,9 @@ def test_pod_level_restricted_fields():
     assert security["runAsNonRoot"] is True
     assert security["runAsUser"] == RUN_AS_USER
     assert security["seccompProfile"]["type"] == "RuntimeDefault"
-    assert "seLinuxOptions" not in security or not {"user", "role"} & set(security["seLinuxOptions"])
+    assert "seLinuxOptions" not in security or not {"user", "role"} & set(
+        security["seLinuxOptions"]
+    )
     assert "windowsOptions" not in security
     for sysctl in security.get("sysctls", []):
         assert sysctl["name"] in SAFE_SYSCTLS, sysctl
@@ -224,6 +249,7 @@ def test_read_only_root_has_a_writable_tmp():
 
 # ---- deploy.yaml: RBAC -------------------------------------------------------------
 
+
 def test_rbac_grants_only_get_list_and_watch_pods():
     roles = objects_of_kind("ClusterRole") + objects_of_kind("Role")
     assert len(roles) == 1
@@ -236,18 +262,23 @@ def test_rbac_binds_the_role_to_the_pods_service_account():
     account = the_one("ServiceAccount")
     binding = the_one("ClusterRoleBinding")
     assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
         "name": role["metadata"]["name"],
     }
-    assert binding["subjects"] == [{
-        "kind": "ServiceAccount", "name": account["metadata"]["name"],
-        "namespace": account["metadata"]["namespace"],
-    }]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
     assert pod_spec()["serviceAccountName"] == account["metadata"]["name"]
     assert pod_spec().get("automountServiceAccountToken", True) is True
 
 
 # ---- deploy.yaml: the Deployment -------------------------------------------------
+
 
 def test_one_replica_never_two_at_once():
     deployment = the_one("Deployment")
@@ -274,13 +305,15 @@ def test_secret_reaches_the_container_as_a_file():
     env = env_of(container)
     assert "K8SVENT_WEBHOOK_SECRET" not in env
     assert env["K8SVENT_WEBHOOKS"]["valueFrom"]["secretKeyRef"] == {
-        "name": secret["metadata"]["name"], "key": "webhooks",
+        "name": secret["metadata"]["name"],
+        "key": "webhooks",
     }
     secret_path = Path(env["K8SVENT_WEBHOOK_SECRET_FILE"]["value"])
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     matching = [
-        volumes[name]["secret"] for name, mount in mounts.items()
+        volumes[name]["secret"]
+        for name, mount in mounts.items()
         if "secret" in volumes[name] and Path(mount["mountPath"]) == secret_path.parent
     ]
     assert len(matching) == 1
@@ -335,17 +368,21 @@ def namespaced_variant():
         if doc["kind"] == "RoleBinding":
             doc["roleRef"]["kind"] = "Role"
         if doc["kind"] == "Deployment":
-            doc["spec"]["template"]["spec"]["containers"][0]["env"].append({
-                "name": "K8SVENT_NAMESPACE",
-                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
-            })
+            doc["spec"]["template"]["spec"]["containers"][0]["env"].append(
+                {
+                    "name": "K8SVENT_NAMESPACE",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                }
+            )
     return docs
 
 
 def _the_part_shown(full, shown):
     """The parts of `full` that `shown` has keys for (dicts recursively)."""
-    return {key: _the_part_shown(full[key], value) if isinstance(value, dict) else full[key]
-            for key, value in shown.items()}
+    return {
+        key: _the_part_shown(full[key], value) if isinstance(value, dict) else full[key]
+        for key, value in shown.items()
+    }
 
 
 def test_the_docs_show_the_namespaced_variant():
@@ -374,6 +411,7 @@ def test_namespaced_variant_validates_strictly(version, tmp_path):
 
 
 # ---- Dockerfile and .dockerignore ---------------------------------------------------
+
 
 def test_dockerfile_lints_clean():
     hadolint = find_tool("hadolint")
@@ -456,8 +494,11 @@ def test_image_and_tests_run_the_same_kubectl():
 
 
 def test_dockerignore_lets_in_only_what_the_image_copies():
-    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = {line[1:] for line in lines[1:]}
     assert all(line.startswith("!") for line in lines[1:])
@@ -471,19 +512,33 @@ def test_dockerignore_lets_in_only_what_the_image_copies():
 
 # ---- checkov on both files -----------------------------------------------------------
 
+
 def test_checkov_finds_nothing_unsuppressed():
-    checkov = find_tool("checkov", env_var="K8SVENT_CHECKOV", requirements="requirements-checkov.txt")
-    result = run_tool([
-        checkov, "--skip-download", "--output", "json",
-        "--file", str(DOCKERFILE), "--file", str(DEPLOY),
-    ])
+    checkov = find_tool(
+        "checkov", env_var="K8SVENT_CHECKOV", requirements="requirements-checkov.txt"
+    )
+    result = run_tool(
+        [
+            checkov,
+            "--skip-download",
+            "--output",
+            "json",
+            "--file",
+            str(DOCKERFILE),
+            "--file",
+            str(DEPLOY),
+        ]
+    )
     reports = json.loads(result.stdout)
     reports = reports if isinstance(reports, list) else [reports]
     by_type = {report["check_type"]: report for report in reports}
-    assert set(by_type) == {"dockerfile", "kubernetes"}, result.stdout[:2000] + result.stderr[-2000:]
+    assert set(by_type) == {"dockerfile", "kubernetes"}, (
+        result.stdout[:2000] + result.stderr[-2000:]
+    )
     failures = [
         f"{check['check_id']} {check['check_name']} ({check['resource']})"
-        for report in reports for check in report["results"].get("failed_checks", [])
+        for report in reports
+        for check in report["results"].get("failed_checks", [])
     ]
     assert failures == []
     for report in reports:

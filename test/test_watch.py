@@ -11,8 +11,13 @@ from test.pods import make_pod
 from test.service import Service, service_env
 
 # No duress re-sends nor resyncs unless a test asks: each event is what it sees.
-QUIET = ["--mode=watch", "--interval=600", "--resync=0", "--retry-interval=0.3",
-         "--log-level=debug"]
+QUIET = [
+    "--mode=watch",
+    "--interval=600",
+    "--resync=0",
+    "--retry-interval=0.3",
+    "--log-level=debug",
+]
 
 
 @pytest.fixture
@@ -21,8 +26,11 @@ def start(kubeapi, kubeconfig, kubectl_path, tmp_path):
     started = []
 
     def run(*args):
-        service = Service([f"--kubectl={kubectl_path}", *QUIET, *args],
-                          service_env(kubeconfig), tmp_path / f"run{len(started)}")
+        service = Service(
+            [f"--kubectl={kubectl_path}", *QUIET, *args],
+            service_env(kubeconfig),
+            tmp_path / f"run{len(started)}",
+        )
         started.append(service)
         return service
 
@@ -43,9 +51,10 @@ def changed(pod, value):
 
 def has(key_, **want):
     """A predicate: some pod received has this key and these labels/phase/uid."""
+
     def check(pods):
-        return any(key(p) == key_ and all(_field(p, f) == v for f, v in want.items())
-                   for p in pods)
+        return any(key(p) == key_ and all(_field(p, f) == v for f, v in want.items()) for p in pods)
+
     return check
 
 
@@ -62,8 +71,11 @@ def watching(kubeapi, count=1):
 
 
 def lists(kubeapi):
-    return sum(1 for method, path in kubeapi.requests
-               if method == "GET" and "/pods?" in path and "watch=" not in path)
+    return sum(
+        1
+        for method, path in kubeapi.requests
+        if method == "GET" and "/pods?" in path and "watch=" not in path
+    )
 
 
 def test_a_change_arrives_within_a_second(kubeapi, start, receivers):
@@ -79,8 +91,8 @@ def test_a_change_arrives_within_a_second(kubeapi, start, receivers):
         kubeapi.put_pod(changed(pod, str(i)))
         receiver.wait_for_pods(has("default/web", change=str(i)), f"change {i}")
         latencies.append(time.monotonic() - began)
-    assert sorted(latencies)[2] < 1.0, latencies   # the median, on a busy machine
-    assert lists(kubeapi) == 1                      # one list, then only the watch
+    assert sorted(latencies)[2] < 1.0, latencies  # the median, on a busy machine
+    assert lists(kubeapi) == 1  # one list, then only the watch
     assert service.count(r"WARNING|ERROR") == 0, service.log()
 
 
@@ -111,8 +123,9 @@ def test_a_recreated_pod_is_a_deletion_and_a_new_pod(kubeapi, start, receivers):
     kubeapi.delete_pod("default", "db-0")
     kubeapi.put_pod(new)
     pods = receiver.wait_for_pods(has("default/db-0", uid=new["metadata"]["uid"]), "new pod")
-    receiver.wait_for_pods(has("default/db-0", uid=old["metadata"]["uid"], phase="Deleted"),
-                        "the old pod's deletion")
+    receiver.wait_for_pods(
+        has("default/db-0", uid=old["metadata"]["uid"], phase="Deleted"), "the old pod's deletion"
+    )
     assert pods[-1]["status"]["phase"] == "Running"
 
 
@@ -127,13 +140,13 @@ def test_a_watch_cut_mid_stream_loses_nothing(kubeapi, start, receivers):
     kubeapi.put_pod(changed(pods[0], "before-cut"))
     receiver.wait_for_pods(has("default/web-0", change="before-cut"))
     assert kubeapi.cut_watches() == 1
-    kubeapi.put_pod(changed(pods[1], "during-cut"))     # replayed from the last RV
+    kubeapi.put_pod(changed(pods[1], "during-cut"))  # replayed from the last RV
     receiver.wait_for_pods(has("default/web-1", change="during-cut"), "the change made meanwhile")
     watching(kubeapi)
     kubeapi.put_pod(changed(pods[2], "after-cut"))
     received = receiver.wait_for_pods(has("default/web-2", change="after-cut"))
     assert not [p for p in received if p["status"]["phase"] == "Deleted"]
-    assert lists(kubeapi) == 1                          # watched again, not listed
+    assert lists(kubeapi) == 1  # watched again, not listed
     assert service.count(r"watch failed") == 1
 
 
@@ -147,15 +160,16 @@ def test_an_expired_watch_lists_again_and_loses_nothing(kubeapi, start, receiver
     receiver.wait_for(3)
     watching(kubeapi)
     kubeapi.expire_watch(http=http)
-    kubeapi.cut_watches()           # the next watch is the expired one
+    kubeapi.cut_watches()  # the next watch is the expired one
     kubeapi.put_pod(changed(pods[0], "meanwhile"))
     kubeapi.delete_pod("default", "web-1")
     received = receiver.wait_for_pods(has("default/web-1", phase="Deleted"), "deletion")
     receiver.wait_for_pods(has("default/web-0", change="meanwhile"), "change")
     service.wait_log(r"watch expired .*; listing pods again")
     assert lists(kubeapi) == 2
-    assert not [p for p in received
-                if p["status"]["phase"] == "Deleted" and key(p) != "default/web-1"]
+    assert not [
+        p for p in received if p["status"]["phase"] == "Deleted" and key(p) != "default/web-1"
+    ]
 
 
 def test_the_namespaced_path_is_watched(kubeapi, start, receivers):
@@ -169,39 +183,60 @@ def test_the_namespaced_path_is_watched(kubeapi, start, receivers):
     kubeapi.put_pod(changed(kubeapi.get_pod("shop", "cart"), "y"))
     received = receiver.wait_for_pods(has("shop/cart", change="y"))
     assert {key(p) for p in received} == {"shop/cart"}
-    assert any("/api/v1/namespaces/shop/pods?" in path and "watch=1" in path
-               for _, path in kubeapi.requests)
+    assert any(
+        "/api/v1/namespaces/shop/pods?" in path and "watch=1" in path
+        for _, path in kubeapi.requests
+    )
 
 
-def test_pods_under_duress_are_sent_every_interval_without_a_list(kubeapi, kubeconfig,
-                                                                   kubectl_path, tmp_path,
-                                                                   receivers):
+def test_pods_under_duress_are_sent_every_interval_without_a_list(
+    kubeapi, kubeconfig, kubectl_path, tmp_path, receivers
+):
     kubeapi.put_pod(make_pod("default", "sick", healthy=False))
     kubeapi.put_pod(make_pod("default", "fine"))
     receiver = receivers()
-    service = Service([f"--kubectl={kubectl_path}", "--mode=watch", "--interval=0.3",
-                       "--resync=0", f"--url={receiver.url}"],
-                      service_env(kubeconfig), tmp_path / "run")
+    service = Service(
+        [
+            f"--kubectl={kubectl_path}",
+            "--mode=watch",
+            "--interval=0.3",
+            "--resync=0",
+            f"--url={receiver.url}",
+        ],
+        service_env(kubeconfig),
+        tmp_path / "run",
+    )
     try:
         received = receiver.wait_for_pods(
-            lambda pods: sum(key(p) == "default/sick" for p in pods) >= 4, "4 re-sends")
+            lambda pods: sum(key(p) == "default/sick" for p in pods) >= 4, "4 re-sends"
+        )
         assert sum(key(p) == "default/fine" for p in received) == 1
         assert lists(kubeapi) == 1
     finally:
         service.kill()
 
 
-def test_a_resync_sends_what_the_watch_missed(kubeapi, kubeconfig, kubectl_path, tmp_path,
-                                              receivers):
+def test_a_resync_sends_what_the_watch_missed(
+    kubeapi, kubeconfig, kubectl_path, tmp_path, receivers
+):
     pod = make_pod("default", "web")
     kubeapi.put_pod(pod)
     # What a resync finds is taken once the watch has caught up with the list:
     # bookmarks (a real server sends one about every minute) tell it has.
     kubeapi.bookmark_seconds = 0.2
     receiver = receivers()
-    service = Service([f"--kubectl={kubectl_path}", "--mode=watch", "--interval=600",
-                       "--resync=1", "--listen=127.0.0.1:0", f"--url={receiver.url}"],
-                      service_env(kubeconfig), tmp_path / "run")
+    service = Service(
+        [
+            f"--kubectl={kubectl_path}",
+            "--mode=watch",
+            "--interval=600",
+            "--resync=1",
+            "--listen=127.0.0.1:0",
+            f"--url={receiver.url}",
+        ],
+        service_env(kubeconfig),
+        tmp_path / "run",
+    )
     try:
         receiver.wait_for(1)
         watching(kubeapi)
