@@ -159,3 +159,15 @@ def test_kill_9_mid_poll_loses_nothing(kubeapi, run, receiver, tmp_path):
     assert set(got) == everything
     assert all(p["status"]["containerStatuses"][0]["restartCount"] == 1 for p in got.values())
     assert "Deleted" not in {p["status"]["phase"] for p in got.values()}
+
+
+def test_a_delivery_keeps_its_webhook_id_across_a_kill(kubeapi, run, receivers):
+    kubeapi.put_pod(make_pod("default", "web"))
+    hook = receivers([503, 503, 503, 503, 503, 503, 503, 503], secret="s3cr3t")
+    service = run(f"--url={hook.url}", "--secret=s3cr3t")
+    hook.wait_attempts(1)
+    service.kill()  # kill -9: the outbox row, with its id, is in the state file
+    hook.answers.clear()
+    assert run(f"--url={hook.url}", "--secret=s3cr3t", "--once").wait() == 0
+    ids = {received.headers["webhook-id"] for received in hook.requests}
+    assert len(ids) == 1 and hook.statuses[-1] == 200
