@@ -68,8 +68,9 @@ Options:
   --upgrade-interval=SECONDS   Seconds between checks (+-10 %); 86400 when
                                running a release, 14400 a prerelease.
                                Env: K8SVENT_UPGRADE_INTERVAL.
-  --once                       Poll once, wait for every delivery to succeed
-                               or fail for good, exit 0 if all succeeded.
+  --once                       List once and deliver; exit 0 when every
+                               delivery succeeded, 1 when one was refused or
+                               still owed after --retry-budget.
   --dry-run                    Print each payload as a JSON line on stdout
                                instead of posting it; needs no URL.
   --version                    Print the version and exit.
