@@ -2527,8 +2527,9 @@ class Sender:
     Workers take the earliest-due row of the outbox (never a key another
     worker holds), POST the pod's newest state, and settle the row (2xx, or a
     refusal) or move its due time on (back-off); none sleeps holding a row.
-    After DOWN_AFTER_FAILURES connection-level failures in a row the webhook
-    is down: one probe at a time, backing off to 60 s, until one succeeds.
+    After DOWN_AFTER_FAILURES failures in a row that are the webhook's (a
+    connection that fails, or a 5xx/429 for a row never tried) it is down:
+    one probe at a time, backing off to 60 s, until one succeeds.
     """
 
     def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.time):
