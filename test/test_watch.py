@@ -294,3 +294,49 @@ def test_a_watch_that_keeps_failing_backs_off_and_lists_again(kubeapi, start, re
     kubeapi.put_pod(changed(pod, "after"))
     received = receiver.wait_for_pods(has("default/web", change="after"))
     assert not [p for p in received if p["status"]["phase"] == "Deleted"]
+
+
+def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_path, tmp_path):
+    import k8svent
+
+    settings = k8svent.settings_from(
+        k8svent.parse_arguments(
+            [
+                "--dry-run",
+                f"--kubectl={kubectl_path}",
+                "--interval=10",
+                "--retry-interval=0.2",
+                "--kubectl-timeout=5",
+            ]
+        ),
+        {},
+    )
+    kubeapi.put_pod(make_pod("default", "web"))
+    store = k8svent.Store(str(tmp_path / "state.db"))
+    watcher = k8svent.Watcher(settings, store, [])
+    health = k8svent.Health(watcher, settings)
+    watcher.start()
+    try:
+        watching(kubeapi)
+        progress = watcher.last_progress
+        assert health.live() == (True, "ok")
+        # every watch, and every list after them, fails from now on
+        kubeapi.fail(500, count=100000, path_prefix="/api/v1/pods")
+        kubeapi.cut_watches()
+        deadline = time.monotonic() + 20
+        before = len(kubeapi.requests)
+        # three watches, then lists, all failing
+        while sum("/pods?" in path for _, path in kubeapi.requests[before:]) < 6:
+            assert time.monotonic() < deadline, "the watcher stopped trying"
+            time.sleep(0.05)
+        assert any("watch=1" not in path for _, path in kubeapi.requests[before:])
+        assert watcher.last_progress == progress  # failures are not progress
+        late = k8svent.Health(
+            watcher, settings, clock=lambda: watcher.last_progress + 3 * 10 + 5 + 1
+        )
+        ok, why = late.live()
+        assert not ok and "no progress" in why
+    finally:
+        watcher.stop()
+        watcher.join(10)
+        store.close()
