@@ -2557,6 +2557,7 @@ class Sender:
         self.succeeded = 0
         self.failed = 0  # refused, or past the retry budget
         self.output_closed = False
+        self._store_failing = False  # logged once until the store works again
         self._threads = [
             threading.Thread(target=self._work, daemon=True, name=f"deliver-{endpoint.label}-{i}")
             for i in range(settings.workers)
@@ -2583,8 +2584,9 @@ class Sender:
             with self._cond:
                 try:
                     taken, wait = self._take()
+                    self._store_failing = False
                 except sqlite3.Error as exc:  # a full disk, say: try again later
-                    log.error("cannot read the outbox of %s: %s", self.endpoint.label, exc)
+                    self._store_failed("cannot read the outbox", exc)
                     taken, wait = None, HOUSEKEEPING_SECONDS
                 if taken is None:
                     self._cond.wait(wait)
@@ -2603,12 +2605,7 @@ class Sender:
                     self._record(taken, *outcome)
                 except sqlite3.Error as exc:
                     # The row stays as it was: sent again later, with its id.
-                    log.error(
-                        "cannot record the delivery of %s to %s: %s",
-                        taken.key,
-                        self.endpoint.label,
-                        exc,
-                    )
+                    self._store_failed(f"cannot record the delivery of {taken.key}", exc)
             with self._cond:
                 if outcome is not None and outcome[0] in ("success", "rejected"):
                     self._done.append((taken.key, taken.msg_id))  # busy until settled
@@ -2623,6 +2620,12 @@ class Sender:
             self._ready.clear()
             self._settle_done()
             self._cond.notify_all()
+
+    def _store_failed(self, what, exc):
+        """Log a failing store once (at error) until it works again; then at debug."""
+        level = logging.DEBUG if self._store_failing else logging.ERROR
+        self._store_failing = True
+        log.log(level, "%s for %s: %s", what, self.endpoint.label, exc)
 
     def _settle_done(self):
         """Delete the rows of the deliveries done since the last time, in one go (lock held)."""

@@ -575,3 +575,33 @@ def test_read_answer_failures_are_http_errors(raw, error):
     with pytest.raises(http.client.HTTPException) as caught:
         k8svent.read_answer(io.BufferedReader(io.BytesIO(raw)), 8)
     assert type(caught.value).__name__ == error
+
+
+def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
+    import threading
+
+    store = k8svent.Store()
+    store.set_endpoints(["stdout"])
+    store._db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every query fails
+    stop = threading.Event()
+    sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)
+    k8svent.log.addHandler(caplog.handler)  # whether or not main() made it stop propagating
+    sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "no such table" not in caplog.text:
+            assert time.monotonic() < deadline, "the store never failed"
+            time.sleep(0.05)
+        store._db.execute("ALTER TABLE outbox_away RENAME TO outbox")  # works again
+        poll(store, named("a"))
+        sender.wake()
+        assert sender.wait_idle(10) and sender.succeeded == 1
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "cannot read the outbox for stdout" in errors[0].message
+        assert all(thread.is_alive() for thread in sender._threads)
+    finally:
+        k8svent.log.removeHandler(caplog.handler)
+        stop.set()
+        sender.wake()
+        sender.join(5)
+        store.close()
