@@ -1489,51 +1489,56 @@ class Store:
 
         The keys of new and changed pods are added to the list `staged` if given.
         """
-        counts = {"new": 0, "changed": 0, "unhealthy": 0}
-        keys = [e.key for e in entries]
         # The keys seen by this poll, for its deletions: in memory for the
         # length of a poll only (about 100 bytes a pod).
-        self._seen.update(keys)
+        self._seen.update(e.key for e in entries)
         with self._transaction() as db:
-            known = {}
-            for start in range(0, len(keys), _SQL_BATCH):
-                batch = keys[start : start + _SQL_BATCH]
-                known.update(
-                    (k, (fp, deleted, uid))
-                    for k, fp, deleted, uid in db.execute(
-                        "SELECT key, fp, deleted, uid FROM pods WHERE key IN "
-                        f"({','.join('?' * len(batch))})",
-                        batch,
-                    )
+            return self._stage(db, entries, staged)
+
+    @staticmethod
+    def _stage(db, entries, staged=None):
+        """apply_page in a transaction of the caller's."""
+        counts = {"new": 0, "changed": 0, "unhealthy": 0}
+        keys = [e.key for e in entries]
+        known = {}
+        for start in range(0, len(keys), _SQL_BATCH):
+            batch = keys[start : start + _SQL_BATCH]
+            known.update(
+                (k, (fp, deleted, uid))
+                for k, fp, deleted, uid in db.execute(
+                    "SELECT key, fp, deleted, uid FROM pods WHERE key IN "
+                    f"({','.join('?' * len(batch))})",
+                    batch,
                 )
-            upserts = []
-            for entry in entries:
-                old = known.get(entry.key)
-                if old is None or old[1] or _other_pod(old[2], entry.uid):
-                    counts["new"] += 1
-                elif old[0] != entry.fp:
-                    counts["changed"] += 1
-                else:
-                    if entry.duress:
-                        counts["unhealthy"] += 1
-                    continue
-                upserts.append(
-                    (
-                        entry.key,
-                        entry.fp,
-                        int(entry.duress),
-                        zlib.compress(entry.body, 1),
-                        entry.uid,
-                    )
-                )
-            if staged is not None:
-                staged.extend(u[0] for u in upserts)
-            # New and changed pods wait in `staged` until the listing is
-            # complete: a poll that fails changes nothing.
-            db.executemany(
-                "INSERT OR REPLACE INTO staged (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
-                upserts,
             )
+        upserts = []
+        for entry in entries:
+            old = known.get(entry.key)
+            if old is None or old[1] or _other_pod(old[2], entry.uid):
+                counts["new"] += 1
+            elif old[0] != entry.fp:
+                counts["changed"] += 1
+            else:
+                if entry.duress:
+                    counts["unhealthy"] += 1
+                continue
+            upserts.append(
+                (
+                    entry.key,
+                    entry.fp,
+                    int(entry.duress),
+                    zlib.compress(entry.body, 1),
+                    entry.uid,
+                )
+            )
+        if staged is not None:
+            staged.extend(u[0] for u in upserts)
+        # New and changed pods wait in `staged` until the listing is
+        # complete: a poll that fails changes nothing.
+        db.executemany(
+            "INSERT OR REPLACE INTO staged (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
+            upserts,
+        )
         return counts
 
     def finish_poll(self, delete=True):
@@ -1581,11 +1586,9 @@ class Store:
         """
         with self._transaction() as db:
             db.execute("DELETE FROM staged")
-        counts = self.apply_page([entry])
-        self._seen.discard(entry.key)
-        reason = next((r for r in ("new", "changed") if counts[r]), None)
-        if reason is not None:
-            with self._transaction() as db:
+            counts = self._stage(db, [entry])
+            reason = next((r for r in ("new", "changed") if counts[r]), None)
+            if reason is not None:
                 self._merge_staged(db)
                 self._owe_marked(db)
         return reason
@@ -1598,16 +1601,9 @@ class Store:
             if row is None or row[1]:
                 return False  # never listed (nothing to tell), or a list found it first
             key = entry.key
-            if row is not None and _other_pod(row[0], entry.uid):
+            if _other_pod(row[0], entry.uid):
                 key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"  # not the pod we know
-            db.execute(
-                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-                " VALUES (?, ?, 0, 1, ?)",
-                (key, fingerprint(pod_bytes), entry.uid),
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (key, zlib.compress(pod_bytes, 1))
-            )
+            self._put_deleted(db, key, entry.uid, pod_bytes)
             db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (key,))
             self._owe_marked(db)
         return True
@@ -1646,14 +1642,7 @@ class Store:
             pod_bytes = zlib.decompress(body)
             if not deleted:
                 pod_bytes = mark_deleted(pod_bytes)
-            db.execute(
-                "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-                " VALUES (?, ?, 0, 1, ?)",
-                (apart, fingerprint(pod_bytes), uid),
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (apart, zlib.compress(pod_bytes, 1))
-            )
+            Store._put_deleted(db, apart, uid, pod_bytes)
             if deleted:  # the rows that owe its deletion follow it
                 db.execute(
                     "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
@@ -1674,6 +1663,17 @@ class Store:
         db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
         db.execute("DELETE FROM staged")
         return sum(1 for _, _, deleted, _ in replaced if not deleted)
+
+    @staticmethod
+    def _put_deleted(db, key, uid, pod_bytes):
+        """Write a deleted pod's row and body (pod_bytes already say Deleted)."""
+        db.execute(
+            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid) VALUES (?, ?, 0, 1, ?)",
+            (key, fingerprint(pod_bytes), uid),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (key, zlib.compress(pod_bytes, 1))
+        )
 
     @staticmethod
     def _mark_deleted(db, keys):
