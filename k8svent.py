@@ -702,14 +702,6 @@ def backoff_delay(attempts, rng=random):
     return delay * rng.uniform(0.5, 1.5)
 
 
-def backoff_delays(rng=random):
-    """Delays between delivery attempts: 0.5 s, x1.5, +-50 % jitter, 60 s cap."""
-    delay = BACKOFF_START_SECONDS
-    while True:
-        yield delay * rng.uniform(0.5, 1.5)
-        delay = min(delay * BACKOFF_FACTOR, BACKOFF_CAP_SECONDS)
-
-
 def retry_after_seconds(value, now=None):
     """Seconds to wait from a Retry-After header (seconds or HTTP date)."""
     if not value:
@@ -2549,7 +2541,7 @@ class Sender:
         self._down_since = None
         self._down_logged = 0.0
         self._probe_key = None  # the key of the probe in flight, when down
-        self._probe_delays = None
+        self._probes_failed = 0  # failed probes (and the going down) since down
         self._probe_due = 0.0
         self._early_probe_at = 0.0
         self._housekept = 0.0
@@ -2767,10 +2759,9 @@ class Sender:
         self._cause = reason
         if self.up and self._failures >= DOWN_AFTER_FAILURES:
             self._go_down(now)
-        if not self.up and (was_probe or self._probe_delays is None):
-            if self._probe_delays is None:
-                self._probe_delays = backoff_delays(self._rng)
-            wait = next(self._probe_delays)
+        if not self.up and (was_probe or not self._probes_failed):
+            self._probes_failed += 1
+            wait = backoff_delay(self._probes_failed, self._rng)
             if retry_after is not None:
                 wait = max(wait, min(retry_after, MAX_WAIT_SECONDS))
             self._probe_due = now + wait
@@ -2789,7 +2780,7 @@ class Sender:
         self._busy.difference_update(owed.key for owed in self._ready)
         self._ready.clear()
         self._down_since = self._down_logged = now
-        self._probe_delays = None
+        self._probes_failed = 0
         count, age = self._backlog()
         log.warning(
             "webhook %s is down (%s); %d deliveries owed, the oldest for "
@@ -2803,7 +2794,7 @@ class Sender:
 
     def _back_up(self, now):
         self.up = True
-        self._probe_delays = None
+        self._probes_failed = 0
         count, age = self._backlog()
         log.warning(
             "webhook %s is back up after %.0f s; %d deliveries owed, the oldest for %.0f s",

@@ -234,12 +234,10 @@ def test_backoff_delays_grow_with_jitter_and_cap():
         def uniform(a, b):
             return (a + b) / 2
 
-    delays = k8svent.backoff_delays(Middle)
-    first = [next(delays) for _ in range(30)]
+    first = [k8svent.backoff_delay(n, Middle) for n in range(1, 31)]
     assert first[:3] == [0.5, 0.75, 1.125]
     assert max(first) == 60
-    jittered = k8svent.backoff_delays()
-    assert all(0.25 <= next(jittered) <= 90 for _ in range(30))
+    assert all(0.25 <= k8svent.backoff_delay(n) <= 90 for n in range(1, 31))
 
 
 # --- Selection and deletion, against the store ---------------------------------
