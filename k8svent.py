@@ -3284,9 +3284,13 @@ class Poller:
             # What changed after watched_rv is the watch's to tell: those pods
             # wait (in `pending`) until it has caught up with the list.
             self._store.see([e.key for e in batch])
-            later = [e for e in batch if _newer_rv(versions.get(e.key), watched_rv)]
-            self.pending.update((e.key, e) for e in later)
-            batch = [e for e in batch if not _newer_rv(versions.get(e.key), watched_rv)]
+            now = []
+            for entry in batch:
+                if _newer_rv(versions.get(entry.key), watched_rv):
+                    self.pending[entry.key] = entry
+                else:
+                    now.append(entry)
+            batch = now
         staged = []
         for reason, n in self._store.apply_page(batch, staged).items():
             counts[reason] += n
@@ -4185,7 +4189,8 @@ def main(argv=None, environ=None):
     if settings.dry_run and settings.state:
         log.info("--dry-run leaves state file %s alone", settings.state)
     try:
-        server = cluster_server(settings, environ)
+        # A temporary store is new: which cluster it is of needs no asking.
+        server = cluster_server(settings, environ) if state else None
         store = Store(state, scope=None if server is None else state_scope(settings, server))
     except StateError as exc:
         if status_server:
