@@ -3391,11 +3391,14 @@ class Watcher(Poller):
                         self._suspects.update(self.unseen)
                         self._suspects_rv = self.listed_rv
                         self._confirm_suspects(resync_from)
+                    elif self.listed_rv is None:
+                        # resourceVersion 0: any point, each pod as ADDED first
+                        # (applied as no-ops where nothing changed).
+                        log.warning("the pod list carried no resourceVersion; watching from now")
+                        self._rv = "0"
                     else:
                         self._rv = self.listed_rv
                     resync_from = None
-                    if self._rv is None:
-                        log.warning("the pod list carried no resourceVersion; watching from now")
                 now = self._clock()
                 if now >= next_duress:
                     next_duress = now + settings.interval
