@@ -6,7 +6,7 @@ IMAGE ?= atomist/k8svent
 # Deferred, so that only the targets that use it run git; `make image VERSION=...` overrides.
 VERSION = $(shell .ci/version)
 
-.PHONY: all lint test image version
+.PHONY: all lint test image version lock
 
 all: lint test
 
@@ -27,3 +27,14 @@ image:
 
 version:
 	@.ci/version
+
+# The locks: every package, with its dependencies, pinned with the sha256 of each
+# file PyPI has for it. `make lock` keeps the pins already there and adds what a
+# changed requirements file needs; `make lock UPGRADE=1` moves everything to the
+# newest versions that fit. uv comes with requirements-dev.txt (docs/dependencies.md).
+UV_COMPILE = $(PYTHON) -m uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
+
+lock:
+	$(UV_COMPILE) --output-file requirements.lock requirements.txt
+	$(UV_COMPILE) --constraint requirements.lock --output-file requirements-dev.lock requirements-dev.txt

@@ -26,6 +26,9 @@ DEPLOYING_DOC = ROOT / "docs" / "deploying.md"
 KUBECTL_REQUIREMENTS = ROOT / "requirements-kubectl.txt"
 REQUIREMENTS = ROOT / "requirements.txt"
 LOCK = ROOT / "requirements.lock"
+DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
+DEV_LOCK = ROOT / "requirements-dev.lock"
+README = ROOT / "README.md"
 
 # Oldest and newest Kubernetes minor versions deploy.yaml is validated against.
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
@@ -457,7 +460,7 @@ def _requirements(path):
     found = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
-        if not line:
+        if not line or line.startswith("-r "):
             continue
         pin = re.match(r"([A-Za-z0-9._-]+)==(\S+)", line)
         assert pin, f"{path.name}: not pinned with ==: {line}"
@@ -473,15 +476,68 @@ def test_dockerfile_installs_the_lock_by_hash():
     assert "requirements.txt" not in runs
     locked = _requirements(LOCK)
     assert all(hashes for _, hashes in locked.values()), "a locked package has no hash"
-    # Same versions as requirements.txt, and its dependencies pinned too.
-    for name, (version, _) in _requirements(REQUIREMENTS).items():
-        assert locked.get(name, (None,))[0] == version, name
     assert {"urllib3", "idna", "charset-normalizer"} <= set(locked)
-    for name, (version, _) in locked.items():
+
+
+def _disagreements(pins, locked, pins_name, lock_name):
+    """One line for each pin that the lock holds at another version, or not at all."""
+    return [
+        f"{name}: {pins_name} says {version}, {lock_name} says {locked.get(name, (None,))[0]}"
+        for name, (version, _) in pins.items()
+        if locked.get(name, (None,))[0] != version
+    ]
+
+
+@pytest.mark.parametrize(
+    "pins, lock", [(REQUIREMENTS, LOCK), (DEV_REQUIREMENTS, DEV_LOCK)], ids=["run", "dev"]
+)
+def test_each_lock_holds_its_requirements_pins(pins, lock):
+    wrong = _disagreements(_requirements(pins), _requirements(lock), pins.name, lock.name)
+    assert not wrong, "run `make lock` (docs/dependencies.md): " + "; ".join(wrong)
+
+
+def test_the_dev_lock_tests_what_the_image_runs():
+    locked = _requirements(DEV_LOCK)
+    assert all(hashes for _, hashes in locked.values()), "a dev-locked package has no hash"
+    wrong = _disagreements(_requirements(LOCK), locked, LOCK.name, DEV_LOCK.name)
+    assert not wrong, "run `make lock` (docs/dependencies.md): " + "; ".join(wrong)
+
+
+def _pip_installs(text):
+    """Each `pip install ...` command in a shell text, continuations joined."""
+    text = re.sub(r"\\\n", " ", text)
+    return re.findall(r'pip"? install [^\n&;|]*', text)
+
+
+def test_every_install_takes_a_lock_by_hash():
+    """A constraint-free install resolves to whatever PyPI released today: none may be one."""
+    readme = "\n".join(re.findall(r"```sh\n(.*?)```", README.read_text(), re.S))
+    sources = {".ci/run": (ROOT / ".ci" / "run").read_text(), "README.md": readme}
+    found = 0
+    for where, text in sources.items():
+        for command in _pip_installs(text):
+            if "requirements-checkov.txt" in command:
+                continue  # its own virtualenv, every package pinned by `pip freeze`
+            found += 1
+            files = re.findall(r"-r (\S+)", command)
+            assert files and all(f.endswith(".lock") for f in files), f"{where}: {command}"
+            assert "--require-hashes" in command, f"{where}: {command}"
+            assert "--upgrade" not in command and " -U" not in command, f"{where}: {command}"
+    assert found >= 3  # .ci/run, the README's run and test commands
+    assert "-r requirements-dev.lock" in _pip_installs(sources[".ci/run"])[0]
+    assert "make lock" in (ROOT / "Makefile").read_text()
+
+
+def test_the_tests_run_the_locked_versions():
+    for name, (version, _) in _requirements(DEV_LOCK).items():
         try:
-            assert importlib.metadata.version(name) == version, name
+            installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            pytest.fail(f"{name} is locked for the image but not installed for the tests")
+            pytest.fail(f"{name} is locked but not installed: pip install -r {DEV_LOCK.name}")
+        assert installed == version, (
+            f"{name} {installed} is installed, {DEV_LOCK.name} says {version}: "
+            f"pip install --require-hashes -r {DEV_LOCK.name}"
+        )
 
 
 def test_image_and_tests_run_the_same_kubectl():
