@@ -378,7 +378,32 @@ def _check_url(url):
             else "no scheme"
         )
         raise SettingsError(f"webhook URL must be http or https, not {shown}")
+    if not is_host(parts.hostname):
+        raise SettingsError(
+            f"invalid webhook URL {escape_controls(redact_url(url))}: the host is neither "
+            f"a host name nor an IP address"
+        )
     return url
+
+
+_HOST_LABEL_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def is_host(hostname):
+    """Whether a URL's (lower-cased) host is an IP address or a DNS name, IDNs included."""
+    try:
+        ipaddress.ip_address(hostname)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name.removesuffix(".").split(".")
+    return len(ascii_name) <= SUBDOMAIN_MAX_CHARS and all(
+        _HOST_LABEL_RE.fullmatch(label) for label in labels
+    )
 
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
