@@ -1864,6 +1864,17 @@ def selection_query(settings):
     return query
 
 
+def describe_selection(settings):
+    """Which pods are listed, in words: the namespaces, then the label selector."""
+    if settings.namespace:
+        where = f"pods of namespace {settings.namespace}"
+    elif settings.exclude_namespaces:
+        where = f"pods of all namespaces but {', '.join(settings.exclude_namespaces)}"
+    else:
+        where = "pods of all namespaces"
+    return f"{where} labelled {settings.selector}" if settings.selector else where
+
+
 def pods_url(settings, **query):
     """The API path and query that list or watch the pods (of one namespace or all).
 
@@ -1921,6 +1932,8 @@ def kubectl_environment(environ=None):
 
 def run_kubectl(settings, *args):
     """Run kubectl with args; return its stdout bytes or raise KubectlError."""
+    # Every kubectl runs in a process group of its own: a Ctrl-C at the
+    # terminal reaches k8svent alone, which then stops its kubectl itself.
     context = ("--context", settings.context) if settings.context else ()
     command = _kubectl_command(settings)
     try:
@@ -1933,6 +1946,7 @@ def run_kubectl(settings, *args):
             _out_bufsize=PIPE_BUFFER_BYTES,
             _internal_bufsize=PIPE_BUFFER_BYTES,
             _tty_out=False,
+            _new_group=True,
         ).stdout
     except (sh.TimeoutException, sh.ErrorReturnCode, OSError) as exc:
         raise _kubectl_failure(exc, settings) from None
@@ -2040,6 +2054,7 @@ def _start_get_raw(settings, path, timeout, stop):
             _bg=True,
             _bg_exc=False,
             _tty_out=False,
+            _new_group=True,
             _env=kubectl_environment(),
         )
     except (sh.ErrorReturnCode, OSError) as exc:
@@ -3222,6 +3237,10 @@ class Poller:
         self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller", daemon=True)
 
+    def _name(self, watched_rv):
+        """What the log calls one cycle: a poll (the Watcher: its list, or a resync)."""
+        return "poll"
+
     def poll_once(self, watched_rv=None):
         """One whole cycle: list, merge, mark deletions, deliver; True if ok.
 
@@ -3235,6 +3254,7 @@ class Poller:
         started = time.monotonic()
         store = self._store
         listed = {}
+        name = self._name(watched_rv)
         try:
             for restarts in range(LIST_RESTARTS + 1):
                 try:
@@ -3247,12 +3267,16 @@ class Poller:
                         raise
                     log.warning("continue token expired; listing pods again")
         except PollStopped:
-            log.info("poll stopped before it finished; nothing changed")
+            log.info("%s stopped before it finished; nothing changed", name)
             return False
         except KubectlError as exc:
+            if self.stop_event.is_set():  # a kubectl we stopped ourselves
+                log.info("%s stopped before it finished; nothing changed", name)
+                return False
             metrics.polled("failure")
             log.error(
-                "poll failed, nothing changed; %s: %s",
+                "%s failed, nothing changed; %s: %s",
+                name,
                 "exiting with status 1"
                 if self._settings.once
                 else f"retrying in {self._settings.retry_interval:g} s",
@@ -3270,7 +3294,8 @@ class Poller:
         if watched_rv is not None:
             _report_missed(missed, "new or changed pods")
         log.info(
-            "poll: %d pods seen; sending %d new, %d changed, %d unhealthy, %d deleted (%.2f s)",
+            "%s: %d pods seen; sending %d new, %d changed, %d unhealthy, %d deleted (%.2f s)",
+            name,
             seen,
             counts["new"],
             counts["changed"],
@@ -3395,6 +3420,9 @@ class Watcher(Poller):
         self._suspects_rv = None
         self._thread.name = "watcher"
 
+    def _name(self, watched_rv):
+        return "list" if watched_rv is None else "resync"
+
     def run(self):
         """List, then watch from the list's resourceVersion, until stopped."""
         settings = self._settings
@@ -3446,6 +3474,8 @@ class Watcher(Poller):
                 metrics.watch_restarts.labels("expired").inc()
                 self._rv = None
             except KubectlError as exc:
+                if self.stop_event.is_set():  # a kubectl we stopped ourselves
+                    return
                 failures += 1
                 metrics.watch_restarts.labels("error").inc()
                 delay = min(backoff_delay(failures), settings.retry_interval)
@@ -3466,8 +3496,9 @@ class Watcher(Poller):
                 self._pause(settings.retry_interval)
 
     def _pause(self, seconds):
-        if self.stop_event.wait(seconds):
-            raise PollStopped("stopped")
+        # No exception on a stop: the loop looks at stop_event next (a raise
+        # here, inside an except clause, escaped the loop as a traceback).
+        self.stop_event.wait(seconds)
 
     def _watch(self, seconds):
         """Apply the events of one watch of up to `seconds` to the store."""
@@ -4242,9 +4273,10 @@ def main(argv=None, environ=None):
     poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
     metrics.watch(senders, store, version())
     log.info(
-        "k8svent %s starting: %s, webhooks %s",
+        "k8svent %s starting (%s mode): %s; webhooks %s",
         version(),
-        f"namespace {settings.namespace}" if settings.namespace else "all namespaces",
+        settings.mode,
+        describe_selection(settings),
         ", ".join(e.label for e in endpoints),
     )
     if status_server:

@@ -14,7 +14,7 @@ K8SVENT = Path(__file__).resolve().parent.parent / "k8svent.py"
 class Service:
     """A k8svent process with its stdout and stderr in files."""
 
-    def __init__(self, args, env, workdir):
+    def __init__(self, args, env, workdir, new_session=False):
         workdir.mkdir(parents=True, exist_ok=True)
         self.out_path = workdir / "stdout"
         self.err_path = workdir / "stderr"
@@ -26,6 +26,9 @@ class Service:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=self._err,
+            # A session of its own is a terminal's foreground job: interrupt()
+            # signals the whole group, k8svent's kubectl children included.
+            start_new_session=new_session,
         )
 
     def log(self):
@@ -48,11 +51,11 @@ class Service:
             time.sleep(0.05)
 
     def wait_polls(self, count, timeout=30):
-        """Wait until `count` successful polls have finished (in all)."""
-        self.wait_log(r"\bpoll: \d+ pods seen", count, timeout)
+        """Wait until `count` successful polls (or lists) have finished (in all)."""
+        self.wait_log(r"\b(?:poll|list|resync): \d+ pods seen", count, timeout)
 
     def polls(self):
-        return self.count(r"\bpoll: \d+ pods seen")
+        return self.count(r"\b(?:poll|list|resync): \d+ pods seen")
 
     def wait(self, timeout=30):
         """Wait for the process to exit; return its status."""
@@ -66,6 +69,12 @@ class Service:
         """Signal the process and wait for it to exit; return its status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
+        return self.wait(timeout)
+
+    def interrupt(self, timeout=30):
+        """Ctrl-C at a terminal: SIGINT to the process group (new_session=True); the status."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
         return self.wait(timeout)
 
     def kill(self):
