@@ -4334,7 +4334,7 @@ def main(argv=None, environ=None):
             _quiet_stdout()
             log.info("stdout was closed; stopping")
             status = 0
-        return _shut_down(senders, store, stop, status)
+        return _shut_down(senders, store, stop, status, settings)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -4393,7 +4393,36 @@ def upgrade_decision_here(settings, environ):
     return upgrade_plan(settings.upgrade, version_set, pod, settings.image, settings.image_given)
 
 
-def _shut_down(senders, store, stop, status):
+def owed_at_stop(owed, state_path):
+    """The warning for deliveries still owed at a stop: (webhook, count) pairs, or None."""
+    owed = [(label, count) for label, count in owed if count]
+    if not owed:
+        return None
+    where = ", ".join(f"{count} to {label}" for label, count in owed)
+    if state_path:
+        return f"stopping with deliveries still owed ({where}); state file {state_path} keeps them"
+    return (
+        f"stopping with deliveries still owed ({where}); they are lost: without --state "
+        f"nothing outlives the process (give --state=PATH to keep them for the next start)"
+    )
+
+
+def _report_owed(senders, store, settings):
+    """Warn of the deliveries still owed, once the workers have stopped."""
+    if settings.dry_run:
+        return
+    owed = []
+    for sender in senders:
+        try:
+            owed.append((sender.endpoint.label, store.backlog(sender.endpoint.id)[0]))
+        except sqlite3.Error as exc:
+            log.warning("cannot count what %s is still owed: %s", sender.endpoint.label, exc)
+    message = owed_at_stop(owed, settings.state)
+    if message:
+        log.warning("%s", message)
+
+
+def _shut_down(senders, store, stop, status, settings):
     """Let deliveries in flight finish (bounded), then close; return status."""
     deadline = time.monotonic() + DRAIN_SECONDS
     stop.set()  # no new deliveries, no more retries
@@ -4404,6 +4433,7 @@ def _shut_down(senders, store, stop, status):
     drained = all(s.join(max(0.0, deadline - time.monotonic())) for s in senders)
     for sender in senders:
         sender.close()
+    _report_owed(senders, store, settings)
     if not drained:
         # Not closed under a worker still at work: SQLite's journal makes
         # the state whole again at the next start.

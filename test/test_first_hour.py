@@ -1,5 +1,9 @@
 """The first hour of a newcomer and an operator (issue 24): k8svent run as a process."""
 
+import re
+
+import pytest
+
 from test.pods import make_pod
 from test.service import Service, service_env
 
@@ -61,3 +65,29 @@ def test_the_start_line_says_what_is_selected_and_the_list_is_a_list(
     log = service.log()
     assert "starting (watch mode): pods of all namespaces but kube-system labelled app=web;" in log
     assert "all namespaces," not in log and "poll" not in log
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_stopping_with_deliveries_owed_says_how_many_and_their_fate(
+    kubeapi, kubeconfig, kubectl_path, receivers, tmp_path, state
+):
+    for i in range(10):
+        kubeapi.put_pod(make_pod("default", f"web-{i}"))
+    down = receivers([503] * 10000)
+    state_args = [f"--state={tmp_path / 'state.db'}"] if state else []
+    service = Service(
+        [f"--kubectl={kubectl_path}", f"--url={down.url}?token=SEKRET", *state_args],
+        service_env(kubeconfig),
+        tmp_path,
+    )
+    service.wait_log(r"webhook http://127\.0\.0\.1:\d+ is down")
+    assert service.stop() == 0
+    log = service.log()
+    owed = re.search(r"WARNING stopping with deliveries still owed \((.*?)\); (.*)", log)
+    assert owed, log
+    assert owed.group(1) == f"10 to http://127.0.0.1:{down.port}"
+    if state:
+        assert owed.group(2) == f"state file {tmp_path / 'state.db'} keeps them"
+    else:
+        assert owed.group(2).startswith("they are lost: without --state")
+    assert "SEKRET" not in log
