@@ -1916,8 +1916,20 @@ def _kubectl_failure(exc, settings):
             if any(mark in stderr for mark in (b"(Expired)", b"(Gone)", b" 410"))
             else KubectlError
         )
-        return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}", stderr)
+        return kind(f"kubectl exited {exc.exit_code}: {cut(stderr)}{kubectl_hint(stderr)}", stderr)
     return KubectlError(f"cannot run kubectl {settings.kubectl!r}: {exc.strerror or exc}")
+
+
+def kubectl_hint(stderr):
+    """What to check, for a kubectl failure whose cause is not in its words ("" if none)."""
+    # With no kubeconfig and no in-cluster service account, kubectl falls
+    # back to localhost:8080, and its error names that, not the missing config.
+    if b"localhost:8080" in stderr or b"127.0.0.1:8080" in stderr:
+        return (
+            " (kubectl found no cluster configuration: check KUBECONFIG or ~/.kube/config, "
+            "--context, or, in a pod, its service account)"
+        )
+    return ""
 
 
 def kubectl_environment(environ=None):

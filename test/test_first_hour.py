@@ -91,3 +91,16 @@ def test_stopping_with_deliveries_owed_says_how_many_and_their_fate(
     else:
         assert owed.group(2).startswith("they are lost: without --state")
     assert "SEKRET" not in log
+
+
+def test_no_kubeconfig_says_what_to_check(kubectl_path, tmp_path):
+    env = service_env(tmp_path / "nowhere" / "kubeconfig", {"HOME": str(tmp_path)})
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        env.pop(name, None)
+    status, err, _ = run([f"--kubectl={kubectl_path}", "--dry-run", "--once"], env, tmp_path)
+    assert status == 1
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert "localhost:8080" in line
+    assert (
+        "check KUBECONFIG or ~/.kube/config, --context, or, in a pod, its service account" in line
+    )
