@@ -211,6 +211,12 @@ DOCKER_HUB_API = "https://registry-1.docker.io"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Schemes an error message may name: anything else may be a token.
 KNOWN_URL_SCHEMES = ("ftp", "ftps", "file", "ws", "wss", "mailto", "ssh", "git", "data")
+# Signing secrets that are examples, never a user's choice: refused at start.
+PLACEHOLDER_SECRETS = ("replace-me", "replaceme", "changeme", "change-me", "placeholder", "secret")
+SECRET_HINT = (
+    "in a cluster: kubectl -n k8svent create secret generic k8svent "
+    "--from-literal=webhooks=URL --from-literal=secret=KEY; README.md, Deploying"
+)
 SERVICE_ACCOUNT_NAMESPACE_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 log = logging.getLogger("k8svent")
@@ -469,16 +475,28 @@ def settings_from(args, environ):
     if secret is None and secret_file is None:
         secret = environ.get("K8SVENT_WEBHOOK_SECRET") or None
         secret_file = environ.get("K8SVENT_WEBHOOK_SECRET_FILE") or None
+    secret_source = "--secret" if secret is not None else "K8SVENT_WEBHOOK_SECRET"
     if secret is None and secret_file is not None:
+        secret_source = f"secret file {secret_file!r}"
         try:
             with open(secret_file, encoding="utf-8") as f:
                 secret = f.read().strip()
+        except FileNotFoundError:
+            raise SettingsError(
+                f"secret file {secret_file!r} does not exist ({SECRET_HINT})"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(
                 f"cannot read secret file {secret_file!r}: {getattr(exc, 'strerror', None) or exc}"
             ) from None
         if not secret:
-            raise SettingsError(f"secret file {secret_file!r} is empty")
+            raise SettingsError(f"secret file {secret_file!r} is empty ({SECRET_HINT})")
+    if secret is not None and secret.lower() in PLACEHOLDER_SECRETS:
+        # Never the secret in a message; a placeholder is not one.
+        raise SettingsError(
+            f"the signing secret ({secret_source}) is still the placeholder "
+            f"{secret!r} ({SECRET_HINT})"
+        )
 
     log_level = choice("--log-level", "K8SVENT_LOG_LEVEL", LOG_LEVELS)
     log_format = choice("--log-format", "K8SVENT_LOG_FORMAT", LOG_FORMATS)

@@ -104,3 +104,22 @@ def test_no_kubeconfig_says_what_to_check(kubectl_path, tmp_path):
     assert (
         "check KUBECONFIG or ~/.kube/config, --context, or, in a pod, its service account" in line
     )
+
+
+@pytest.mark.parametrize("content", [None, "replace-me\n", "\n"])
+def test_a_missing_or_placeholder_secret_file_stops_k8svent_at_start(tmp_path, content):
+    secret_file = tmp_path / "secret"
+    if content is not None:
+        secret_file.write_text(content)
+    env = service_env(
+        tmp_path / "kubeconfig",
+        {
+            "K8SVENT_WEBHOOKS": "https://hooks.example.com/x",
+            "K8SVENT_WEBHOOK_SECRET_FILE": str(secret_file),
+        },
+    )
+    status, err, _ = run([], env, tmp_path / "run")
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("k8svent: error: ")
+    assert str(secret_file) in err
+    assert "kubectl -n k8svent create secret generic k8svent" in err

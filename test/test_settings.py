@@ -137,7 +137,10 @@ def test_secret_file(tmp_path):
         (["-u", "http://a", "--kubectl-timeout=1e12"], {}, "--kubectl-timeout must be a finite"),
         (["-u", "http://a", "--upgrade-interval=nan"], {}, "--upgrade-interval must be a finite"),
         ([], {"K8SVENT_WEBHOOKS": "file:///etc/passwd"}, "must be http or https"),
-        (["-u", "http://a", "--secret-file=/nonexistent/secret"], {}, "cannot read secret file"),
+        (["-u", "http://a", "--secret-file=/nonexistent/secret"], {}, "does not exist (in a"),
+        (["-u", "http://a", "-s", "replace-me"], {}, "(--secret) is still the placeholder"),
+        (["-u", "http://a"], {"K8SVENT_WEBHOOK_SECRET": "ChangeMe"}, "still the placeholder"),
+        (["-u", "http://a", "--secret-file=/"], {}, "cannot read secret file '/'"),
         (["-u", "http://a", "--interval=soon"], {}, "--interval must be a number"),
         (["-u", "http://a", "--interval=-1"], {}, "--interval must be at least 0"),
         (

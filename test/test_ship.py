@@ -34,6 +34,7 @@ README = ROOT / "README.md"
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
 
 RUN_AS_USER = 2866
+SECRET_NAME = "k8svent"  # created by the README's `kubectl create secret generic`
 HTTP_PORT = 8080
 DRAIN_SECONDS = 10
 # Peak RSS targets of the scale issue at 150,000 pods; both processes share
@@ -189,7 +190,6 @@ def test_deploy_yaml_has_what_apply_needs():
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
-            "Secret",
             "NetworkPolicy",
             "Deployment",
         ]
@@ -301,15 +301,27 @@ def test_downward_api_names_the_pod():
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
 
+def test_deploy_yaml_ships_no_secret_the_readme_creates_it():
+    # Applying deploy.yaml again (an upgrade) must not reset the user's Secret.
+    assert objects_of_kind("Secret") == []
+    created = re.search(
+        r"kubectl -n k8svent create secret generic (\S+) \\\n((?:\s+--from-literal=.*\n)+)",
+        README.read_text(),
+    )
+    assert created and created.group(1) == SECRET_NAME
+    keys = re.findall(r"--from-literal=(\w+)=", created.group(2))
+    assert sorted(keys) == ["secret", "webhooks"]
+
+
 def test_secret_reaches_the_container_as_a_file():
-    secret = the_one("Secret")
-    assert set(secret["stringData"]) == {"webhooks", "secret"}
     container = the_container()
     env = env_of(container)
     assert "K8SVENT_WEBHOOK_SECRET" not in env
+    # Optional: without the Secret k8svent starts, and says what is missing.
     assert env["K8SVENT_WEBHOOKS"]["valueFrom"]["secretKeyRef"] == {
-        "name": secret["metadata"]["name"],
+        "name": SECRET_NAME,
         "key": "webhooks",
+        "optional": True,
     }
     secret_path = Path(env["K8SVENT_WEBHOOK_SECRET_FILE"]["value"])
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -320,7 +332,8 @@ def test_secret_reaches_the_container_as_a_file():
         if "secret" in volumes[name] and Path(mount["mountPath"]) == secret_path.parent
     ]
     assert len(matching) == 1
-    assert matching[0]["secretName"] == secret["metadata"]["name"]
+    assert matching[0]["secretName"] == SECRET_NAME
+    assert matching[0]["optional"] is True
     assert {"key": "secret", "path": secret_path.name} in matching[0]["items"]
     # Readable by the group fsGroup gives the process, by nobody else.
     assert matching[0]["defaultMode"] & 0o007 == 0
