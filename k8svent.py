@@ -81,6 +81,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import datetime
 import email.utils
 import fcntl
 import functools
@@ -155,6 +156,7 @@ MAX_WAIT_SECONDS = 86400  # the longest a server's Retry-After makes us wait
 # 5xx, 429) a webhook counts as down: one probe at a time until it answers.
 DOWN_AFTER_FAILURES = 3
 DOWN_LOG_SECONDS = 60  # while a webhook is down, a line this often
+REFUSED_LOG_SECONDS = 60  # refused deliveries: one line per webhook this often
 HOUSEKEEPING_SECONDS = 2  # how often a webhook's outbox is looked over
 EARLY_PROBE_SECONDS = 5  # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
@@ -2620,6 +2622,7 @@ class Sender:
         self.failed = 0  # refused, or past the retry budget
         self.output_closed = False
         self._store_failing = False  # logged once until the store works again
+        self._refusals = Refusals()
         self._threads = [
             threading.Thread(target=self._work, daemon=True, name=f"deliver-{endpoint.label}-{i}")
             for i in range(settings.workers)
@@ -2760,12 +2763,18 @@ class Sender:
         status = response.status_code
         cid = correlation_id(response)
         if not retryable(status):
-            log.error(
-                "POST of %s to %s rejected (HTTP %s%s); not retrying this state of the pod",
+            # Each at debug; at error the first, then a sum once a minute: a
+            # receiver that refuses every pod must not write a line per pod.
+            with self._cond:
+                first = self._refusals.add(owed.key, status, cid, self._clock())
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "POST of %s to %s rejected (HTTP %s%s); not retrying this state of the pod%s",
                 owed.key,
                 self.endpoint.label,
                 status,
                 f", correlation_id {cid}" if cid else "",
+                "; more refusals are summed up once a minute" if first else "",
                 extra={
                     "pod": owed.key,
                     "endpoint": self.endpoint.label,
@@ -2895,6 +2904,7 @@ class Sender:
                 self._settings.retry_budget,
                 extra={"endpoint": self.endpoint.label},
             )
+        self._report_refusals(now)
         if not self.up and now >= self._down_logged + DOWN_LOG_SECONDS:
             self._down_logged = now
             count, age = self._backlog()
@@ -2907,6 +2917,24 @@ class Sender:
                 count,
                 age,
                 extra={"endpoint": self.endpoint.label},
+            )
+
+    def _report_refusals(self, now, final=False):
+        """Log the refusals summed up since the last line, once a minute (lock held)."""
+        summary = self._refusals.report(now, final)
+        if summary is not None:
+            count, statuses, (key, status, cid), seconds = summary
+            log.error(
+                "%d more deliveries to %s rejected in the last %.0f s (%s; one was %s, HTTP %s%s); "
+                "not retrying those states of the pods",
+                count,
+                self.endpoint.label,
+                seconds,
+                ", ".join(f"HTTP {code}: {n}" for code, n in sorted(statuses.items())),
+                key,
+                status,
+                f", correlation_id {cid}" if cid else "",
+                extra={"endpoint": self.endpoint.label, "pod": key, "status": status},
             )
 
     def idle(self):
@@ -2951,10 +2979,49 @@ class Sender:
         return not any(thread.is_alive() for thread in self._threads)
 
     def close(self):
-        """Stop the workers without waiting for them."""
+        """Stop the workers without waiting for them; log the refusals not yet logged."""
         self._stop.set()
         self.wake()
+        with self._cond:
+            self._report_refusals(self._clock(), final=True)
         self.endpoint.close()
+
+
+class Refusals:
+    """A webhook's refused deliveries, for one log line a minute: a count and an example."""
+
+    def __init__(self):
+        self._window_start = None  # when the first refusal of this minute was logged
+        self._count = 0  # refusals since, not yet logged
+        self._statuses = collections.Counter()
+        self._example = None
+
+    def add(self, key, status, cid, now):
+        """Count a refusal; True if it is the first in a minute (to log whole)."""
+        if self._window_start is None:
+            self._window_start = now
+            return True
+        self._count += 1
+        self._statuses[status] += 1
+        if self._example is None:
+            self._example = (key, status, cid)
+        return False
+
+    def report(self, now, final=False):
+        """(count, {status: count}, example, seconds) to log now, or None; starts a new minute."""
+        if self._window_start is None or not (
+            final or now >= self._window_start + REFUSED_LOG_SECONDS
+        ):
+            return None
+        summary = (
+            (self._count, dict(self._statuses), self._example, now - self._window_start)
+            if self._count
+            else None
+        )
+        # A minute with no refusal after the line: the next refusal is logged whole.
+        self._window_start = now if self._count else None
+        self._count, self._statuses, self._example = 0, collections.Counter(), None
+        return summary
 
 
 # --- Registry ----------------------------------------------------------------
@@ -4164,6 +4231,12 @@ def _checkout_version():
     return found if done.returncode == 0 and parse_version(found) else None
 
 
+def rfc3339(timestamp):
+    """A Unix time as RFC 3339 in UTC with milliseconds, as log pipelines expect."""
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line, with the pod and endpoint where they apply."""
 
@@ -4171,7 +4244,7 @@ class _JsonFormatter(logging.Formatter):
 
     def format(self, record):
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "message": record.getMessage(),
         }

@@ -1,5 +1,6 @@
 """The first hour of a newcomer and an operator (issue 24): k8svent run as a process."""
 
+import json
 import re
 
 import pytest
@@ -123,3 +124,33 @@ def test_a_missing_or_placeholder_secret_file_stops_k8svent_at_start(tmp_path, c
     assert err.count("\n") == 1 and err.startswith("k8svent: error: ")
     assert str(secret_file) in err
     assert "kubectl -n k8svent create secret generic k8svent" in err
+
+
+def test_a_webhook_refusing_every_pod_logs_a_line_a_minute_not_one_per_pod(
+    kubeapi, kubeconfig, kubectl_path, receivers, tmp_path
+):
+    for i in range(50):
+        kubeapi.put_pod(make_pod("default", f"web-{i:02}"))
+    refusing = receivers([400] * 40 + [404] * 10)
+    status, err, _ = run(
+        [f"--kubectl={kubectl_path}", f"--url={refusing.url}", "--once", "--log-format=json"],
+        service_env(kubeconfig),
+        tmp_path,
+    )
+    assert status == 1
+    entries = [json.loads(line) for line in err.splitlines()]
+    for entry in entries:  # RFC 3339, UTC, milliseconds
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
+    refusals = [e["message"] for e in entries if "rejected" in e["message"]]
+    assert len(refusals) == 2, refusals
+    assert re.fullmatch(
+        r"POST of default/web-\d\d to http://127\.0\.0\.1:\d+ rejected \(HTTP 400\); "
+        r"not retrying this state of the pod; more refusals are summed up once a minute",
+        refusals[0],
+    )
+    assert re.fullmatch(
+        r"49 more deliveries to http://127\.0\.0\.1:\d+ rejected in the last \d+ s "
+        r"\(HTTP 400: 39, HTTP 404: 10; one was default/web-\d\d, HTTP 40[04]\); "
+        r"not retrying those states of the pods",
+        refusals[1],
+    )
