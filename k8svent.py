@@ -172,6 +172,7 @@ MODES = ("watch", "poll")
 WATCH_RESTART_REASONS = ("ended", "expired", "error", "resync")
 WATCH_RELIST_AFTER = 3  # failed watches in a row before listing again
 LIST_RESTARTS = 3  # lists started again after an expired continue token
+LIST_PROGRESS_SECONDS = 5  # a list that takes longer logs its progress this often
 LOG_FORMATS = ("text", "json")
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
@@ -2162,8 +2163,10 @@ def list_pods(settings, stop=None, listed=None):
         token, resource_version = yield from stream_pod_page(
             settings, stop=stop, path=pods_url(settings, limit=settings.chunk_size, continue_=token)
         )
-        if first and listed is not None:
-            listed["resourceVersion"] = resource_version
+        if listed is not None:
+            listed["pages"] = listed.get("pages", 0) + 1
+            if first:
+                listed["resourceVersion"] = resource_version
         if not token:
             return
 
@@ -3331,6 +3334,7 @@ class Poller:
         self.unseen = []
         self.pending = {}
         self.last_progress = time.monotonic()  # for Health: is it stuck?
+        self.listing = None  # the ListProgress of the list under way, for /readyz
         self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller", daemon=True)
 
@@ -3380,6 +3384,8 @@ class Poller:
                 exc,
             )
             return False
+        finally:
+            self.listing = None
         self.unseen = store.finish_poll(delete=watched_rv is None)
         counts["deleted"] = store.replaced + (0 if watched_rv is not None else len(self.unseen))
         self._wake_senders()
@@ -3409,11 +3415,13 @@ class Poller:
         counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
         seen = 0
         batch, versions = [], {}
+        progress = self.listing = ListProgress(time.monotonic(), listed)
         for item in list_pods(self._settings, self.stop_event, listed):
             if not _looks_like_pod(item):
                 raise KubectlError("kubectl printed a pod list with an item that is not a pod")
             entry = pod_entry(pod_from_item(item))
             batch.append(entry)
+            progress.count()
             if watched_rv is not None:
                 versions[entry.key] = item["metadata"].get("resourceVersion")
             if len(batch) >= _SQL_BATCH:
@@ -3475,6 +3483,35 @@ class Poller:
 
     def is_alive(self):
         return self._thread.is_alive()
+
+
+class ListProgress:
+    """How far a list has got, logged every LIST_PROGRESS_SECONDS while it lasts."""
+
+    def __init__(self, started, listed, clock=time.monotonic):
+        self._started = self._logged = started
+        self._listed = listed  # list_pods counts the pages it has read in it
+        self._pages_before = listed.get("pages", 0)
+        self._clock = clock
+        self.pods = 0
+
+    def count(self):
+        """One more pod listed; log the progress when it is due."""
+        self.pods += 1
+        if self.pods % 256 == 0:  # the clock a pod would cost more than the pod
+            now = self._clock()
+            if now - self._logged >= LIST_PROGRESS_SECONDS:
+                self._logged = now
+                log.info("%s", self.text(now))
+
+    def text(self, now=None):
+        """listing pods: N so far, N pages, N pods/s."""
+        seconds = max((self._clock() if now is None else now) - self._started, 1e-3)
+        pages = self._listed.get("pages", 0) - self._pages_before
+        return (
+            f"listing pods: {self.pods} so far, {pages} pages in {seconds:.0f} s, "
+            f"{self.pods / seconds:.0f} pods/s"
+        )
 
 
 def _report_missed(count, what):
@@ -4052,10 +4089,11 @@ class Health:
         return trouble is None, trouble or "ok"
 
     def ready(self):
-        """(True, text) once a poll has succeeded, else (False, why)."""
+        """(True, text) once a poll has succeeded, else (False, why); a list's progress."""
+        listing = self._poller.listing
         if self._poller.last_poll_ok is None:
-            return False, "no successful poll yet"
-        return True, "ok"
+            return False, listing.text() if listing else "no successful poll yet"
+        return True, f"ok; {listing.text()}" if listing else "ok"
 
 
 class _StatusHandler(http.server.BaseHTTPRequestHandler):

@@ -2,8 +2,10 @@
 
 import json
 import re
+import time
 
 import pytest
+import requests
 
 from test.pods import make_pod
 from test.service import Service, service_env
@@ -154,3 +156,40 @@ def test_a_webhook_refusing_every_pod_logs_a_line_a_minute_not_one_per_pod(
         r"not retrying those states of the pods",
         refusals[1],
     )
+
+
+def test_a_long_first_list_shows_its_progress_in_the_log_and_on_readyz(
+    kubeapi, kubeconfig, kubectl_path, tmp_path
+):
+    kubeapi.set_pods([make_pod("default", f"web-{i:03}") for i in range(600)])
+    kubeapi.hang(6, page=3)  # the fourth page: after 300 pods
+    service = Service(
+        [
+            f"--kubectl={kubectl_path}",
+            "--dry-run",
+            "--chunk-size=100",
+            "--listen=127.0.0.1:0",
+        ],
+        service_env(kubeconfig),
+        tmp_path,
+    )
+    try:
+        service.wait_log(r"listening on http://127\.0\.0\.1:\d+")
+        base = re.search(r"listening on (http://127\.0\.0\.1:\d+)", service.log()).group(1)
+        deadline = time.monotonic() + 5
+        while True:  # the list waits for its fourth page
+            answer = requests.get(f"{base}/readyz", timeout=5)
+            if "300 so far, 3 pages" in answer.text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 503
+        assert re.fullmatch(
+            r"listing pods: 300 so far, 3 pages in \d+ s, \d+ pods/s\n", answer.text
+        )
+        service.wait_log(r"\blist: 600 pods seen")
+        progress = re.findall(r"INFO (listing pods: .*)", service.log())
+        assert len(progress) == 1, progress
+        assert re.fullmatch(r"listing pods: 512 so far, 5 pages in [67] s, \d+ pods/s", progress[0])
+        assert requests.get(f"{base}/readyz", timeout=5).text == "ok\n"
+    finally:
+        service.kill()
