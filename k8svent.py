@@ -2,6 +2,7 @@
 
 Usage:
   k8svent.py [options] [--url=URL ...] [--exclude-namespace=NS ...]
+  k8svent.py check [options] [--url=URL ...] [--exclude-namespace=NS ...]
   k8svent.py --version
   k8svent.py -h | --help
 
@@ -75,6 +76,9 @@ Options:
                                instead of posting it; needs no URL.
   --version                    Print the version and exit.
   -h, --help                   Print this help and exit.
+
+check: one line each on what a run with these options needs (kubectl, cluster,
+permissions, a signed ping to each webhook, state file, secret); exit 0 or 1.
 """
 
 import base64
@@ -303,6 +307,7 @@ class Settings:
     once: bool = False
     dry_run: bool = False
     repeated_urls: int = 0
+    check: bool = False  # `k8svent.py check`: check what a run needs, then exit
 
     def __repr__(self):
         # The secret and URL credentials must never reach a log line.
@@ -587,6 +592,7 @@ def settings_from(args, environ):
         once=bool(args.get("--once")),
         dry_run=dry_run,
         repeated_urls=repeated_urls,
+        check=bool(args.get("check")),
     )
 
 
@@ -4238,6 +4244,166 @@ class StatusServer:
         self._thread.join(timeout)
 
 
+# --- Check: what a first run needs --------------------------------------------
+
+CHECK_DEADLINE_SECONDS = 10  # a webhook's answer to the ping
+KUBECTL_SKEW_MINORS = 1  # kubectl supports API servers this many minor versions away
+
+
+def required_permissions(settings):
+    """(verb, resource, namespace or None for all) that a run needs, for `kubectl auth can-i`."""
+    # One line of `check` each; a feature that needs more (a Lease) adds its own.
+    return [(verb, "pods", settings.namespace) for verb in ("list", "watch")]
+
+
+def ping_payload():
+    """The body of check's test request: a ping, not a pod (docs/receiving.md)."""
+    return orjson.dumps({"ping": {"version": version()}})
+
+
+def kubectl_skew(client, server):
+    """Why kubectl (its version info) may not work with the API server, or None."""
+    try:
+        minors = [int(re.match(r"\d+", v.get("minor", "")).group()) for v in (client, server)]
+        majors = [v.get("major") for v in (client, server)]
+    except (AttributeError, TypeError):
+        return None  # a version kubectl cannot name: nothing to say
+    if majors[0] != majors[1] or abs(minors[0] - minors[1]) > KUBECTL_SKEW_MINORS:
+        return (
+            f"kubectl {client.get('gitVersion')} is more than {KUBECTL_SKEW_MINORS} minor "
+            f"version from the API server, outside the skew Kubernetes supports; k8svent's "
+            f"calls (core v1 pods) likely work, but use a kubectl within one"
+        )
+    return None
+
+
+def _kubectl_json(settings, *args):
+    """kubectl's output as JSON, or raise KubectlError."""
+    try:
+        return orjson.loads(run_kubectl(settings, *args))
+    except orjson.JSONDecodeError:
+        raise KubectlError(f"kubectl {' '.join(args)} printed no JSON") from None
+
+
+def _check_kubectl(settings):
+    """(ok, text, kubectl's version info or None)."""
+    try:
+        client = _kubectl_json(settings, "version", "--client", "-o", "json")["clientVersion"]
+    except (KubectlError, KeyError, TypeError) as exc:
+        return False, f"{exc} (get one: README.md, Quick start)", None
+    return True, f"{client.get('gitVersion')} ({settings.kubectl})", client
+
+
+def _check_cluster(settings, environ, client):
+    """(ok, text): the API server answers; ok is None (a warning) outside kubectl's skew."""
+    server_url = cluster_server(settings, environ) or "the API server"
+    try:
+        server = _kubectl_json(settings, "get", "--raw", "/version")
+    except KubectlError as exc:
+        return False, f"{server_url} does not answer: {exc}"
+    answers = f"{server_url} answers, Kubernetes {server.get('gitVersion')}"
+    skew = kubectl_skew(client, server)
+    return (None, f"{answers}; {skew}") if skew else (True, answers)
+
+
+def _check_permission(settings, verb, resource, namespace):
+    """(ok, text) of `kubectl auth can-i VERB RESOURCE`."""
+    scope = ("-n", namespace) if namespace else ("--all-namespaces",)
+    where = f"in namespace {namespace}" if namespace else "in all namespaces"
+    try:
+        run_kubectl(settings, "auth", "can-i", verb, resource, *scope, "--quiet")
+    except KubectlError as exc:
+        if exc.stderr.strip():  # --quiet: a "no" is an exit status 1 and nothing said
+            return False, f"cannot ask whether it may {verb} {resource}: {exc}"
+        return False, f"may not {verb} {resource} {where} (see deploy.yaml's ClusterRole)"
+    return True, f"may {verb} {resource} {where}"
+
+
+def _check_webhook(url, settings):
+    """(ok, text): the webhook answers a signed ping with a 2xx."""
+    how = "a signed ping" if settings.secret else "an unsigned ping (no secret)"
+    started = time.monotonic()
+    try:
+        endpoint = Endpoint(url, settings, deadline_seconds=CHECK_DEADLINE_SECONDS)
+        try:
+            response = endpoint.post(ping_payload(), new_message_id())
+        finally:
+            endpoint.close()
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{how} failed ({failure_cause(exc)})"
+    took = time.monotonic() - started
+    if 200 <= response.status_code < 300:
+        return True, f"answered {how} with HTTP {response.status_code} in {took:.2f} s"
+    return False, (
+        f"answered {how} with HTTP {response.status_code}; a receiver must answer 2xx "
+        f"(docs/receiving.md, The ping)"
+    )
+
+
+def _check_state(path):
+    """(ok, text): the state file (or the folder it will be made in) is writable."""
+    if not path:
+        return True, "none (no --state): a temporary file, forgotten at exit"
+    if os.path.islink(path) or os.path.isdir(path):
+        return False, f"{path} is a symbolic link or a folder"
+    if os.path.exists(path):
+        if not os.access(path, os.R_OK | os.W_OK):
+            return False, f"{path} is not readable and writable"
+        return True, f"{path} is writable"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return False, f"cannot create {path}: its folder does not exist or is not writable"
+    return True, f"{path} does not exist yet and can be created"
+
+
+def _check_secret(settings):
+    """(ok, text): a signing secret is set (never shown)."""
+    if not settings.secret:
+        return False, (
+            "none: deliveries would be unsigned (give --secret-file or K8SVENT_WEBHOOK_SECRET)"
+        )
+    return True, f"set ({len(settings.secret)} characters)"
+
+
+def run_check(settings, environ, out=None):
+    """`k8svent.py check`: one line per check, right or wrong; 0 when all are right, else 1."""
+    out = out or sys.stdout
+    failed = 0
+
+    def report(what, ok, text):
+        """One line: ok, warn (ok is None: worth knowing, not a failure) or FAIL."""
+        nonlocal failed
+        failed += ok is False
+        mark = {True: "ok  ", None: "warn", False: "FAIL"}[ok]
+        print(f"{mark} {what}: {escape_controls(text)}", file=out, flush=True)
+
+    ok, text, client = _check_kubectl(settings)
+    report("kubectl", ok, text)
+    cluster_ok, text = False, "not checked without kubectl"
+    if client is not None:
+        cluster_ok, text = _check_cluster(settings, environ, client)
+    report("cluster", cluster_ok, text)
+    for verb, resource, namespace in required_permissions(settings):
+        ok, text = (
+            _check_permission(settings, verb, resource, namespace)
+            if cluster_ok is not False
+            else (False, "not checked without the cluster")
+        )
+        report(f"permission {verb} {resource}", ok, text)
+    for url in settings.urls:
+        report(f"webhook {redact_url(url)}", *_check_webhook(url, settings))
+    if not settings.urls:
+        report("webhooks", False, "none given (--url or K8SVENT_WEBHOOKS)")
+    report("state", *_check_state(settings.state))
+    report("secret", *_check_secret(settings))
+    print(
+        "all is well" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed",
+        file=out,
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
 # --- Main --------------------------------------------------------------------
 
 
@@ -4352,6 +4518,8 @@ def main(argv=None, environ=None):
     except SettingsError as exc:
         print(f"k8svent: error: {exc}", file=sys.stderr)
         return 2
+    if settings.check:
+        return run_check(settings, environ)
 
     try:
         endpoints = (

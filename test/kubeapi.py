@@ -39,6 +39,9 @@ What it speaks (enough for kubectl 1.37):
   unless ``typed_watch_objects`` is false; a ``DELETED`` event's object is the
   pod's last state with the resourceVersion of its deletion.
 - ``GET /api/v1/namespaces/NS/pods/NAME``: the Pod, with ``apiVersion``/``kind``.
+- ``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`` (what
+  ``kubectl auth can-i`` sends): allowed, unless ``deny(verb, resource)``
+  said otherwise; ``access_reviews`` keeps each review's resourceAttributes.
 - Every error is a ``Status`` object, as the real server sends it.
 - No authentication: the kubeconfig has a user with a token, but client-go
   only sends credentials over TLS, so kubectl sends no Authorization header to
@@ -82,6 +85,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+PROTOBUF_MAGIC = b"k8s\x00"
+ACCESS_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 SERVER_VERSION = {
     "major": "1",
     "minor": "37",
@@ -375,6 +380,9 @@ class FakeKubeAPI:
         self._cuts = 0  # cut_watches() calls so far
         self.bookmark_seconds = bookmark_seconds
         self.typed_watch_objects = typed_watch_objects
+        self.server_version = SERVER_VERSION  # what GET /version answers
+        self._denied = set()  # (verb, resource, group) that access reviews deny
+        self.access_reviews = []  # resourceAttributes of each review, in arrival order
 
     # -- life cycle -------------------------------------------------------
 
@@ -700,6 +708,22 @@ class FakeKubeAPI:
         """
         self._add(_Rule("expire_watch", count, status=410, http=http, reason=reason))
 
+    def deny(self, verb, resource="pods", group=""):
+        """Answer access reviews (``kubectl auth can-i``) of verb on resource: not allowed."""
+        with self._lock:
+            self._denied.add((verb, resource, group))
+
+    def _review_access(self, attributes):
+        """Whether a SelfSubjectAccessReview's resourceAttributes are allowed."""
+        with self._lock:
+            self.access_reviews.append(attributes)
+            wanted = (
+                attributes.get("verb"),
+                attributes.get("resource"),
+                attributes.get("group", ""),
+            )
+            return wanted not in self._denied
+
     def _add(self, rule):
         with self._lock:
             self._rules.append(rule)
@@ -720,6 +744,52 @@ class FakeKubeAPI:
     def _record(self, method, path):
         with self._lock:
             self.requests.append((method, path))
+
+
+def _protobuf_fields(data):
+    """{field number: [values]} of one protobuf message: ints, or bytes if length-delimited."""
+    fields = collections.defaultdict(list)
+    position = 0
+
+    def varint():
+        nonlocal position
+        value = shift = 0
+        while True:
+            byte = data[position]
+            position += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while position < len(data):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            fields[number].append(varint())
+        elif wire_type == 2:
+            length = varint()
+            fields[number].append(data[position : position + length])
+            position += length
+        else:
+            raise ValueError(f"protobuf wire type {wire_type} is not used here")
+    return fields
+
+
+def _protobuf_resource_attributes(body):
+    """spec.resourceAttributes of a SelfSubjectAccessReview in Kubernetes' protobuf envelope."""
+    # runtime.Unknown {1 typeMeta, 2 raw}; the review {1 metadata, 2 spec};
+    # its spec {1 resourceAttributes}; ResourceAttributes {1 namespace, 2 verb,
+    # 3 group, 4 version, 5 resource, 6 subresource, 7 name}.
+    raw = _protobuf_fields(body[len(PROTOBUF_MAGIC) :])[2][0]
+    spec = _protobuf_fields(_protobuf_fields(raw)[2][0])
+    attributes = _protobuf_fields(spec[1][0]) if spec.get(1) else {}
+    names = ("namespace", "verb", "group", "version", "resource", "subresource", "name")
+    return {
+        name: attributes[number][0].decode()
+        for number, name in enumerate(names, 1)
+        if attributes.get(number)
+    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -799,7 +869,32 @@ class _Handler(BaseHTTPRequestHandler):
             405, f"the server does not allow this method on the requested resource ({self.command})"
         )
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = _other
+    do_PUT = do_PATCH = do_DELETE = _other
+
+    def do_POST(self):
+        if urlsplit(self.path).path != ACCESS_REVIEWS_PATH:
+            self._other()
+            return
+        self.server.api._record("POST", self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        if body.startswith(PROTOBUF_MAGIC):  # what kubectl sends for built-in types
+            attributes = _protobuf_resource_attributes(body)
+        else:
+            attributes = (json.loads(body).get("spec") or {}).get("resourceAttributes") or {}
+        allowed = self.server.api._review_access(attributes)
+        status = {"allowed": allowed}
+        if not allowed:
+            status["reason"] = "denied by the test"
+        # JSON, which kubectl accepts too (its Accept lists both).
+        review = {
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {},
+            "spec": {"resourceAttributes": attributes},
+            "status": status,
+        }
+        self._send_json(201, review)
 
     def _drain(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -851,7 +946,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _discovery(self, path):
         if path == "/version":
-            self._send_json(200, SERVER_VERSION)
+            self._send_json(200, self.server.api.server_version)
         elif path == "/api":
             self._send_json(
                 200,
