@@ -1,12 +1,19 @@
 """The first hour of a newcomer and an operator (issue 24): k8svent run as a process."""
 
+import http.server
 import json
 import re
+import secrets
+import shlex
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
+import k8svent
 from test.pods import make_pod
 from test.service import Service, service_env
 
@@ -193,3 +200,58 @@ def test_a_long_first_list_shows_its_progress_in_the_log_and_on_readyz(
         assert requests.get(f"{base}/readyz", timeout=5).text == "ok\n"
     finally:
         service.kill()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def quick_start():
+    return README.read_text().split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_says_where_kubectl_comes_from_and_what_git_ignores():
+    text = quick_start()
+    assert "https://kubernetes.io/docs/tasks/tools/" in text
+    assert "requirements-kubectl.txt" in text
+    assert "within one minor version of the\nAPI server" in text
+    written = re.findall(r"> ([\w.-]+)", text)
+    assert sorted(written) == ["secret.txt", "would-send.jsonl"]
+    for name in written:  # files the quick start writes into the checkout
+        ignored = subprocess.run(["git", "check-ignore", "-q", name], cwd=README.parent)
+        assert ignored.returncode == 0, f"{name} is not in .gitignore"
+    assert len(README.read_text().splitlines()) <= 210
+
+
+def test_the_quick_start_gets_signed_pods_to_its_receiver_with_check_green(
+    kubeapi, kubeconfig, kubectl_path, tmp_path, monkeypatch, capsys
+):
+    """The README's receiver and commands, on port 0 instead of 8000."""
+    kubeapi.put_pod(make_pod("default", "web"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.txt").write_text(secrets.token_hex(32) + "\n")
+    text = quick_start()
+    (receiver_code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    code, serve = receiver_code.rsplit("\n\n\n", 1)
+    assert serve.strip() == 'http.server.HTTPServer(("127.0.0.1", 8000), Receiver).serve_forever()'
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the README's own example
+    server = http.server.HTTPServer(("127.0.0.1", 0), scope["Receiver"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        commands = re.findall(r"^python k8svent\.py (.*)$", text, re.M)
+        check_args, run_args = (
+            shlex.split(c.replace("8000", str(server.server_port))) for c in commands[:2]
+        )
+        env = service_env(kubeconfig)
+        status, _, out = run([f"--kubectl={kubectl_path}", *check_args], env, tmp_path / "c")
+        assert status == 0 and out.splitlines()[-1] == "all is well", out
+        assert run_args[-1] == "--interval=10"
+        status, err, _ = run(
+            [f"--kubectl={kubectl_path}", *run_args[:-1], "--once"], env, tmp_path / "r"
+        )
+        assert status == 0, err
+    finally:
+        server.shutdown()
+        server.server_close()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"ping from k8svent {k8svent.version()}", "default web Running"]
