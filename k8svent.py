@@ -4253,7 +4253,8 @@ KUBECTL_SKEW_MINORS = 1  # kubectl supports API servers this many minor versions
 def required_permissions(settings):
     """(verb, resource, namespace or None for all) that a run needs, for `kubectl auth can-i`."""
     # One line of `check` each; a feature that needs more (a Lease) adds its own.
-    return [(verb, "pods", settings.namespace) for verb in ("list", "watch")]
+    verbs = ("list", "watch") if settings.mode == "watch" else ("list",)
+    return [(verb, "pods", settings.namespace) for verb in verbs]
 
 
 def ping_payload():

@@ -146,6 +146,21 @@ def test_a_kubectl_outside_the_skew_is_a_warning(kubeapi, kubeconfig, kubectl_pa
 
 
 @pytest.mark.parametrize(
+    "argv, needed",
+    [
+        ([], [("list", "pods", None), ("watch", "pods", None)]),
+        (["--mode=poll"], [("list", "pods", None)]),
+        (["-n", "shop"], [("list", "pods", "shop"), ("watch", "pods", "shop")]),
+    ],
+)
+def test_required_permissions(argv, needed):
+    settings = k8svent.settings_from(
+        k8svent.parse_arguments(["check", "-u", "http://a", *argv]), {}
+    )
+    assert settings.check and k8svent.required_permissions(settings) == needed
+
+
+@pytest.mark.parametrize(
     "client, server, fine",
     [
         ("37", "37", True),
