@@ -4755,4 +4755,7 @@ def _shut_down(senders, store, stop, status, settings):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before main()'s handlers are in place, or in check
+        sys.exit(130)

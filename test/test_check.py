@@ -2,6 +2,8 @@
 
 import json
 import re
+import socket
+import time
 
 import pytest
 
@@ -178,3 +180,31 @@ def test_kubectl_skew(client, server, fine):
         {"major": "1", "minor": server, "gitVersion": f"v1.{server}.0"},
     )
     assert (found is None) == fine, found
+
+
+def test_ctrl_c_while_a_webhook_keeps_check_waiting_is_quiet(
+    kubeapi, kubeconfig, kubectl_path, tmp_path
+):
+    silent = socket.socket()  # takes the connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    service = Service(
+        [
+            "check",
+            f"--kubectl={kubectl_path}",
+            f"--url=http://127.0.0.1:{silent.getsockname()[1]}/",
+        ],
+        service_env(kubeconfig),
+        tmp_path,
+        new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "permission watch pods" not in service.stdout():
+            assert time.monotonic() < deadline and service.proc.poll() is None, service.log()
+            time.sleep(0.05)
+        assert service.interrupt() == 130
+        assert service.log() == ""
+    finally:
+        service.kill()
+        silent.close()
