@@ -81,6 +81,15 @@ check: one line each on what a run with these options needs (kubectl, cluster,
 permissions, a signed ping to each webhook, state file, secret); exit 0 or 1.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Loading the modules below takes a second or two on a busy host: a Ctrl-C
+    # meanwhile ends k8svent at once, with no traceback (the shell says 130).
+    # The bottom of the file gives Ctrl-C back to Python for main().
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import base64
 import binascii
 import collections
@@ -102,13 +111,12 @@ import os
 import random
 import re
 import secrets
-import signal
+import shlex
 import socket
 import sqlite3
 import ssl
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -381,17 +389,22 @@ def _check_url(url):
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        raise SettingsError("invalid webhook URL (a bad host or port)") from None
+        raise SettingsError(
+            "invalid webhook URL: its host or port cannot be read "
+            "(the URL is not shown: it may hold a token)"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         scheme = parts.scheme.lower()
         shown = (
-            repr(scheme)
+            f"the scheme {scheme!r}"
             if scheme in KNOWN_URL_SCHEMES
-            else "another scheme"
+            else "another scheme (not shown: it may be a user name)"
             if scheme
-            else "no scheme"
+            else "no scheme (a missing '://'?)"
         )
-        raise SettingsError(f"webhook URL must be http or https, not {shown}")
+        raise SettingsError(
+            f"webhook URL must start with http:// or https://; this one has {shown}"
+        )
     if not is_host(parts.hostname):
         raise SettingsError(
             f"invalid webhook URL {escape_controls(redact_url(url))}: the host is neither "
@@ -484,6 +497,9 @@ def settings_from(args, environ):
         secret = environ.get("K8SVENT_WEBHOOK_SECRET") or None
         secret_file = environ.get("K8SVENT_WEBHOOK_SECRET_FILE") or None
     secret_source = "--secret" if secret is not None else "K8SVENT_WEBHOOK_SECRET"
+    if args.get("--secret") is not None and os.path.isfile(secret):
+        # The value is a file's name, not a secret: never sign with it.
+        raise SettingsError("--secret names a file: did you mean --secret-file?")
     if secret is None and secret_file is not None:
         secret_source = f"secret file {secret_file!r}"
         try:
@@ -491,7 +507,8 @@ def settings_from(args, environ):
                 secret = f.read().strip()
         except FileNotFoundError:
             raise SettingsError(
-                f"secret file {secret_file!r} does not exist ({SECRET_HINT})"
+                f"secret file {secret_file!r} does not exist (make one: umask 077 && "
+                f"openssl rand -hex 32 > {shlex.quote(secret_file)}; {SECRET_HINT})"
             ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(
@@ -4366,29 +4383,34 @@ def _check_secret(settings):
     return True, f"set ({len(settings.secret)} characters)"
 
 
+SKIPPED = "skipped"  # a check's outcome when an earlier one failed
+
+
 def run_check(settings, environ, out=None):
     """`k8svent.py check`: one line per check, right or wrong; 0 when all are right, else 1."""
     out = out or sys.stdout
-    failed = 0
+    failed = skipped = 0
 
     def report(what, ok, text):
-        """One line: ok, warn (ok is None: worth knowing, not a failure) or FAIL."""
-        nonlocal failed
+        """One line: ok, warn (ok is None: worth knowing, not a failure), FAIL, or skip
+        (ok is SKIPPED: it could not run because an earlier check failed)."""
+        nonlocal failed, skipped
         failed += ok is False
-        mark = {True: "ok  ", None: "warn", False: "FAIL"}[ok]
+        skipped += ok is SKIPPED
+        mark = {True: "ok  ", None: "warn", False: "FAIL", SKIPPED: "skip"}[ok]
         print(f"{mark} {what}: {escape_controls(text)}", file=out, flush=True)
 
     ok, text, client = _check_kubectl(settings)
     report("kubectl", ok, text)
-    cluster_ok, text = False, "not checked without kubectl"
+    cluster_ok, text = SKIPPED, "not checked without kubectl"
     if client is not None:
         cluster_ok, text = _check_cluster(settings, environ, client)
     report("cluster", cluster_ok, text)
     for verb, resource, namespace in required_permissions(settings):
         ok, text = (
             _check_permission(settings, verb, resource, namespace)
-            if cluster_ok is not False
-            else (False, "not checked without the cluster")
+            if cluster_ok in (True, None)
+            else (SKIPPED, "not checked without the cluster")
         )
         report(f"permission {verb} {resource}", ok, text)
     for url in settings.urls:
@@ -4397,12 +4419,11 @@ def run_check(settings, environ, out=None):
         report("webhooks", False, "none given (--url or K8SVENT_WEBHOOKS)")
     report("state", *_check_state(settings.state))
     report("secret", *_check_secret(settings))
-    print(
-        "all is well" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed",
-        file=out,
-        flush=True,
-    )
-    return 1 if failed else 0
+    summary = "all is well" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed"
+    if skipped:
+        summary += f", {skipped} skipped"
+    print(summary, file=out, flush=True)
+    return 1 if failed or skipped else 0
 
 
 # --- Main --------------------------------------------------------------------
@@ -4596,7 +4617,11 @@ def main(argv=None, environ=None):
         sender.start()
 
     def on_signal(signum, frame):
-        log.info("received %s; stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if poller.stop_event.is_set():
+            log.debug("received %s; already stopping", name)
+            return
+        log.info("received %s; stopping", name)
         poller.stop()
         if settings.once:
             stop.set()  # give up retries now rather than after their budget
@@ -4755,6 +4780,7 @@ def _shut_down(senders, store, stop, status, settings):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C before main()'s handlers are in place, or in check

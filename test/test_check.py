@@ -115,10 +115,11 @@ def test_without_kubectl_or_cluster(receivers, tmp_path):
     assert lines[0].startswith("FAIL kubectl: kubectl not found: ")
     assert lines[0].endswith("(get one: README.md, Quick start)")
     assert lines[1:4] == [
-        "FAIL cluster: not checked without kubectl",
-        "FAIL permission list pods: not checked without the cluster",
-        "FAIL permission watch pods: not checked without the cluster",
+        "skip cluster: not checked without kubectl",
+        "skip permission list pods: not checked without the cluster",
+        "skip permission watch pods: not checked without the cluster",
     ]
+    assert lines[-1] == "1 check failed, 3 skipped"
 
 
 def test_no_cluster_configured(kubectl_path, receivers, tmp_path):

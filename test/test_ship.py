@@ -533,7 +533,8 @@ def test_every_install_takes_a_lock_by_hash():
                 continue  # its own virtualenv, every package pinned by `pip freeze`
             found += 1
             files = re.findall(r"-r (\S+)", command)
-            assert files and all(f.endswith(".lock") for f in files), f"{where}: {command}"
+            locks = [f for f in files if f.endswith(".lock") or f == KUBECTL_REQUIREMENTS.name]
+            assert files and files == locks, f"{where}: {command}"
             assert "--require-hashes" in command, f"{where}: {command}"
             assert "--upgrade" not in command and " -U" not in command, f"{where}: {command}"
     assert found >= 3  # .ci/run, the README's run and test commands
