@@ -1201,6 +1201,13 @@ def parse_link_next(header, base_url):
 # of every pod, and only the bodies of the pods that changed. The outbox holds
 # at most one row per (webhook, pod): the pod's newest state is read from
 # `bodies` when the row is sent, so a row never carries a stale copy.
+#
+# A pod's name (namespace/name) is its lane. Per webhook, a lane's rows leave
+# one at a time in `seq` order (the order they were first owed in): an older
+# state of the pod, then the deletion of each earlier uid, then the pod that
+# holds the name now. Only a lane's first row (its head, kept by the two
+# triggers) can be claimed, so a claim walks heads by due time and skips
+# nothing but the few lanes in flight, however long the outbox is.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pods (
@@ -1213,7 +1220,9 @@ CREATE TABLE IF NOT EXISTS pods (
 CREATE TABLE IF NOT EXISTS bodies (key TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
     endpoint TEXT NOT NULL,
+    lane TEXT NOT NULL,
     key TEXT NOT NULL,
     msg_id TEXT NOT NULL,
     fp BLOB NOT NULL,
@@ -1221,10 +1230,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     due REAL NOT NULL,
     owed_since REAL NOT NULL,
     expired INTEGER NOT NULL,
-    PRIMARY KEY (endpoint, key)
+    head INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (endpoint, key)
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (endpoint, due);
+CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (endpoint, lane, seq);
+CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (endpoint, head, due);
+CREATE INDEX IF NOT EXISTS outbox_untried ON outbox (endpoint, head, attempts, due);
 CREATE INDEX IF NOT EXISTS outbox_age ON outbox (endpoint, expired, owed_since);
+CREATE TRIGGER IF NOT EXISTS outbox_lane_joined AFTER INSERT ON outbox
+WHEN NOT EXISTS (SELECT 1 FROM outbox o WHERE o.endpoint = NEW.endpoint
+    AND o.lane = NEW.lane AND o.seq < NEW.seq)
+BEGIN UPDATE outbox SET head = 1 WHERE seq = NEW.seq; END;
+CREATE TRIGGER IF NOT EXISTS outbox_lane_moved_on AFTER DELETE ON outbox WHEN OLD.head = 1
+BEGIN UPDATE outbox SET head = 1 WHERE seq = (SELECT min(seq) FROM outbox
+    WHERE endpoint = OLD.endpoint AND lane = OLD.lane); END;
 CREATE TABLE IF NOT EXISTS staged (
     key TEXT PRIMARY KEY,
     fp BLOB NOT NULL,
@@ -1234,33 +1253,34 @@ CREATE TABLE IF NOT EXISTS staged (
 );
 CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY);
 """
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SQL_BATCH = 500
 # A new message id in SQL, of the same form as new_message_id().
 _NEW_MSG_ID_SQL = "'msg_' || lower(hex(randomblob(13)))"
+# A pod deleted and created again under its name has a new uid: the old one
+# is kept apart (in `pods`, `bodies` and the outbox) under KEY#UID, in the
+# same lane, until its deletion has reached every webhook.
+_GONE_SEPARATOR = "#"
+# The lane of a snapshot key: the pod's name, without the #UID of an old pod.
+_LANE_SQL = (
+    f"CASE WHEN instr({{key}}, '{_GONE_SEPARATOR}')"
+    f" THEN substr({{key}}, 1, instr({{key}}, '{_GONE_SEPARATOR}') - 1) ELSE {{key}} END"
+)
 # Owe the pods chosen by {where} to every webhook (those of {endpoints}): a new
 # row, or the existing row when it owes an older state (a new delivery: a new
-# message id, attempts from 0). A row that owes this very state is left alone.
+# message id, attempts from 0; its place in the lane is kept). A row that owes
+# this very state is left alone. New rows of one lane join in the order of
+# its changes: the deletions of earlier uids first.
 _OWE_SQL = f"""
-INSERT INTO outbox (endpoint, key, msg_id, fp, attempts, due, owed_since, expired)
-SELECT e.id, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :now, :now, 0
+INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired)
+SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :now, :now, 0
 FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
+ORDER BY instr(p.key, '{_GONE_SEPARATOR}') = 0
 ON CONFLICT (endpoint, key) DO UPDATE SET
     msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due,
     expired = 0
 WHERE outbox.fp != excluded.fp
 """
-# A pod deleted and created again under its name has a new uid: the old one
-# is kept apart under KEY#UID until its deletion has reached every webhook.
-_GONE_SEPARATOR = "#"
-# A row for KEY waits while the deletion of an older pod of that name (a row
-# for KEY#UID) is owed to the same webhook: a receiver that keys pods by name
-# must hear of the deletion first, not undo the new pod with it.
-_AFTER_DELETIONS_SQL = (
-    "NOT EXISTS (SELECT 1 FROM outbox t WHERE t.endpoint = o.endpoint"
-    f" AND t.key > o.key || '{_GONE_SEPARATOR}'"
-    f" AND t.key < o.key || '{chr(ord(_GONE_SEPARATOR) + 1)}')"
-)
 
 
 def _corrupt(exc):
@@ -1329,7 +1349,7 @@ def pod_entry(pod):
     )
 
 
-Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body")
+Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body lane")
 
 
 def _other_pod(old_uid, uid):
@@ -1368,6 +1388,49 @@ def _migrate_from_2(db):
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _statements(script):
+    """The statements of an SQL script one by one, to run in a transaction of the caller's."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+def _migrate_from_3(db):
+    """Give a schema 3 outbox its lanes: each row's pod name and its place in the lane."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for index in ("outbox_due", "outbox_age"):
+            db.execute(f"DROP INDEX IF EXISTS {index}")
+        db.execute("ALTER TABLE outbox RENAME TO outbox_3")
+        for statement in _statements(_SCHEMA):
+            db.execute(statement)
+        # Schema 3 sent a name's deletions (KEY#UID) before its pod (KEY).
+        db.execute(
+            "INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due,"
+            " owed_since, expired)"
+            f" SELECT endpoint, {_LANE_SQL.format(key='key')}, key, msg_id, fp, attempts, due,"
+            f" owed_since, expired FROM outbox_3 ORDER BY instr(key, '{_GONE_SEPARATOR}') = 0,"
+            " rowid"
+        )
+        db.execute("DROP TABLE outbox_3")
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(db):
+    """The schema version a state file was written with; None for a new file."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+        return None
+    row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+    return None if row is None else row[0]
 
 
 class Store:
@@ -1492,14 +1555,22 @@ class Store:
             db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("integrity check failed")
+            version = _schema_version(db)
+            if isinstance(version, int) and version > _SCHEMA_VERSION:
+                # After a rollback: wiping it would send every pod again.
+                raise StateError(
+                    f"state file {path!r} has schema version {version}, from a newer "
+                    f"k8svent; this one knows versions up to {_SCHEMA_VERSION}"
+                )
+            if version == 3:
+                _migrate_from_3(db)
             db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row is None:
+            if version is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
-            elif row[0] == 2:
+            elif version == 2:
                 _migrate_from_2(db)
-            elif row[0] != _SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"unknown schema version {row[0]}")
+            elif version not in (3, _SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"unknown schema version {version}")
         except BaseException:
             db.close()
             raise
@@ -1661,11 +1732,12 @@ class Store:
             row = db.execute("SELECT uid, deleted FROM pods WHERE key = ?", (entry.key,)).fetchone()
             if row is None or row[1]:
                 return False  # never listed (nothing to tell), or a list found it first
-            key = entry.key
             if _other_pod(row[0], entry.uid):
-                key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"  # not the pod we know
-            self._put_deleted(db, key, entry.uid, pod_bytes)
-            db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (key,))
+                # An earlier pod of this name: its deletion was owed when a
+                # list found the new one, ahead of it in the lane.
+                return False
+            self._put_deleted(db, entry.key, entry.uid, pod_bytes)
+            db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (entry.key,))
             self._owe_marked(db)
         return True
 
@@ -1704,17 +1776,18 @@ class Store:
             if not deleted:
                 pod_bytes = mark_deleted(pod_bytes)
             Store._put_deleted(db, apart, uid, pod_bytes)
-            if deleted:  # the rows that owe its deletion follow it
-                db.execute(
-                    "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
-                    (apart,),
-                )
-                db.execute(
-                    "UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN"
-                    " (SELECT id FROM endpoints)",
-                    (apart, key),
-                )
-            else:
+            # The rows owed for the old pod keep their place in the lane and
+            # now owe its deletion, before anything of the new pod.
+            db.execute(
+                "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
+                (apart,),
+            )
+            db.execute(
+                "UPDATE outbox SET key = ? WHERE key = ?"
+                " AND endpoint IN (SELECT id FROM endpoints)",
+                (apart, key),
+            )
+            if not deleted:
                 db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (apart,))
         db.execute(
             "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
@@ -1761,32 +1834,39 @@ class Store:
     # The outbox, as the delivery workers use it.
 
     def claim(self, endpoint, now, busy=(), limit=1, untried_first=False):
-        """The earliest-due rows owed to a webhook (none of the `busy` keys), at most `limit`.
+        """The earliest-due heads of lanes owed to a webhook (none of the `busy` lanes).
 
-        With untried_first, rows never attempted come before the others.
+        At most `limit` rows, one per lane. With untried_first, rows never
+        attempted come before the others.
         """
         skip = ",".join("?" * len(busy))
-        order = "o.attempts > 0, o.due, o.rowid" if untried_first else "o.due, o.rowid"
+        query = (
+            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane"
+            " FROM outbox o JOIN bodies b ON b.key = o.key"
+            " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
+            f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
+        )
+        parts = ("AND o.attempts = 0", "AND o.attempts > 0") if untried_first else ("",)
+        rows = []
         with self._lock:
-            rows = self._db.execute(
-                "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body"
-                " FROM outbox o JOIN bodies b ON b.key = o.key"
-                " WHERE o.endpoint = ? AND o.due <= ?"
-                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}"
-                f" ORDER BY {order} LIMIT ?",
-                (endpoint, now, *busy, limit),
-            ).fetchall()
-        return [Owed(*row[:4], zlib.decompress(row[4])) for row in rows]
+            for tried in parts:
+                if len(rows) < limit:
+                    rows += self._db.execute(
+                        query.format(tried=tried),
+                        (endpoint, now, *busy, limit - len(rows)),
+                    ).fetchall()
+        return [Owed(*row[:4], zlib.decompress(row[4]), row[5]) for row in rows]
 
     def next_due(self, endpoint, busy=()):
-        """When the next row owed to a webhook (not among `busy`) is due, or None."""
+        """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
         skip = ",".join("?" * len(busy))
         with self._lock:
-            return self._db.execute(
-                f"SELECT min(o.due) FROM outbox o WHERE o.endpoint = ?"
-                f" AND o.key NOT IN ({skip}) AND {_AFTER_DELETIONS_SQL}",
+            row = self._db.execute(
+                "SELECT o.due FROM outbox o WHERE o.endpoint = ? AND o.head = 1"
+                f" AND o.lane NOT IN ({skip}) ORDER BY o.due LIMIT 1",
                 (endpoint, *busy),
-            ).fetchone()[0]
+            ).fetchone()
+        return None if row is None else row[0]
 
     def settle(self, endpoint, done):
         """Deliveries done with (2xx or refused), as (key, msg_id): their rows go,
@@ -2614,9 +2694,10 @@ def failure_cause(exc):
 class Sender:
     """Delivers one webhook's outbox with a pool of worker threads.
 
-    Workers take the earliest-due row of the outbox (never a key another
-    worker holds), POST the pod's newest state, and settle the row (2xx, or a
-    refusal) or move its due time on (back-off); none sleeps holding a row.
+    Workers take the earliest-due row of the outbox (the head of a lane no
+    other worker holds: one delivery per pod name at a time), POST the pod's
+    newest state, and settle the row (2xx, or a refusal) or move its due time
+    on (back-off); none sleeps holding a row.
     After DOWN_AFTER_FAILURES failures in a row that are the webhook's (a
     connection that fails, or a 5xx/429 for a row never tried) it is down:
     one probe at a time, backing off to 60 s, until one succeeds.
@@ -2630,8 +2711,8 @@ class Sender:
         self._rng = rng
         self._clock = clock
         self._cond = threading.Condition()
-        self._busy = set()  # keys in flight, in _ready or in _done
-        self._done = []  # (key, msg_id) delivered, their rows not yet deleted
+        self._busy = set()  # lanes in flight, in _ready or in _done: one delivery each
+        self._done = []  # (lane, key, msg_id) delivered, their rows not yet deleted
         self._ready = collections.deque()  # claimed rows no worker has taken yet
         self.up = True
         self._failures = 0  # connection-level failures in a row
@@ -2699,15 +2780,15 @@ class Sender:
                     self._store_failed(f"cannot record the delivery of {taken.key}", exc)
             with self._cond:
                 if outcome is not None and outcome[0] in ("success", "rejected"):
-                    self._done.append((taken.key, taken.msg_id))  # busy until settled
+                    self._done.append((taken.lane, taken.key, taken.msg_id))  # busy till settled
                 else:
-                    self._busy.discard(taken.key)
+                    self._busy.discard(taken.lane)
                 if outcome is not None:
                     self._note_health(taken, *outcome)
                 self._cond.notify_all()
         with self._cond:
             # Rows claimed but never attempted stay owed, and are not in flight.
-            self._busy.difference_update(owed.key for owed in self._ready)
+            self._busy.difference_update(owed.lane for owed in self._ready)
             self._ready.clear()
             self._settle_done()
             self._cond.notify_all()
@@ -2725,9 +2806,9 @@ class Sender:
         if self._done:
             done, self._done = self._done, []
             try:
-                self._store.settle(self.endpoint.id, done)
+                self._store.settle(self.endpoint.id, [(key, msg_id) for _, key, msg_id in done])
             finally:
-                self._busy.difference_update(key for key, _ in done)
+                self._busy.difference_update(lane for lane, _, _ in done)
 
     def _take(self):
         """(the row to attempt, None) or (None, seconds to wait) (lock held)."""
@@ -2757,7 +2838,7 @@ class Sender:
         if not claimed:
             due = self._store.next_due(self.endpoint.id, self._busy)
             return None, limit if due is None else min(limit, max(0.01, due - now))
-        self._busy.update(owed.key for owed in claimed)
+        self._busy.update(owed.lane for owed in claimed)
         if not self.up:
             self._probe_key = claimed[0].key
         self._ready.extend(claimed[1:])
@@ -2882,7 +2963,7 @@ class Sender:
     def _go_down(self, now):
         self.up = False
         # Rows claimed but not yet attempted wait for the webhook to come back.
-        self._busy.difference_update(owed.key for owed in self._ready)
+        self._busy.difference_update(owed.lane for owed in self._ready)
         self._ready.clear()
         self._down_since = self._down_logged = now
         self._probes_failed = 0

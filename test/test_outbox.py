@@ -4,6 +4,7 @@ kubectl against the test API server, receivers on 127.0.0.1.
 Each test is named after the bullet of issue 10 it proves.
 """
 
+import collections
 import copy
 import json
 import os
@@ -388,6 +389,67 @@ def test_a_pod_recreated_before_its_deletion_was_delivered(kubeapi, start, recei
     assert not deleted(receiver.latest()["default/db-0"])
 
 
+# --- Lanes: one delivery of a pod name at a time, in order ----------------------
+
+
+def lane_order_problem(pods):
+    """Why a receiver's pods (in the order received) break some lane's order, or None.
+
+    Per name, each uid's deliveries form one run (an older pod never comes back
+    after a newer one) and after a uid's Deleted only its Deleted may follow.
+    """
+    runs = {}  # name -> [(uid, deleted)] of each run
+    for pod in pods:
+        name, pod_uid = key(pod), uid(pod)
+        lane = runs.setdefault(name, [])
+        if lane and lane[-1][0] == pod_uid:
+            if lane[-1][1] and not deleted(pod):
+                return f"{name}: {pod_uid} received again after its deletion"
+            lane[-1] = (pod_uid, lane[-1][1] or deleted(pod))
+        elif any(run_uid == pod_uid for run_uid, _ in lane):
+            return f"{name}: {pod_uid} received again after {lane[-1][0]}"
+        else:
+            lane.append((pod_uid, deleted(pod)))
+    return None
+
+
+@pytest.mark.parametrize("mode", ["poll", "watch"])
+def test_a_slow_receiver_gets_the_old_state_then_its_deletion_then_the_new_pod(
+    kubeapi, start, receivers, mode
+):
+    old = make_pod("default", "db-0")
+    kubeapi.put_pod(old)
+    kubeapi.put_pod(make_pod("default", "web"))
+    lock, in_flight, most = threading.Lock(), collections.Counter(), collections.Counter()
+    slow = threading.Event()
+
+    def respond(request):
+        name = key(json.loads(request.body)["pod"])
+        with lock:
+            in_flight[name] += 1
+            most[name] = max(most[name], in_flight[name])
+        if name == "default/db-0" and not slow.is_set():
+            slow.set()
+            time.sleep(1.5)  # over the pod's first state
+        with lock:
+            in_flight[name] -= 1
+        return 200
+
+    receiver = receivers(respond=respond)
+    start(f"--url={receiver.url}", f"--mode={mode}", "--workers=4")
+    assert slow.wait(20)
+    new = recreated(old)
+    kubeapi.delete_pod("default", "db-0")
+    kubeapi.put_pod(new)  # StatefulSets do this under the same name
+    receiver.wait_for_pods(
+        lambda pods: any(uid(p) == uid(new) for p in pods), "the new pod", timeout=20
+    )
+    lane = [(uid(p), deleted(p)) for p in receiver.pods() if key(p) == "default/db-0"]
+    assert lane == [(uid(old), False), (uid(old), True), (uid(new), False)]
+    assert most["default/db-0"] == 1
+    assert lane_order_problem(receiver.pods()) is None
+
+
 # --- Start-up ----------------------------------------------------------------
 
 
@@ -631,6 +693,10 @@ def test_soak_every_webhook_gets_every_pods_newest_state_and_every_deletion(
         latest = hook.latest()
         for pod in printed:
             assert latest[key(pod)] == pod, f"{replay}: {key(pod)} differs"
+    for hook in hooks:  # and each pod name's deliveries came in the order of its changes
+        assert lane_order_problem(hook.pods()) is None, (
+            f"{replay}: {lane_order_problem(hook.pods())}"
+        )
     lost = told_uids - {pod_uid for pod_uid, _ in now.values()}
     print(
         f"{changes} changes, {SOAK_KILLS} kill -9, {len(printed)} pods, "

@@ -3,7 +3,9 @@
 import copy
 import json
 import re
+import sqlite3
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -261,9 +263,9 @@ def poll(store, *pods):
 
 
 def owed_rows(store, endpoint):
-    """Every row owed to an endpoint, due or not, by key."""
+    """The head row of every lane owed to an endpoint, due or not, by key."""
     rows = {}
-    while claimed := store.claim(endpoint, float("inf"), list(rows)):
+    while claimed := store.claim(endpoint, float("inf"), [row.lane for row in rows.values()]):
         rows[claimed[0].key] = claimed[0]
     return rows
 
@@ -423,6 +425,210 @@ def test_a_failed_poll_changes_nothing(store):
     assert owed(store, "e1") == []  # nothing owed from a failed poll
     assert poll(store, a2)["changed"] == 1  # the next poll sees the change
     assert owed(store, "e1") == ["ns/a"]
+
+
+# --- Lanes: one delivery per pod name at a time, in the order of its changes ---
+
+
+def recreated(pod, uid):
+    again = copy.deepcopy(pod)
+    again["metadata"]["uid"] = uid
+    return again
+
+
+def phase_and_uid(row):
+    pod = json.loads(row.body)
+    return pod["status"]["phase"], pod["metadata"]["uid"]
+
+
+def drain_lane(store, endpoint, in_flight):
+    """Deliver a lane one row at a time, the first one already claimed; what was sent."""
+    sent = []
+    row = in_flight
+    while row is not None:
+        assert store.claim(endpoint, float("inf"), [row.lane]) == []  # the lane is busy
+        sent.append(phase_and_uid(row))
+        store.settle(endpoint, [(row.key, row.msg_id)])
+        claimed = store.claim(endpoint, float("inf"), [], limit=10)
+        assert len(claimed) <= 1  # one lane, one row at a time
+        row = claimed[0] if claimed else None
+    return sent
+
+
+def watch(store, *events):
+    for kind, pod in events:
+        if kind == "DELETED":
+            store.apply_deletion(k8svent.pod_entry(pod))
+        else:
+            store.apply_event(k8svent.pod_entry(pod))
+
+
+@pytest.mark.parametrize("how", ["poll", "poll, seen deleted first", "watch"])
+def test_a_lane_sends_the_old_state_then_its_deletion_then_the_new_pod(store, how):
+    a = named("db-0")
+    a["metadata"]["uid"] = "uid-a"
+    b = recreated(a, "uid-b")
+    poll(store, a)
+    (in_flight,) = store.claim("e1", float("inf"), [], limit=10)  # a slow receiver has it
+    assert in_flight.lane == "ns/db-0"
+    if how == "poll":
+        poll(store, b)  # one write: no poll saw the name free
+    elif how == "poll, seen deleted first":
+        poll(store)
+        poll(store, b)
+    else:
+        watch(store, ("DELETED", a), ("ADDED", b))
+    assert drain_lane(store, "e1", in_flight) == [
+        ("Running", "uid-a"),
+        ("Deleted", "uid-a"),
+        ("Running", "uid-b"),
+    ]
+    # e2 had nothing in flight: the deletion first, then the new pod
+    assert drain_lane(store, "e2", store.claim("e2", float("inf"))[0]) == [
+        ("Deleted", "uid-a"),
+        ("Running", "uid-b"),
+    ]
+
+
+def test_a_lane_coalesces_to_its_newest_state_and_each_earlier_deletion(store):
+    a = named("db-0")
+    a["metadata"]["uid"] = "uid-a"
+    a2 = copy.deepcopy(a)
+    a2["metadata"]["resourceVersion"] = "2"
+    b = recreated(a, "uid-b")
+    b2 = copy.deepcopy(b)
+    b2["metadata"]["resourceVersion"] = "3"
+    c = recreated(a, "uid-c")
+    poll(store, a)
+    poll(store, a2)  # a's rows now owe a2
+    poll(store, b)
+    poll(store, b2)
+    poll(store, c)
+    assert drain_lane(store, "e1", store.claim("e1", float("inf"))[0]) == [
+        ("Deleted", "uid-a"),
+        ("Deleted", "uid-b"),
+        ("Running", "uid-c"),
+    ]
+
+
+def test_a_deletion_of_an_earlier_pod_told_late_by_the_watch_is_not_sent_after_the_new_pod(
+    store,
+):
+    a = named("db-0")
+    a["metadata"]["uid"] = "uid-a"
+    b = recreated(a, "uid-b")
+    poll(store, a)
+    poll(store, b)
+    deliver_all(store, "e1")  # the deletion of a
+    deliver_all(store, "e1")  # and b
+    watch(store, ("DELETED", a))
+    assert owed(store, "e1") == []
+
+
+def test_claims_take_one_row_per_lane_and_skip_busy_lanes(store):
+    poll(store, *(named(f"p{i}") for i in range(5)))
+    claimed = store.claim("e1", float("inf"), ["ns/p1", "ns/p3"], limit=10)
+    assert [row.lane for row in claimed] == ["ns/p0", "ns/p2", "ns/p4"]
+    assert store.next_due("e1", ["ns/p0", "ns/p1", "ns/p2", "ns/p3", "ns/p4"]) is None
+    assert store.next_due("e1", ["ns/p0"]) is not None
+
+
+def _plan(store, sql, *args):
+    return " ".join(row[-1] for row in store._db.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+
+def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
+    queries = []
+    execute = store._db.execute
+    db = mocker.Mock(wraps=store._db)
+    db.execute.side_effect = lambda sql, *a: (queries.append(sql), execute(sql, *a))[1]
+    store._db = db
+    store.claim("e1", 1.0, ["ns/a"], limit=4, untried_first=True)
+    store.next_due("e1", ["ns/a"])
+    store._db = db._mock_wraps
+    assert len(queries) == 3
+    for sql in queries:
+        plan = _plan(store, sql, *(["e1", 1.0, "ns/a", 4] if "LIMIT ?" in sql else ["e1", "ns/a"]))
+        assert "outbox_heads" in plan or "outbox_untried" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+
+
+def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
+    store = k8svent.Store(str(tmp_path / "s.db"))
+    body = zlib.compress(json.dumps(named("p")).encode(), 1)
+    with store._transaction() as db:
+        db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 149999)"
+            " INSERT INTO pods SELECT 'ns/p' || i, randomblob(8), 0, 0, 'uid-' || i FROM n"
+        )
+        db.execute("INSERT INTO bodies SELECT key, ? FROM pods", (body,))
+    store.set_endpoints(["e1"])  # a new webhook is owed every pod
+    now = time.time() + 1
+    # A down webhook: most rows tried and backing off, the probe's claim.
+    store._db.execute("UPDATE outbox SET attempts = 3, due = due + 0.5 WHERE seq % 3 != 0")
+    busy = [f"ns/p{i}" for i in range(0, 60, 3)]
+    started = time.perf_counter()
+    for _ in range(20):
+        assert store.claim("e1", now, busy, limit=1, untried_first=True)
+        assert store.claim("e1", now, busy, limit=8)
+        assert store.next_due("e1", busy) is not None
+    per_claim = (time.perf_counter() - started) / 20
+    store.close()
+    assert per_claim < 0.005, f"{per_claim * 1000:.1f} ms"
+
+
+def test_a_schema_3_outbox_gets_its_lanes_in_place(tmp_path):
+    path = str(tmp_path / "s.db")
+    store = k8svent.Store(path)
+    store.set_endpoints(["e1"])
+    a = named("db-0")
+    a["metadata"]["uid"] = "uid-a"
+    poll(store, a, named("web"))
+    poll(store, recreated(a, "uid-b"), named("web"))
+    store.close()
+    # The outbox as schema 3 wrote it: no lanes; KEY#UID rows sent before KEY.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(
+        """
+        CREATE TABLE outbox_3 (endpoint TEXT NOT NULL, key TEXT NOT NULL,
+            msg_id TEXT NOT NULL, fp BLOB NOT NULL, attempts INTEGER NOT NULL,
+            due REAL NOT NULL, owed_since REAL NOT NULL, expired INTEGER NOT NULL,
+            PRIMARY KEY (endpoint, key));
+        INSERT INTO outbox_3 SELECT endpoint, key, msg_id, fp, attempts, due, owed_since,
+            expired FROM outbox ORDER BY key DESC;
+        DROP TABLE outbox;
+        ALTER TABLE outbox_3 RENAME TO outbox;
+        CREATE INDEX outbox_due ON outbox (endpoint, due);
+        CREATE INDEX outbox_age ON outbox (endpoint, expired, owed_since);
+        UPDATE meta SET value = 3 WHERE name = 'schema';
+        """
+    )
+    db.close()
+    store = k8svent.Store(path)
+    assert store._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (4,)
+    assert owed(store, "e1") == ["ns/db-0#uid-a", "ns/web"]
+    store.settle("e1", [("ns/web", owed_rows(store, "e1")["ns/web"].msg_id)])
+    assert drain_lane(store, "e1", owed_rows(store, "e1")["ns/db-0#uid-a"]) == [
+        ("Deleted", "uid-a"),
+        ("Running", "uid-b"),
+    ]
+    store.close()
+
+
+def test_a_state_file_of_a_newer_k8svent_is_refused_and_kept(tmp_path, capsys):
+    path = tmp_path / "s.db"
+    k8svent.Store(str(path)).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE meta SET value = 9 WHERE name = 'schema'")
+    db.close()
+    before = path.read_bytes()
+    argv = ["--url=http://127.0.0.1:9/", "--once", "--upgrade=never", "--kubectl=/nonexistent"]
+    assert k8svent.main([*argv, f"--state={path}"], {}) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"k8svent: error: state file {str(path)!r} has schema version 9, from a newer "
+        "k8svent; this one knows versions up to 4"
+    ]
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.corrupt-*"))
 
 
 def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
