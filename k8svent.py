@@ -93,6 +93,7 @@ if __name__ == "__main__":
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -1434,11 +1435,16 @@ def _schema_version(db):
 
 
 class Store:
-    """The snapshot of pods and every webhook's outbox, in SQLite."""
+    """The state file: one SQLite connection and its transactions, holding the
+    snapshot (what the cluster looks like) and the outbox (what each webhook is
+    owed).
+
+    A change to the snapshot and the rows it owes are written in one
+    transaction: Snapshot methods hand the keys they mark to the Outbox.
+    """
 
     def __init__(self, path=None, scope=""):
         self._temporary = path is None
-        self.replaced = 0
         if path is None:
             # mkstemp creates it 0600; SQLite gives -wal and -shm its mode.
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
@@ -1453,7 +1459,6 @@ class Store:
             raise StateError(f"the folder of state file {path!r} does not exist")
         self.path = path
         self._lock = threading.RLock()
-        self._seen = set()
         self._lock_file = None if self._temporary else self._claim(path)
         try:
             if not self._temporary:
@@ -1481,6 +1486,8 @@ class Store:
             os.close(_open_private(path, create=True))
             self._db = self._open(path)
         self._check_scope(scope)
+        self.outbox = Outbox(self)
+        self.snapshot = Snapshot(self, self.outbox)
 
     @staticmethod
     def _claim(path):
@@ -1531,7 +1538,7 @@ class Store:
         """
         if scope is None:
             return
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE name='scope'").fetchone()
             if row is not None and row[0] != scope and not _same_scope(row[0], scope):
                 log.warning(
@@ -1592,12 +1599,31 @@ class Store:
                 except FileNotFoundError:
                     pass
 
-    def _transaction(self):
+    def transaction(self):
+        """`with`: hold the lock and run the block in one transaction; gives the connection."""
         return _Transaction(self._db, self._lock)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """`with`: hold the lock for statements of their own; gives the connection."""
+        with self._lock:
+            yield self._db
+
+
+class Outbox:
+    """What each webhook is owed: at most one row per (webhook, pod), in lanes.
+
+    Rows are owed from the snapshot's pods in the transaction that changed
+    them (owe_marked, owe_duress); the delivery workers claim a lane's head,
+    settle it or move its due time on.
+    """
+
+    def __init__(self, store):
+        self._store = store
 
     def set_endpoints(self, ids):
         """Record the configured webhooks: forget others, owe every pod to new ones."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             known = {i for (i,) in db.execute("SELECT id FROM endpoints")}
             db.execute("DELETE FROM endpoints")
             db.executemany("INSERT INTO endpoints VALUES (?)", [(i,) for i in ids])
@@ -1610,10 +1636,146 @@ class Store:
                     {"now": time.time(), "endpoint": new},
                 )
 
+    @staticmethod
+    def owe_marked(db):
+        """Owe every pod the snapshot marked to every webhook (in the caller's transaction)."""
+        db.execute(
+            _OWE_SQL.format(where="p.key IN (SELECT key FROM marked)", endpoints="1"),
+            {"now": time.time()},
+        )
+        db.execute("DELETE FROM marked")
+
+    def owe_duress(self, db=None):
+        """Owe every pod under duress again (a no-op where one is still owed)."""
+        if db is None:
+            with self._store.transaction() as db:
+                self.owe_duress(db)
+            return
+        db.execute(
+            _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
+            {"now": time.time()},
+        )
+
+    @staticmethod
+    def hand_over(db, key, old_key):
+        """A new pod took `key`: its rows now owe the old pod (`old_key`), in their place."""
+        # The rows keep their place in the lane: what was in flight or owed
+        # for the old pod goes out (as its deletion) before the new pod.
+        db.execute(
+            "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
+            (old_key,),
+        )
+        db.execute(
+            "UPDATE outbox SET key = ? WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
+            (old_key, key),
+        )
+
+    def claim(self, endpoint, now, busy=(), limit=1, untried_first=False):
+        """The earliest-due heads of lanes owed to a webhook (none of the `busy` lanes).
+
+        At most `limit` rows, one per lane. With untried_first, rows never
+        attempted come before the others.
+        """
+        skip = ",".join("?" * len(busy))
+        query = (
+            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane"
+            " FROM outbox o JOIN bodies b ON b.key = o.key"
+            " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
+            f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
+        )
+        parts = ("AND o.attempts = 0", "AND o.attempts > 0") if untried_first else ("",)
+        rows = []
+        with self._store.locked() as db:
+            for tried in parts:
+                if len(rows) < limit:
+                    rows += db.execute(
+                        query.format(tried=tried),
+                        (endpoint, now, *busy, limit - len(rows)),
+                    ).fetchall()
+        return [Owed(*row[:4], zlib.decompress(row[4]), row[5]) for row in rows]
+
+    def next_due(self, endpoint, busy=()):
+        """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
+        skip = ",".join("?" * len(busy))
+        with self._store.locked() as db:
+            row = db.execute(
+                "SELECT o.due FROM outbox o WHERE o.endpoint = ? AND o.head = 1"
+                f" AND o.lane NOT IN ({skip}) ORDER BY o.due LIMIT 1",
+                (endpoint, *busy),
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def settle(self, endpoint, done):
+        """Deliveries done with (2xx or refused), as (key, msg_id): their rows go,
+        unless one owes a newer state by now."""
+        with self._store.transaction() as db:
+            db.executemany(
+                "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
+                [(endpoint, key, msg_id) for key, msg_id in done],
+            )
+
+    def retry_at(self, endpoint, key, msg_id, attempts, due):
+        """A delivery failed: try it again at `due` (a newer state keeps its own)."""
+        with self._store.locked() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = ?, due = ? WHERE endpoint = ?"
+                " AND key = ? AND msg_id = ?",
+                (attempts, due, endpoint, key, msg_id),
+            )
+
+    def expire(self, endpoint, owed_before):
+        """Flag the rows owed since before `owed_before`; return how many were new."""
+        with self._store.locked() as db:
+            return db.execute(
+                "UPDATE outbox SET expired = 1 WHERE endpoint = ? AND expired = 0"
+                " AND owed_since < ?",
+                (endpoint, owed_before),
+            ).rowcount
+
+    def pending(self, endpoint):
+        """How many rows a webhook is owed that are not past the retry budget."""
+        with self._store.locked() as db:
+            return db.execute(
+                "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0", (endpoint,)
+            ).fetchone()[0]
+
+    def backlog(self, endpoint):
+        """(rows owed to a webhook, the oldest owed_since or None)."""
+        # Through outbox_age: the oldest is the smaller of the two `expired` runs.
+        with self._store.locked() as db:
+            (count,) = db.execute(
+                "SELECT count(*) FROM outbox WHERE endpoint = ?", (endpoint,)
+            ).fetchone()
+            oldest = [
+                db.execute(
+                    "SELECT min(owed_since) FROM outbox WHERE endpoint = ? AND expired = ?",
+                    (endpoint, expired),
+                ).fetchone()[0]
+                for expired in (0, 1)
+            ]
+        oldest = [since for since in oldest if since is not None]
+        return count, min(oldest) if oldest else None
+
+
+class Snapshot:
+    """What the cluster looks like: every pod known (a small row and its body),
+    and the deleted ones until every webhook has been told.
+
+    Lists stage their pages and merge them once complete; watch events apply
+    one at a time. What a change owes is handed to the outbox in the same
+    transaction.
+    """
+
+    def __init__(self, store, outbox):
+        self._store = store
+        self._outbox = outbox
+        self._seen = set()
+        self.replaced = 0
+
     def begin_poll(self):
         """Start a poll: forget what a failed one had read."""
         self._seen = set()
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             db.execute("DELETE FROM staged")
 
     def apply_page(self, entries, staged=None):
@@ -1624,7 +1786,7 @@ class Store:
         # The keys seen by this poll, for its deletions: in memory for the
         # length of a poll only (about 100 bytes a pod).
         self._seen.update(e.key for e in entries)
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             return self._stage(db, entries, staged)
 
     @staticmethod
@@ -1681,7 +1843,7 @@ class Store:
         counts the pods found deleted because another took their name.
         """
         seen, self._seen = self._seen, set()
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             self.replaced = self._merge_staged(db)
             gone = [
                 key
@@ -1691,20 +1853,20 @@ class Store:
             del seen
             if delete:
                 self._mark_deleted(db, gone)
-            self._owe_marked(db)
-            self._owe_duress(db)
+            self._outbox.owe_marked(db)
+            self._outbox.owe_duress(db)
         return gone
 
     def delete(self, keys):
         """Mark these pods (those still there) deleted and owe their deletion; return how many."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             known = [
                 key
                 for key in keys
                 if db.execute("SELECT 1 FROM pods WHERE key = ? AND deleted = 0", (key,)).fetchone()
             ]
             self._mark_deleted(db, known)
-            self._owe_marked(db)
+            self._outbox.owe_marked(db)
         return len(known)
 
     def see(self, keys):
@@ -1716,19 +1878,19 @@ class Store:
 
         Returns the reason ("new", "changed") or None when nothing changed.
         """
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             db.execute("DELETE FROM staged")
             counts = self._stage(db, [entry])
             reason = next((r for r in ("new", "changed") if counts[r]), None)
             if reason is not None:
                 self._merge_staged(db)
-                self._owe_marked(db)
+                self._outbox.owe_marked(db)
         return reason
 
     def apply_deletion(self, entry):
         """A watch event DELETED: the pod's last state goes out as deleted; True if owed."""
         pod_bytes = mark_deleted(entry.body)
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             row = db.execute("SELECT uid, deleted FROM pods WHERE key = ?", (entry.key,)).fetchone()
             if row is None or row[1]:
                 return False  # never listed (nothing to tell), or a list found it first
@@ -1738,20 +1900,8 @@ class Store:
                 return False
             self._put_deleted(db, entry.key, entry.uid, pod_bytes)
             db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (entry.key,))
-            self._owe_marked(db)
+            self._outbox.owe_marked(db)
         return True
-
-    def owe_duress(self):
-        """Owe every pod under duress again (a no-op where one is still owed)."""
-        with self._transaction() as db:
-            self._owe_duress(db)
-
-    @staticmethod
-    def _owe_duress(db):
-        db.execute(
-            _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
-            {"now": time.time()},
-        )
 
     @staticmethod
     def _merge_staged(db):
@@ -1775,18 +1925,8 @@ class Store:
             pod_bytes = zlib.decompress(body)
             if not deleted:
                 pod_bytes = mark_deleted(pod_bytes)
-            Store._put_deleted(db, apart, uid, pod_bytes)
-            # The rows owed for the old pod keep their place in the lane and
-            # now owe its deletion, before anything of the new pod.
-            db.execute(
-                "DELETE FROM outbox WHERE key = ? AND endpoint IN (SELECT id FROM endpoints)",
-                (apart,),
-            )
-            db.execute(
-                "UPDATE outbox SET key = ? WHERE key = ?"
-                " AND endpoint IN (SELECT id FROM endpoints)",
-                (apart, key),
-            )
+            Snapshot._put_deleted(db, apart, uid, pod_bytes)
+            Outbox.hand_over(db, key, apart)
             if not deleted:
                 db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (apart,))
         db.execute(
@@ -1822,106 +1962,9 @@ class Store:
         db.executemany("UPDATE bodies SET body=? WHERE key=?", bodies)
         db.executemany("INSERT OR IGNORE INTO marked VALUES (?)", [(k,) for k in keys])
 
-    @staticmethod
-    def _owe_marked(db):
-        """Owe every marked pod to every webhook."""
-        db.execute(
-            _OWE_SQL.format(where="p.key IN (SELECT key FROM marked)", endpoints="1"),
-            {"now": time.time()},
-        )
-        db.execute("DELETE FROM marked")
-
-    # The outbox, as the delivery workers use it.
-
-    def claim(self, endpoint, now, busy=(), limit=1, untried_first=False):
-        """The earliest-due heads of lanes owed to a webhook (none of the `busy` lanes).
-
-        At most `limit` rows, one per lane. With untried_first, rows never
-        attempted come before the others.
-        """
-        skip = ",".join("?" * len(busy))
-        query = (
-            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane"
-            " FROM outbox o JOIN bodies b ON b.key = o.key"
-            " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
-            f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
-        )
-        parts = ("AND o.attempts = 0", "AND o.attempts > 0") if untried_first else ("",)
-        rows = []
-        with self._lock:
-            for tried in parts:
-                if len(rows) < limit:
-                    rows += self._db.execute(
-                        query.format(tried=tried),
-                        (endpoint, now, *busy, limit - len(rows)),
-                    ).fetchall()
-        return [Owed(*row[:4], zlib.decompress(row[4]), row[5]) for row in rows]
-
-    def next_due(self, endpoint, busy=()):
-        """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
-        skip = ",".join("?" * len(busy))
-        with self._lock:
-            row = self._db.execute(
-                "SELECT o.due FROM outbox o WHERE o.endpoint = ? AND o.head = 1"
-                f" AND o.lane NOT IN ({skip}) ORDER BY o.due LIMIT 1",
-                (endpoint, *busy),
-            ).fetchone()
-        return None if row is None else row[0]
-
-    def settle(self, endpoint, done):
-        """Deliveries done with (2xx or refused), as (key, msg_id): their rows go,
-        unless one owes a newer state by now."""
-        with self._transaction() as db:
-            db.executemany(
-                "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
-                [(endpoint, key, msg_id) for key, msg_id in done],
-            )
-
-    def retry_at(self, endpoint, key, msg_id, attempts, due):
-        """A delivery failed: try it again at `due` (a newer state keeps its own)."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE outbox SET attempts = ?, due = ? WHERE endpoint = ?"
-                " AND key = ? AND msg_id = ?",
-                (attempts, due, endpoint, key, msg_id),
-            )
-
-    def expire(self, endpoint, owed_before):
-        """Flag the rows owed since before `owed_before`; return how many were new."""
-        with self._lock:
-            return self._db.execute(
-                "UPDATE outbox SET expired = 1 WHERE endpoint = ? AND expired = 0"
-                " AND owed_since < ?",
-                (endpoint, owed_before),
-            ).rowcount
-
-    def pending(self, endpoint):
-        """How many rows a webhook is owed that are not past the retry budget."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT count(*) FROM outbox WHERE endpoint = ? AND expired = 0", (endpoint,)
-            ).fetchone()[0]
-
-    def backlog(self, endpoint):
-        """(rows owed to a webhook, the oldest owed_since or None)."""
-        # Through outbox_age: the oldest is the smaller of the two `expired` runs.
-        with self._lock:
-            (count,) = self._db.execute(
-                "SELECT count(*) FROM outbox WHERE endpoint = ?", (endpoint,)
-            ).fetchone()
-            oldest = [
-                self._db.execute(
-                    "SELECT min(owed_since) FROM outbox WHERE endpoint = ? AND expired = ?",
-                    (endpoint, expired),
-                ).fetchone()[0]
-                for expired in (0, 1)
-            ]
-        oldest = [since for since in oldest if since is not None]
-        return count, min(oldest) if oldest else None
-
     def prune(self):
         """Forget deleted pods once every webhook has been told."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             told = [
                 (key,)
                 for (key,) in db.execute(
@@ -1935,8 +1978,8 @@ class Store:
 
     def count(self):
         """How many pods the snapshot holds (deleted ones included)."""
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM pods").fetchone()[0]
+        with self._store.locked() as db:
+            return db.execute("SELECT count(*) FROM pods").fetchone()[0]
 
 
 class _Transaction:
@@ -2705,7 +2748,7 @@ class Sender:
 
     def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.time):
         self.endpoint = endpoint
-        self._store = store
+        self._outbox = store.outbox
         self._settings = settings
         self._stop = stop
         self._rng = rng
@@ -2806,7 +2849,7 @@ class Sender:
         if self._done:
             done, self._done = self._done, []
             try:
-                self._store.settle(self.endpoint.id, [(key, msg_id) for _, key, msg_id in done])
+                self._outbox.settle(self.endpoint.id, [(key, msg_id) for _, key, msg_id in done])
             finally:
                 self._busy.difference_update(lane for lane, _, _ in done)
 
@@ -2828,7 +2871,7 @@ class Sender:
         # all of them count as busy until attempted.
         # A probe tries what was never tried first: when only a few pods fail
         # (a receiver that refuses them), new work shows at once that it is up.
-        claimed = self._store.claim(
+        claimed = self._outbox.claim(
             self.endpoint.id,
             now,
             self._busy,
@@ -2836,7 +2879,7 @@ class Sender:
             untried_first=not self.up,
         )
         if not claimed:
-            due = self._store.next_due(self.endpoint.id, self._busy)
+            due = self._outbox.next_due(self.endpoint.id, self._busy)
             return None, limit if due is None else min(limit, max(0.01, due - now))
         self._busy.update(owed.lane for owed in claimed)
         if not self.up:
@@ -2908,7 +2951,7 @@ class Sender:
         delay = backoff_delay(attempts, self._rng)
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_WAIT_SECONDS))
-        self._store.retry_at(
+        self._outbox.retry_at(
             self.endpoint.id, owed.key, owed.msg_id, attempts, self._clock() + delay
         )
         log.debug(
@@ -2955,7 +2998,7 @@ class Sender:
     def _backlog(self):
         """(rows owed, seconds the oldest has waited) for this webhook."""
         try:
-            count, oldest = self._store.backlog(self.endpoint.id)
+            count, oldest = self._outbox.backlog(self.endpoint.id)
         except sqlite3.Error:  # for a log line: not worth a worker
             return -1, 0.0
         return count, 0.0 if oldest is None else max(0.0, self._clock() - oldest)
@@ -2999,7 +3042,7 @@ class Sender:
         # restart is not counted (nor, under --once, given up) at once.
         expired = 0
         if now - self._started >= self._settings.retry_budget:
-            expired = self._store.expire(self.endpoint.id, now - self._settings.retry_budget)
+            expired = self._outbox.expire(self.endpoint.id, now - self._settings.retry_budget)
         if expired:
             self.failed += expired
             metrics.delivered(self.endpoint.label, "failed", expired)
@@ -3052,7 +3095,7 @@ class Sender:
             if self._busy:
                 return False
             self._housekeep(self._clock())
-            return self._store.pending(self.endpoint.id) == 0
+            return self._outbox.pending(self.endpoint.id) == 0
 
     def wait_idle(self, timeout=None):
         """Wait until idle() (or a stop, with nothing in flight); True if idle."""
@@ -3075,7 +3118,7 @@ class Sender:
     def unfinished(self):
         """Whether anything owed was left unsent (after a stop)."""
         with self._cond:
-            return bool(self._busy) or self._store.pending(self.endpoint.id) > 0
+            return bool(self._busy) or self._outbox.pending(self.endpoint.id) > 0
 
     def join(self, timeout):
         """Wait up to `timeout` s for the workers to end (after a stop); True if they did."""
@@ -3430,7 +3473,8 @@ class Poller:
 
     def __init__(self, settings, store, senders):
         self._settings = settings
-        self._store = store
+        self._snapshot = store.snapshot
+        self._outbox = store.outbox
         self._senders = senders
         self.stop_event = threading.Event()
         self.last_poll_ok = None
@@ -3457,7 +3501,7 @@ class Poller:
         so are the pods not seen (kept in `unseen`) until it has caught up.
         """
         started = time.monotonic()
-        store = self._store
+        snapshot = self._snapshot
         listed = {}
         name = self._name(watched_rv)
         try:
@@ -3490,10 +3534,10 @@ class Poller:
             return False
         finally:
             self.listing = None
-        self.unseen = store.finish_poll(delete=watched_rv is None)
-        counts["deleted"] = store.replaced + (0 if watched_rv is not None else len(self.unseen))
+        self.unseen = snapshot.finish_poll(delete=watched_rv is None)
+        counts["deleted"] = snapshot.replaced + (0 if watched_rv is not None else len(self.unseen))
         self._wake_senders()
-        store.prune()
+        snapshot.prune()
         self.listed_rv = listed.get("resourceVersion")
         self.last_poll_ok = time.time()
         missed = counts.pop("missed")
@@ -3514,7 +3558,7 @@ class Poller:
 
     def _list(self, watched_rv, listed):
         """List every pod into the store's staging area; return (counts, pods seen)."""
-        self._store.begin_poll()
+        self._snapshot.begin_poll()
         self.pending = {}
         counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
         seen = 0
@@ -3542,7 +3586,7 @@ class Poller:
         if watched_rv is not None:
             # What changed after watched_rv is the watch's to tell: those pods
             # wait (in `pending`) until it has caught up with the list.
-            self._store.see([e.key for e in batch])
+            self._snapshot.see([e.key for e in batch])
             now = []
             for entry in batch:
                 if _newer_rv(versions.get(entry.key), watched_rv):
@@ -3551,7 +3595,7 @@ class Poller:
                     now.append(entry)
             batch = now
         staged = []
-        for reason, n in self._store.apply_page(batch, staged).items():
+        for reason, n in self._snapshot.apply_page(batch, staged).items():
             counts[reason] += n
         counts["missed"] += len(staged)
         self.last_progress = time.monotonic()  # for /healthz: not stuck
@@ -3693,8 +3737,8 @@ class Watcher(Poller):
                 now = self._clock()
                 if now >= next_duress:
                     next_duress = now + settings.interval
-                    self._store.owe_duress()
-                    self._store.prune()
+                    self._outbox.owe_duress()
+                    self._snapshot.prune()
                     self._wake_senders()
                 if now >= next_resync:
                     next_resync = now + settings.resync
@@ -3749,10 +3793,10 @@ class Watcher(Poller):
                     raise KubectlError(f"a watch event {kind} carried no pod")
                 entry = pod_entry(obj)
                 if kind == "DELETED":
-                    owed = self._store.apply_deletion(entry)
+                    owed = self._snapshot.apply_deletion(entry)
                     reason = "deleted" if owed else None
                 else:
-                    reason = self._store.apply_event(entry)
+                    reason = self._snapshot.apply_event(entry)
                 if reason is not None:
                     metrics.pods_selected.labels(reason).inc()
                     log.debug(
@@ -3772,12 +3816,12 @@ class Watcher(Poller):
             return
         changed = 0
         for entry in self.pending.values():
-            reason = self._store.apply_event(entry)
+            reason = self._snapshot.apply_event(entry)
             if reason is not None:
                 metrics.pods_selected.labels(reason).inc()
                 changed += 1
         self.pending = {}
-        deleted = self._store.delete(sorted(self._suspects))
+        deleted = self._snapshot.delete(sorted(self._suspects))
         self._suspects.clear()
         metrics.pods_selected.labels("deleted").inc(deleted)
         if changed or deleted:
@@ -4145,7 +4189,7 @@ class _OutboxCollector:
         by_label = {}
         # URLs on one scheme://host:port share a label, so they share a series.
         for sender in senders:
-            count, since = self._metrics.store.backlog(sender.endpoint.id)
+            count, since = self._metrics.store.outbox.backlog(sender.endpoint.id)
             age = 0.0 if since is None else max(0.0, now - since)
             total, worst, all_up = by_label.get(sender.endpoint.label, (0, 0.0, True))
             by_label[sender.endpoint.label] = (total + count, max(worst, age), all_up and sender.up)
@@ -4680,7 +4724,7 @@ def main(argv=None, environ=None):
             "snapshot is taken to be of it"
         )
     stop = threading.Event()
-    store.set_endpoints([e.id for e in endpoints])
+    store.outbox.set_endpoints([e.id for e in endpoints])
     senders = [Sender(e, store, settings, stop) for e in endpoints]
     poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
     metrics.watch(senders, store, version())
@@ -4830,7 +4874,7 @@ def _report_owed(senders, store, settings):
     owed = []
     for sender in senders:
         try:
-            owed.append((sender.endpoint.label, store.backlog(sender.endpoint.id)[0]))
+            owed.append((sender.endpoint.label, store.outbox.backlog(sender.endpoint.id)[0]))
         except sqlite3.Error as exc:
             log.warning("cannot count what %s is still owed: %s", sender.endpoint.label, exc)
     message = owed_at_stop(owed, settings.state)

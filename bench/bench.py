@@ -538,12 +538,12 @@ def _wait_listening(port):
 def owed_store(count):
     """A temporary Store that owes `count` realistic pods to every endpoint."""
     store = k8svent.Store()
-    store.begin_poll()
+    store.snapshot.begin_poll()
     batch = []
     for _namespace, _name, data in generate_items(count):
         batch.append(k8svent.pod_entry(k8svent.pod_from_item(__import__("json").loads(data))))
-    store.apply_page(batch)
-    store.finish_poll()
+    store.snapshot.apply_page(batch)
+    store.snapshot.finish_poll()
     return store, [k8svent.payload(entry.body) for entry in batch]
 
 
@@ -551,8 +551,8 @@ def k8svent_rate(url, store, workers, count):
     """Deliveries per second of one k8svent Sender, signed, from the store."""
     settings = k8svent.Settings(urls=(url,), secret=SECRET, workers=workers)
     endpoint = k8svent.Endpoint(url, settings)
-    store.set_endpoints([])  # forget earlier runs' deliveries
-    store.set_endpoints([endpoint.id])
+    store.outbox.set_endpoints([])  # forget earlier runs' deliveries
+    store.outbox.set_endpoints([endpoint.id])
     stop = threading.Event()
     sender = k8svent.Sender(endpoint, store, settings, stop)
     began = time.perf_counter()

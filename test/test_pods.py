@@ -256,16 +256,18 @@ def named(name, **status):
 
 
 def poll(store, *pods):
-    store.begin_poll()
-    counts = store.apply_page(entries(*pods))
-    counts["deleted"] = len(store.finish_poll())
+    store.snapshot.begin_poll()
+    counts = store.snapshot.apply_page(entries(*pods))
+    counts["deleted"] = len(store.snapshot.finish_poll())
     return counts
 
 
 def owed_rows(store, endpoint):
     """The head row of every lane owed to an endpoint, due or not, by key."""
     rows = {}
-    while claimed := store.claim(endpoint, float("inf"), [row.lane for row in rows.values()]):
+    while claimed := store.outbox.claim(
+        endpoint, float("inf"), [row.lane for row in rows.values()]
+    ):
         rows[claimed[0].key] = claimed[0]
     return rows
 
@@ -276,13 +278,13 @@ def owed(store, endpoint):
 
 def deliver_all(store, endpoint):
     for key, row in owed_rows(store, endpoint).items():
-        store.settle(endpoint, [(key, row.msg_id)])
+        store.outbox.settle(endpoint, [(key, row.msg_id)])
 
 
 @pytest.fixture
 def store():
     s = k8svent.Store()
-    s.set_endpoints(["e1", "e2"])
+    s.outbox.set_endpoints(["e1", "e2"])
     yield s
     s.close()
 
@@ -316,11 +318,11 @@ def test_deletion_sent_once_then_forgotten(store):
     assert json.loads(pod_bytes)["status"]["phase"] == "Deleted"
     assert poll(store, a)["deleted"] == 0  # reported once
     deliver_all(store, "e1")
-    store.prune()
-    assert store.count() == 2  # e2 has not been told yet
+    store.snapshot.prune()
+    assert store.snapshot.count() == 2  # e2 has not been told yet
     deliver_all(store, "e2")
-    store.prune()
-    assert store.count() == 1
+    store.snapshot.prune()
+    assert store.snapshot.count() == 1
     assert owed(store, "e1") == [] and owed(store, "e2") == []
 
 
@@ -334,9 +336,9 @@ def test_recreated_pod_is_new(store):
 def test_forgotten_endpoints_leave_the_state(store):
     poll(store, named("a"))
     deliver_all(store, "e1")
-    store.set_endpoints(["e2"])
-    store.prune()
-    store.set_endpoints(["e1", "e2"])
+    store.outbox.set_endpoints(["e2"])
+    store.snapshot.prune()
+    store.outbox.set_endpoints(["e1", "e2"])
     assert owed(store, "e1") == ["ns/a"]  # e1 has no records left: owed all again
 
 
@@ -404,11 +406,11 @@ def test_another_scope_starts_a_fresh_snapshot(tmp_path, caplog):
     path = str(tmp_path / "s.db")
     settings = k8svent.Settings()
     s = k8svent.Store(path, scope=k8svent.state_scope(settings, "https://a:6443"))
-    s.set_endpoints(["e1"])
+    s.outbox.set_endpoints(["e1"])
     poll(s, named("a"))
     s.close()
     s = k8svent.Store(path, scope=k8svent.state_scope(settings, "https://b:6443"))
-    s.set_endpoints(["e1"])
+    s.outbox.set_endpoints(["e1"])
     assert poll(s) == {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
     assert "starting a fresh snapshot" in caplog.text
     s.close()
@@ -420,8 +422,8 @@ def test_a_failed_poll_changes_nothing(store):
     deliver_all(store, "e1")
     a2 = copy.deepcopy(a)
     a2["metadata"]["resourceVersion"] = "2"
-    store.begin_poll()
-    store.apply_page(entries(a2))  # then the listing fails
+    store.snapshot.begin_poll()
+    store.snapshot.apply_page(entries(a2))  # then the listing fails
     assert owed(store, "e1") == []  # nothing owed from a failed poll
     assert poll(store, a2)["changed"] == 1  # the next poll sees the change
     assert owed(store, "e1") == ["ns/a"]
@@ -446,10 +448,10 @@ def drain_lane(store, endpoint, in_flight):
     sent = []
     row = in_flight
     while row is not None:
-        assert store.claim(endpoint, float("inf"), [row.lane]) == []  # the lane is busy
+        assert store.outbox.claim(endpoint, float("inf"), [row.lane]) == []  # the lane is busy
         sent.append(phase_and_uid(row))
-        store.settle(endpoint, [(row.key, row.msg_id)])
-        claimed = store.claim(endpoint, float("inf"), [], limit=10)
+        store.outbox.settle(endpoint, [(row.key, row.msg_id)])
+        claimed = store.outbox.claim(endpoint, float("inf"), [], limit=10)
         assert len(claimed) <= 1  # one lane, one row at a time
         row = claimed[0] if claimed else None
     return sent
@@ -458,9 +460,9 @@ def drain_lane(store, endpoint, in_flight):
 def watch(store, *events):
     for kind, pod in events:
         if kind == "DELETED":
-            store.apply_deletion(k8svent.pod_entry(pod))
+            store.snapshot.apply_deletion(k8svent.pod_entry(pod))
         else:
-            store.apply_event(k8svent.pod_entry(pod))
+            store.snapshot.apply_event(k8svent.pod_entry(pod))
 
 
 @pytest.mark.parametrize("how", ["poll", "poll, seen deleted first", "watch"])
@@ -469,7 +471,7 @@ def test_a_lane_sends_the_old_state_then_its_deletion_then_the_new_pod(store, ho
     a["metadata"]["uid"] = "uid-a"
     b = recreated(a, "uid-b")
     poll(store, a)
-    (in_flight,) = store.claim("e1", float("inf"), [], limit=10)  # a slow receiver has it
+    (in_flight,) = store.outbox.claim("e1", float("inf"), [], limit=10)  # a slow receiver has it
     assert in_flight.lane == "ns/db-0"
     if how == "poll":
         poll(store, b)  # one write: no poll saw the name free
@@ -484,7 +486,7 @@ def test_a_lane_sends_the_old_state_then_its_deletion_then_the_new_pod(store, ho
         ("Running", "uid-b"),
     ]
     # e2 had nothing in flight: the deletion first, then the new pod
-    assert drain_lane(store, "e2", store.claim("e2", float("inf"))[0]) == [
+    assert drain_lane(store, "e2", store.outbox.claim("e2", float("inf"))[0]) == [
         ("Deleted", "uid-a"),
         ("Running", "uid-b"),
     ]
@@ -504,7 +506,7 @@ def test_a_lane_coalesces_to_its_newest_state_and_each_earlier_deletion(store):
     poll(store, b)
     poll(store, b2)
     poll(store, c)
-    assert drain_lane(store, "e1", store.claim("e1", float("inf"))[0]) == [
+    assert drain_lane(store, "e1", store.outbox.claim("e1", float("inf"))[0]) == [
         ("Deleted", "uid-a"),
         ("Deleted", "uid-b"),
         ("Running", "uid-c"),
@@ -527,10 +529,10 @@ def test_a_deletion_of_an_earlier_pod_told_late_by_the_watch_is_not_sent_after_t
 
 def test_claims_take_one_row_per_lane_and_skip_busy_lanes(store):
     poll(store, *(named(f"p{i}") for i in range(5)))
-    claimed = store.claim("e1", float("inf"), ["ns/p1", "ns/p3"], limit=10)
+    claimed = store.outbox.claim("e1", float("inf"), ["ns/p1", "ns/p3"], limit=10)
     assert [row.lane for row in claimed] == ["ns/p0", "ns/p2", "ns/p4"]
-    assert store.next_due("e1", ["ns/p0", "ns/p1", "ns/p2", "ns/p3", "ns/p4"]) is None
-    assert store.next_due("e1", ["ns/p0"]) is not None
+    assert store.outbox.next_due("e1", ["ns/p0", "ns/p1", "ns/p2", "ns/p3", "ns/p4"]) is None
+    assert store.outbox.next_due("e1", ["ns/p0"]) is not None
 
 
 def _plan(store, sql, *args):
@@ -543,8 +545,8 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
     db = mocker.Mock(wraps=store._db)
     db.execute.side_effect = lambda sql, *a: (queries.append(sql), execute(sql, *a))[1]
     store._db = db
-    store.claim("e1", 1.0, ["ns/a"], limit=4, untried_first=True)
-    store.next_due("e1", ["ns/a"])
+    store.outbox.claim("e1", 1.0, ["ns/a"], limit=4, untried_first=True)
+    store.outbox.next_due("e1", ["ns/a"])
     store._db = db._mock_wraps
     assert len(queries) == 3
     for sql in queries:
@@ -556,22 +558,22 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
 def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
     body = zlib.compress(json.dumps(named("p")).encode(), 1)
-    with store._transaction() as db:
+    with store.transaction() as db:
         db.execute(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 149999)"
             " INSERT INTO pods SELECT 'ns/p' || i, randomblob(8), 0, 0, 'uid-' || i FROM n"
         )
         db.execute("INSERT INTO bodies SELECT key, ? FROM pods", (body,))
-    store.set_endpoints(["e1"])  # a new webhook is owed every pod
+    store.outbox.set_endpoints(["e1"])  # a new webhook is owed every pod
     now = time.time() + 1
     # A down webhook: most rows tried and backing off, the probe's claim.
     store._db.execute("UPDATE outbox SET attempts = 3, due = due + 0.5 WHERE seq % 3 != 0")
     busy = [f"ns/p{i}" for i in range(0, 60, 3)]
     started = time.perf_counter()
     for _ in range(20):
-        assert store.claim("e1", now, busy, limit=1, untried_first=True)
-        assert store.claim("e1", now, busy, limit=8)
-        assert store.next_due("e1", busy) is not None
+        assert store.outbox.claim("e1", now, busy, limit=1, untried_first=True)
+        assert store.outbox.claim("e1", now, busy, limit=8)
+        assert store.outbox.next_due("e1", busy) is not None
     per_claim = (time.perf_counter() - started) / 20
     store.close()
     assert per_claim < 0.005, f"{per_claim * 1000:.1f} ms"
@@ -580,7 +582,7 @@ def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
 def test_a_schema_3_outbox_gets_its_lanes_in_place(tmp_path):
     path = str(tmp_path / "s.db")
     store = k8svent.Store(path)
-    store.set_endpoints(["e1"])
+    store.outbox.set_endpoints(["e1"])
     a = named("db-0")
     a["metadata"]["uid"] = "uid-a"
     poll(store, a, named("web"))
@@ -607,7 +609,7 @@ def test_a_schema_3_outbox_gets_its_lanes_in_place(tmp_path):
     store = k8svent.Store(path)
     assert store._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (4,)
     assert owed(store, "e1") == ["ns/db-0#uid-a", "ns/web"]
-    store.settle("e1", [("ns/web", owed_rows(store, "e1")["ns/web"].msg_id)])
+    store.outbox.settle("e1", [("ns/web", owed_rows(store, "e1")["ns/web"].msg_id)])
     assert drain_lane(store, "e1", owed_rows(store, "e1")["ns/db-0#uid-a"]) == [
         ("Deleted", "uid-a"),
         ("Running", "uid-b"),
@@ -638,7 +640,7 @@ def test_a_failed_begin_does_not_leak_the_lock(store, mocker):
     store._db = mocker.Mock(wraps=db)
     store._db.execute.side_effect = sqlite3.OperationalError("database is locked")
     with pytest.raises(sqlite3.OperationalError):
-        store.begin_poll()
+        store.snapshot.begin_poll()
     store._db = db
     import threading
 
@@ -785,7 +787,7 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
     import threading
 
     store = k8svent.Store()
-    store.set_endpoints(["stdout"])
+    store.outbox.set_endpoints(["stdout"])
     store._db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every query fails
     stop = threading.Event()
     sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)

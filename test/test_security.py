@@ -33,9 +33,9 @@ def open_umask():
 
 
 def _write_pods(store):
-    store.begin_poll()
-    store.apply_page([k8svent.pod_entry({"metadata": {"namespace": "n", "name": "p"}})])
-    store.finish_poll()
+    store.snapshot.begin_poll()
+    store.snapshot.apply_page([k8svent.pod_entry({"metadata": {"namespace": "n", "name": "p"}})])
+    store.snapshot.finish_poll()
 
 
 def test_state_files_are_private_whatever_the_umask(tmp_path, open_umask):
