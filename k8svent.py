@@ -182,8 +182,12 @@ ANSWER_HEADERS = 100
 CORRELATION_BODY_BYTES = 4096  # larger answers are not parsed for an id
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("watch", "poll")
-WATCH_RESTART_REASONS = ("ended", "expired", "error", "resync")
+WATCH_RESTART_REASONS = ("ended", "expired", "error")
+RESYNC_OUTCOMES = ("success", "failure", "error")
 WATCH_RELIST_AFTER = 3  # failed watches in a row before listing again
+# A watch open this long, or with an event, ends the back-off of watches.
+WATCH_STEADY_SECONDS = 5
+TROUBLE_LOG_SECONDS = 60  # while a watch or resync keeps failing, a line this often
 LIST_RESTARTS = 3  # lists started again after an expired continue token
 LIST_PROGRESS_SECONDS = 5  # a list that takes longer logs its progress this often
 LOG_FORMATS = ("text", "json")
@@ -1835,11 +1839,10 @@ class Snapshot:
         )
         return counts
 
-    def finish_poll(self, delete=True):
+    def finish_poll(self):
         """After a complete listing: take what changed, delete pods not seen, owe.
 
-        Returns the keys of the pods not seen: deleted, or with delete=False
-        left as they are (a resync lets the watch tell first). `replaced`
+        Returns the keys of the pods not seen (now deleted). `replaced`
         counts the pods found deleted because another took their name.
         """
         seen, self._seen = self._seen, set()
@@ -1851,8 +1854,7 @@ class Snapshot:
                 if key not in seen
             ]
             del seen
-            if delete:
-                self._mark_deleted(db, gone)
+            self._mark_deleted(db, gone)
             self._outbox.owe_marked(db)
             self._outbox.owe_duress(db)
         return gone
@@ -1869,23 +1871,28 @@ class Snapshot:
             self._outbox.owe_marked(db)
         return len(known)
 
-    def see(self, keys):
-        """Count these keys as seen by the poll under way (not deleted), changed or not."""
-        self._seen.update(keys)
+    def present(self):
+        """The keys of the pods known and not deleted."""
+        with self._store.locked() as db:
+            return {key for (key,) in db.execute("SELECT key FROM pods WHERE deleted = 0")}
+
+    def apply(self, entries):
+        """Take these pods now (outside a list), owing the new and changed; counts by reason."""
+        with self._store.transaction() as db:
+            db.execute("DELETE FROM staged")
+            counts = self._stage(db, entries)
+            if counts["new"] or counts["changed"]:
+                self._merge_staged(db)
+                self._outbox.owe_marked(db)
+        return counts
 
     def apply_event(self, entry):
         """A watch event ADDED or MODIFIED: take the pod and owe it if new or changed.
 
         Returns the reason ("new", "changed") or None when nothing changed.
         """
-        with self._store.transaction() as db:
-            db.execute("DELETE FROM staged")
-            counts = self._stage(db, [entry])
-            reason = next((r for r in ("new", "changed") if counts[r]), None)
-            if reason is not None:
-                self._merge_staged(db)
-                self._outbox.owe_marked(db)
-        return reason
+        counts = self.apply([entry])
+        return next((r for r in ("new", "changed") if counts[r]), None)
 
     def apply_deletion(self, entry):
         """A watch event DELETED: the pod's last state goes out as deleted; True if owed."""
@@ -3479,35 +3486,28 @@ class Poller:
         self.stop_event = threading.Event()
         self.last_poll_ok = None
         self.listed_rv = None
-        self.unseen = []
-        self.pending = {}
         self.last_progress = time.monotonic()  # for Health: is it stuck?
         self.listing = None  # the ListProgress of the list under way, for /readyz
         self.first_poll_done = threading.Event()
         self._thread = threading.Thread(target=self.run, name="poller", daemon=True)
 
-    def _name(self, watched_rv):
-        """What the log calls one cycle: a poll (the Watcher: its list, or a resync)."""
+    def _name(self):
+        """What the log calls one cycle: a poll (the Watcher: its list)."""
         return "poll"
 
-    def poll_once(self, watched_rv=None):
+    def poll_once(self):
         """One whole cycle: list, merge, mark deletions, deliver; True if ok.
 
-        The list's resourceVersion is kept in `listed_rv`. With `watched_rv`
-        (a resync: the watch has told everything up to it), a pod whose
-        resourceVersion is not newer and that differs from the store was
-        missed by the watch: it is taken and counted in counts["missed"];
-        newer ones are left for the watch, which goes on from watched_rv, and
-        so are the pods not seen (kept in `unseen`) until it has caught up.
+        The list's resourceVersion is kept in `listed_rv`.
         """
         started = time.monotonic()
         snapshot = self._snapshot
         listed = {}
-        name = self._name(watched_rv)
+        name = self._name()
         try:
             for restarts in range(LIST_RESTARTS + 1):
                 try:
-                    counts, seen = self._list(watched_rv, listed)
+                    counts, seen = self._list(listed)
                     break
                 except Expired:
                     # The list took longer than the server keeps a snapshot:
@@ -3523,27 +3523,17 @@ class Poller:
                 log.info("%s stopped before it finished; nothing changed", name)
                 return False
             metrics.polled("failure")
-            log.error(
-                "%s failed, nothing changed; %s: %s",
-                name,
-                "exiting with status 1"
-                if self._settings.once
-                else f"retrying in {self._settings.retry_interval:g} s",
-                exc,
-            )
+            self._list_failed(exc)
             return False
         finally:
             self.listing = None
-        self.unseen = snapshot.finish_poll(delete=watched_rv is None)
-        counts["deleted"] = snapshot.replaced + (0 if watched_rv is not None else len(self.unseen))
+        unseen = snapshot.finish_poll()
+        counts["deleted"] = snapshot.replaced + len(unseen)
         self._wake_senders()
         snapshot.prune()
         self.listed_rv = listed.get("resourceVersion")
         self.last_poll_ok = time.time()
-        missed = counts.pop("missed")
         metrics.polled("success", time.monotonic() - started, seen, counts)
-        if watched_rv is not None:
-            _report_missed(missed, "new or changed pods")
         log.info(
             "%s: %d pods seen; sending %d new, %d changed, %d unhealthy, %d deleted (%.2f s)",
             name,
@@ -3556,48 +3546,40 @@ class Poller:
         )
         return True
 
-    def _list(self, watched_rv, listed):
-        """List every pod into the store's staging area; return (counts, pods seen)."""
+    def _list_failed(self, exc):
+        """Log a failed list (each one: they are --retry-interval apart)."""
+        log.error(
+            "%s failed, nothing changed; %s: %s",
+            self._name(),
+            "exiting with status 1"
+            if self._settings.once
+            else f"retrying in {self._settings.retry_interval:g} s",
+            exc,
+        )
+
+    def _list(self, listed):
+        """List every pod into the snapshot's staging area; return (counts, pods seen)."""
         self._snapshot.begin_poll()
-        self.pending = {}
-        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0, "missed": 0}
+        counts = {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
         seen = 0
-        batch, versions = [], {}
+        batch = []
         progress = self.listing = ListProgress(time.monotonic(), listed)
         for item in list_pods(self._settings, self.stop_event, listed):
-            if not _looks_like_pod(item):
-                raise KubectlError("kubectl printed a pod list with an item that is not a pod")
-            entry = pod_entry(pod_from_item(item))
-            batch.append(entry)
+            batch.append(_listed_entry(item))
             progress.count()
-            if watched_rv is not None:
-                versions[entry.key] = item["metadata"].get("resourceVersion")
             if len(batch) >= _SQL_BATCH:
                 if self.stop_event.is_set():
                     raise PollStopped("stopped while listing pods")
-                self._apply(batch, counts, watched_rv, versions)
+                self._apply(batch, counts)
                 seen += len(batch)
-                batch, versions = [], {}
-        self._apply(batch, counts, watched_rv, versions)
+                batch = []
+        self._apply(batch, counts)
         return counts, seen + len(batch)
 
-    def _apply(self, batch, counts, watched_rv=None, versions=None):
-        """Merge a batch of pods into the store and add up the reasons."""
-        if watched_rv is not None:
-            # What changed after watched_rv is the watch's to tell: those pods
-            # wait (in `pending`) until it has caught up with the list.
-            self._snapshot.see([e.key for e in batch])
-            now = []
-            for entry in batch:
-                if _newer_rv(versions.get(entry.key), watched_rv):
-                    self.pending[entry.key] = entry
-                else:
-                    now.append(entry)
-            batch = now
-        staged = []
-        for reason, n in self._snapshot.apply_page(batch, staged).items():
+    def _apply(self, batch, counts):
+        """Stage a batch of pods and add up the reasons."""
+        for reason, n in self._snapshot.apply_page(batch).items():
             counts[reason] += n
-        counts["missed"] += len(staged)
         self.last_progress = time.monotonic()  # for /healthz: not stuck
 
     def _wake_senders(self):
@@ -3662,6 +3644,13 @@ class ListProgress:
         )
 
 
+def _listed_entry(item):
+    """The PodEntry of a list item (KubectlError if it is not a pod)."""
+    if not _looks_like_pod(item):
+        raise KubectlError("kubectl printed a pod list with an item that is not a pod")
+    return pod_entry(pod_from_item(item))
+
+
 def _report_missed(count, what):
     """Count and log what a resync found that the watch had missed."""
     metrics.resync_changes.inc(count)
@@ -3680,146 +3669,290 @@ def _newer_rv(resource_version, than):
         return False
 
 
+# What the watch applied to a pod since a resync's list began, when its
+# event carried no resourceVersion.
+TOUCHED = "touched"
+
+
+def resync_action(listed_rv, watch_rv, touched_rv):
+    """Merge one pod of a resync's list with the watch: "take", "skip" or "wait".
+
+    listed_rv is the pod's resourceVersion in the list or, for a pod known but
+    not listed, the list's own (it was gone by then); watch_rv is how far the
+    watch has told; touched_rv is that of the watch's last event for the pod
+    since the list began (TOUCHED when it carried none), or None.
+
+    "skip": the watch applied as new a state or a newer one; the list's must
+    not overwrite it (nor delete a pod the watch created or changed).
+    "wait": newer than the watch has told; the watch will tell it, and if it
+    has not once it is past the list, the list's state is taken then.
+    "take": the watch missed it: the listed state (or the deletion) now.
+    """
+    if touched_rv is not None and not _newer_rv(listed_rv, touched_rv):
+        return "skip"
+    if _newer_rv(listed_rv, watch_rv):
+        return "wait"
+    return "take"
+
+
+def watch_retry_delay(attempts, cap_seconds, rng=random):
+    """Seconds before watching again after `attempts` watches in a row that failed or
+    ended at once (0: watch again at once)."""
+    return 0.0 if attempts <= 0 else min(backoff_delay(attempts, rng), cap_seconds)
+
+
+class _Trouble:
+    """The log of a trouble that lasts: one warning when it starts, one a minute
+    while it lasts, one when it ends; every failure in between at debug."""
+
+    def __init__(self, what, clock=time.monotonic):
+        self._what = what
+        self._clock = clock
+        self._since = None
+        self._logged = 0.0
+
+    def failed(self, cause, retry_seconds):
+        """One more failure, retried in `retry_seconds`."""
+        now = self._clock()
+        if self._since is None:
+            self._since = self._logged = now
+            log.warning("%s failed (%s); retrying in %.1f s", self._what, cause, retry_seconds)
+        elif now - self._logged >= TROUBLE_LOG_SECONDS:
+            self._logged = now
+            log.warning(
+                "%s still failing after %.0f s (%s); retrying in %.1f s",
+                self._what,
+                now - self._since,
+                cause,
+                retry_seconds,
+            )
+        else:
+            log.debug("%s failed (%s); retrying in %.1f s", self._what, cause, retry_seconds)
+
+    def ended(self):
+        """It works again."""
+        if self._since is not None:
+            log.warning("%s works again after %.0f s", self._what, self._clock() - self._since)
+            self._since = None
+
+
+class ResyncAborted(K8sventError):
+    """A full list of the watcher's own took over from a resync under way."""
+
+
 class Watcher(Poller):
-    """--mode=watch: list, then watch for changes; re-send pods under duress and resync on timers.
+    """--mode=watch: list, then watch for changes; re-send pods under duress on a timer.
 
     One thread: a paged list (a poll) gives the snapshot and a resourceVersion;
     one kubectl then streams the watch from it, each event applied to the
-    store as it arrives. Every --interval the pods under duress are owed
-    again, from the store; every --resync a full list is diffed against the
-    store. A 410 (the resourceVersion is too old) lists again.
+    snapshot as it arrives. Every --interval the pods under duress are owed
+    again. A watch that ends at once or fails is started again after a
+    back-off (up to --retry-interval); a 410 (the resourceVersion is too old)
+    lists again. Beside it, a Resyncer lists every --resync with a kubectl of
+    its own and merges what it finds through resync_page and finish_resync,
+    while the watch goes on.
     """
 
     def __init__(self, settings, store, senders, clock=time.monotonic):
         super().__init__(settings, store, senders)
         self._clock = clock
         self._rv = None
-        # After a resync the watch goes on from where it was. The pods the
-        # list did not have are deleted, and its pods newer than the watch
-        # are as listed, unless the watch says otherwise before it has told
-        # everything up to the list's resourceVersion.
+        # Between the watch and a resync: the watch's position, the pods it
+        # touched since the resync's list began, and what the resync left
+        # for the watch to tell (pods newer than the watch, and pods not
+        # listed) until the watch is past the list's resourceVersion.
+        self._merge_lock = threading.Lock()
+        self._touched = None
+        self._resync_generation = 0
+        self.pending = {}
         self._suspects = set()
         self._suspects_rv = None
+        self._trouble = _Trouble("watch", clock)
+        self._resyncer = Resyncer(self, settings) if settings.resync else None
         self._thread.name = "watcher"
 
-    def _name(self, watched_rv):
-        return "list" if watched_rv is None else "resync"
+    def _name(self):
+        return "list"  # a resync logs as resync: (the Resyncer)
 
     def run(self):
         """List, then watch from the list's resourceVersion, until stopped."""
         settings = self._settings
-        now = self._clock()
-        next_duress = now + settings.interval
-        next_resync = now + settings.resync if settings.resync else math.inf
-        failures = 0
-        resync_from = None
-        while not self.stop_event.is_set():
-            try:
-                if self._rv is None:
-                    if not self.poll_once(resync_from):
-                        self._pause(settings.retry_interval)
-                        continue
-                    self.first_poll_done.set()
-                    self._suspects.clear()
-                    if resync_from is not None:  # go on from where the watch was
-                        self._rv = resync_from
-                        self._suspects.update(self.unseen)
-                        self._suspects_rv = self.listed_rv
-                        self._confirm_suspects(resync_from)
-                    elif self.listed_rv is None:
-                        # resourceVersion 0: any point, each pod as ADDED first
-                        # (applied as no-ops where nothing changed).
-                        log.warning("the pod list carried no resourceVersion; watching from now")
-                        self._rv = "0"
+        next_duress = self._clock() + settings.interval
+        quick = 0  # watches in a row that failed or ended at once
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if self._rv is None:
+                        self._relist()
+                    now = self._clock()
+                    if now >= next_duress:
+                        next_duress = now + settings.interval
+                        self._outbox.owe_duress()
+                        self._snapshot.prune()
+                        self._wake_senders()
+                    began = self._clock()
+                    events = self._watch(max(1.0, next_duress - now))
+                    metrics.watch_restarts.labels("ended").inc()
+                    if events or self._clock() - began >= WATCH_STEADY_SECONDS:
+                        quick = 0
+                        self._trouble.ended()
                     else:
-                        self._rv = self.listed_rv
-                    resync_from = None
-                now = self._clock()
-                if now >= next_duress:
-                    next_duress = now + settings.interval
-                    self._outbox.owe_duress()
-                    self._snapshot.prune()
-                    self._wake_senders()
-                if now >= next_resync:
-                    next_resync = now + settings.resync
-                    metrics.watch_restarts.labels("resync").inc()
-                    resync_from, self._rv = self._rv, None
-                    continue
-                seconds = max(1.0, min(next_duress, next_resync) - now)
-                self._watch(seconds)
-                failures = 0
-                metrics.watch_restarts.labels("ended").inc()
-            except PollStopped:
-                return
-            except Expired as exc:
-                log.info("watch expired (%s); listing pods again", exc)
-                metrics.watch_restarts.labels("expired").inc()
-                self._rv = None
-            except KubectlError as exc:
-                if self.stop_event.is_set():  # a kubectl we stopped ourselves
-                    return
-                failures += 1
-                metrics.watch_restarts.labels("error").inc()
-                delay = min(backoff_delay(failures), settings.retry_interval)
-                # Each failure is logged: they are minutes apart once backed off.
-                log.error(
-                    "watch failed (%s); watching again in %.1f s%s",
-                    exc,
-                    delay,
-                    "" if failures < WATCH_RELIST_AFTER else ", after a new list",
-                )
-                if failures >= WATCH_RELIST_AFTER:
-                    self._rv, failures = None, 0
-                self._pause(delay)
-            except Exception:  # never let the watcher die silently
-                log.exception("watch crashed; listing again in %g s", settings.retry_interval)
-                metrics.polled("error")
-                self._rv = None
-                self._pause(settings.retry_interval)
+                        quick += 1  # closed at once: no restart loop against the server
+                        self._pause(watch_retry_delay(quick, settings.retry_interval))
+                except Expired as exc:
+                    log.info("watch expired (%s); listing pods again", exc)
+                    metrics.watch_restarts.labels("expired").inc()
+                    self._rv = None
+                except KubectlError as exc:
+                    if self.stop_event.is_set():  # a kubectl we stopped ourselves
+                        return
+                    quick += 1
+                    metrics.watch_restarts.labels("error").inc()
+                    delay = watch_retry_delay(quick, settings.retry_interval)
+                    self._trouble.failed(exc, delay)
+                    if quick == WATCH_RELIST_AFTER:  # once per trouble: lists fail alike
+                        self._rv = None
+                    self._pause(delay)
+                except PollStopped:
+                    raise
+                except Exception:  # never let the watcher die silently
+                    log.exception("watch crashed; listing again in %g s", settings.retry_interval)
+                    metrics.polled("error")
+                    self._rv = None
+                    self._pause(settings.retry_interval)
+        except PollStopped:
+            return
+        finally:
+            if self._resyncer is not None:
+                self._resyncer.stop()
+
+    def _relist(self):
+        """List every pod (no resync runs meanwhile); watch from the list's resourceVersion."""
+        with self._merge_lock:
+            self._resync_generation += 1  # a resync under way gives up
+            self._touched = None
+            self.pending = {}
+            self._suspects.clear()
+        while not self.poll_once():
+            self._pause(self._settings.retry_interval)
+        self._trouble.ended()  # the API server answers again
+        self.first_poll_done.set()
+        if self.listed_rv is None:
+            # resourceVersion 0: any point, each pod as ADDED first (applied
+            # as no-ops where nothing changed).
+            log.warning("the pod list carried no resourceVersion; watching from now")
+        with self._merge_lock:
+            self._rv = self.listed_rv or "0"
+        if self._resyncer is not None and not self._resyncer.started:
+            self._resyncer.start()
+
+    def _list_failed(self, exc):
+        self._trouble.failed(f"listing pods: {exc}", self._settings.retry_interval)
 
     def _pause(self, seconds):
-        # No exception on a stop: the loop looks at stop_event next (a raise
-        # here, inside an except clause, escaped the loop as a traceback).
-        self.stop_event.wait(seconds)
+        # A stop ends run() through its outer `except PollStopped`, from an
+        # except clause of the loop too.
+        if self.stop_event.wait(seconds):
+            raise PollStopped("stopped")
 
     def _watch(self, seconds):
-        """Apply the events of one watch of up to `seconds` to the store."""
+        """Apply the events of one watch of up to `seconds` to the snapshot; how many came."""
+        events = 0
         for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds):
+            events += 1
             self.last_progress = self._clock()  # a live watch is not stuck
+            self._trouble.ended()
             metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
             rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                if not _looks_like_pod(obj):
-                    raise KubectlError(f"a watch event {kind} carried no pod")
-                entry = pod_entry(obj)
-                if kind == "DELETED":
-                    owed = self._snapshot.apply_deletion(entry)
-                    reason = "deleted" if owed else None
-                else:
-                    reason = self._snapshot.apply_event(entry)
-                if reason is not None:
-                    metrics.pods_selected.labels(reason).inc()
-                    log.debug(
-                        "watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key}
-                    )
-                    self._wake_senders()
-                self._suspects.discard(entry.key)
-                self.pending.pop(entry.key, None)
-            if rv:
-                self._rv = rv
-                self._confirm_suspects(rv)
+            if kind in ("ADDED", "MODIFIED", "DELETED") and not _looks_like_pod(obj):
+                raise KubectlError(f"a watch event {kind} carried no pod")
+            with self._merge_lock:
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._apply_event(kind, pod_entry(obj), rv)
+                if rv:
+                    self._rv = rv
+                    self._confirm_suspects()
         self.last_progress = self._clock()
+        return events
 
-    def _confirm_suspects(self, rv):
-        """Once the watch has caught up with a resync's list, take what it did not tell."""
-        if not (self._suspects or self.pending) or _newer_rv(self._suspects_rv, rv):
-            return
-        changed = 0
-        for entry in self.pending.values():
+    def _apply_event(self, kind, entry, rv):
+        """Apply one watch event to the snapshot (merge lock held)."""
+        if kind == "DELETED":
+            reason = "deleted" if self._snapshot.apply_deletion(entry) else None
+        else:
             reason = self._snapshot.apply_event(entry)
-            if reason is not None:
-                metrics.pods_selected.labels(reason).inc()
-                changed += 1
+        if reason is not None:
+            metrics.pods_selected.labels(reason).inc()
+            log.debug("watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key})
+            self._wake_senders()
+        if self._touched is not None:
+            self._touched[entry.key] = rv or TOUCHED
+        self._suspects.discard(entry.key)
+        self.pending.pop(entry.key, None)
+
+    # A resync, called from the Resyncer's thread.
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        if self._resyncer is not None:
+            self._resyncer.join(timeout)
+
+    def begin_resync(self):
+        """A resync's list begins: its generation, or None while the watcher lists itself."""
+        with self._merge_lock:
+            if self._rv is None:
+                return None
+            self._touched = {}
+            return self._resync_generation
+
+    def resync_page(self, generation, batch):
+        """Merge a page of (PodEntry, resourceVersion) with the watch; counts by reason."""
+        with self._merge_lock:
+            if generation != self._resync_generation:
+                raise ResyncAborted("the watcher lists pods itself")
+            take = []
+            for entry, rv in batch:
+                action = resync_action(rv, self._rv, self._touched.get(entry.key))
+                if action == "take":
+                    take.append(entry)
+                elif action == "wait":
+                    self.pending[entry.key] = entry
+            counts = self._snapshot.apply(take)
+        if counts["new"] or counts["changed"]:
+            self._wake_senders()
+        return counts
+
+    def finish_resync(self, generation, listed_keys, listed_rv):
+        """The list is complete: delete what it did not have and the watch missed."""
+        with self._merge_lock:
+            if generation != self._resync_generation:
+                raise ResyncAborted("the watcher lists pods itself")
+            gone = []
+            for key in self._snapshot.present() - listed_keys:
+                action = resync_action(listed_rv, self._rv, self._touched.get(key))
+                if action == "take":
+                    gone.append(key)
+                elif action == "wait":
+                    self._suspects.add(key)
+            self._touched = None
+            deleted = self._snapshot.delete(sorted(gone))
+            metrics.pods_selected.labels("deleted").inc(deleted)
+            _report_missed(deleted, "deleted pods")
+            self._suspects_rv = listed_rv
+            self._confirm_suspects()
+        if deleted:
+            self._wake_senders()
+
+    def _confirm_suspects(self):
+        """Once the watch is past a resync's list, take what it did not tell (lock held)."""
+        if not (self._suspects or self.pending) or _newer_rv(self._suspects_rv, self._rv):
+            return
+        if self._touched is not None:
+            return  # a resync lists: this waits for its end, when the list's rv is known
+        counts = self._snapshot.apply(list(self.pending.values()))
+        changed = counts["new"] + counts["changed"]
+        metrics.pods_selected.labels("new").inc(counts["new"])
+        metrics.pods_selected.labels("changed").inc(counts["changed"])
         self.pending = {}
         deleted = self._snapshot.delete(sorted(self._suspects))
         self._suspects.clear()
@@ -3828,6 +3961,90 @@ class Watcher(Poller):
             self._wake_senders()
         _report_missed(changed, "new or changed pods, found by the list")
         _report_missed(deleted, "deleted pods")
+
+
+class Resyncer:
+    """--resync beside the watch: a list of its own every --resync, merged with the watch.
+
+    The next resync starts --resync after the last one ended (a slow list
+    delays the next, never back to back); a failed list is logged once and
+    retried with back-off (up to --retry-interval) while the watch goes on.
+    """
+
+    def __init__(self, watcher, settings):
+        self._watcher = watcher
+        self._settings = settings
+        self._stop = watcher.stop_event  # one stop for the watch and its resyncs
+        self._trouble = _Trouble("resync")
+        self.started = False
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self.run, name="resync", daemon=True)
+
+    def start(self):
+        self.started = True
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def join(self, timeout=None):
+        if self.started:
+            self._thread.join(timeout)
+
+    def is_alive(self):
+        return self._thread.is_alive()
+
+    def run(self):
+        """Resync every --resync until stopped."""
+        failures = 0
+        wait = self._settings.resync
+        while not self._stop.wait(wait):
+            wait = self._settings.resync
+            try:
+                self.resync_once()
+                failures = 0
+                self._trouble.ended()
+            except (PollStopped, ResyncAborted):
+                continue
+            except KubectlError as exc:
+                metrics.resyncs.labels("failure").inc()
+                failures += 1
+                wait = watch_retry_delay(failures, self._settings.retry_interval)
+                self._trouble.failed(exc, wait)
+            except Exception:  # never let the resync die silently
+                log.exception("resync crashed; trying again in %g s", wait)
+                metrics.resyncs.labels("error").inc()
+            self.last_progress = time.monotonic()
+
+    def resync_once(self):
+        """List every pod and merge the list with the watch's state."""
+        watcher = self._watcher
+        generation = watcher.begin_resync()
+        if generation is None:
+            return
+        started = time.monotonic()
+        listed = {}
+        keys = set()  # for the deletions: about 100 bytes a pod, for one list
+        counts = collections.Counter()
+        batch = []
+        for item in list_pods(self._settings, self._stop, listed):
+            entry = _listed_entry(item)
+            keys.add(entry.key)
+            batch.append((entry, item["metadata"].get("resourceVersion")))
+            if len(batch) >= _SQL_BATCH:
+                if self._stop.is_set():
+                    raise PollStopped("stopped while listing pods")
+                counts.update(watcher.resync_page(generation, batch))
+                self.last_progress = time.monotonic()
+                batch = []
+        counts.update(watcher.resync_page(generation, batch))
+        watcher.finish_resync(generation, keys, listed.get("resourceVersion"))
+        missed = counts["new"] + counts["changed"]
+        metrics.pods_selected.labels("new").inc(counts["new"])
+        metrics.pods_selected.labels("changed").inc(counts["changed"])
+        metrics.resyncs.labels("success").inc()
+        _report_missed(missed, "new or changed pods")
+        log.info("resync: %d pods listed (%.2f s)", len(keys), time.monotonic() - started)
 
 
 # --- Upgrades ----------------------------------------------------------------
@@ -4089,13 +4306,20 @@ class Metrics:
             "k8svent_watch_restarts",
             "Watches started again, by why the last one "
             "ended: ended (its timeout, or the server closed it), expired (410: "
-            "listed again), error (kubectl failed) or resync.",
+            "listed again) or error (kubectl failed).",
             ["reason"],
             registry=registry,
         )
         self.resync_changes = prometheus_client.Counter(
             "k8svent_resync_changes",
             "Changes a resync list found that the watch had missed (new, changed or deleted pods).",
+            registry=registry,
+        )
+        self.resyncs = prometheus_client.Counter(
+            "k8svent_resyncs",
+            "Resync lists beside the watch, by outcome: success, failure (kubectl "
+            "failed) or error.",
+            ["outcome"],
             registry=registry,
         )
         self.newer_version = prometheus_client.Gauge(
@@ -4119,6 +4343,8 @@ class Metrics:
             self.watch_events.labels(kind)
         for reason in WATCH_RESTART_REASONS:
             self.watch_restarts.labels(reason)
+        for outcome in RESYNC_OUTCOMES:
+            self.resyncs.labels(outcome)
         self.set_newer_version(None)
 
     def watch(self, senders, store, running_version):

@@ -63,8 +63,10 @@ Failure injection (``fail``, ``truncate``, ``hang``, ``expire_continue``,
 watch is one, but never ``truncate``'s or a ``page``'s); discovery is never
 affected unless ``fail`` is given a ``path_prefix`` that covers it.
 ``cut_watches`` closes the open watch streams at once, as a dropped connection
-does; ``open_watches`` says how many there are and ``wait_open_watches``
-waits for a number of them.
+does; with ``close_watches_at_once`` set, every watch ends as soon as it opens
+(no event, a normal end); ``watch_starts`` counts the watches opened;
+``open_watches`` says how many there are and ``wait_open_watches`` waits for a
+number of them.
 """
 
 import base64
@@ -378,6 +380,8 @@ class FakeKubeAPI:
         self._compacted = FIRST_RESOURCE_VERSION  # watches from an older RV expire
         self._open_watches = 0
         self._cuts = 0  # cut_watches() calls so far
+        self.close_watches_at_once = False
+        self.watch_starts = 0
         self.bookmark_seconds = bookmark_seconds
         self.typed_watch_objects = typed_watch_objects
         self.server_version = SERVER_VERSION  # what GET /version answers
@@ -680,6 +684,11 @@ class FakeKubeAPI:
                 retry_after=retry_after,
             )
         )
+
+    def clear_rules(self):
+        """Forget the failures still to inject."""
+        with self._lock:
+            self._rules = []
 
     def truncate(self, count=1, page=None):
         """Send the next ``count`` matching bodies half-way, then close the connection.
@@ -1096,10 +1105,13 @@ class _Handler(BaseHTTPRequestHandler):
         with api._lock:
             cuts = api._cuts
             api._open_watches += 1
+            api.watch_starts += 1
             api._changed.notify_all()
         try:
             self._start_chunked()
-            if rule is not None:
+            if api.close_watches_at_once:
+                pass
+            elif rule is not None:
                 self._send_error_event(position, api.resource_version, rule.reason)
             elif not self._stream_events(
                 namespace, position, version == "0", cuts, deadline, bookmarks, _selection(query)

@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 
+import k8svent
 from test.pods import make_pod
 from test.service import Service, service_env
 
@@ -26,8 +27,10 @@ def start(kubeapi, kubeconfig, kubectl_path, tmp_path):
     started = []
 
     def run(*args):
+        given = {arg.partition("=")[0] for arg in args}
+        quiet = [arg for arg in QUIET if arg.partition("=")[0] not in given]
         service = Service(
-            [f"--kubectl={kubectl_path}", *QUIET, *args],
+            [f"--kubectl={kubectl_path}", *quiet, *args],
             service_env(kubeconfig),
             tmp_path / f"run{len(started)}",
         )
@@ -250,7 +253,8 @@ def test_a_resync_sends_what_the_watch_missed(
         url = re.search(r"listening on (http://\S+)", service.log()).group(1)
         text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
         assert re.search(r"^k8svent_resync_changes_total 2\.0$", text, re.M), text
-        assert re.search(r'^k8svent_watch_restarts_total\{reason="resync"\} [1-9]', text, re.M)
+        assert re.search(r'^k8svent_resyncs_total\{outcome="success"\} [1-9]', text, re.M)
+        assert 'reason="resync"' not in text  # a resync no longer stops the watch
         assert re.search(r'^k8svent_watch_events_total\{type="BOOKMARK"\} [1-9]', text, re.M)
         # resyncs that find nothing say nothing
         assert service.count(r"WARNING resync") == 2
@@ -290,10 +294,57 @@ def test_a_watch_that_keeps_failing_backs_off_and_lists_again(kubeapi, start, re
     watching(kubeapi)
     kubeapi.fail(500, count=3, path_prefix="/api/v1/pods")
     kubeapi.cut_watches()
-    service.wait_log(r"ERROR watch failed .*after a new list")
+    service.wait_log(r"WARNING watch failed \(")
     kubeapi.put_pod(changed(pod, "after"))
     received = receiver.wait_for_pods(has("default/web", change="after"))
     assert not [p for p in received if p["status"]["phase"] == "Deleted"]
+    service.wait_log(r"WARNING watch works again after")
+    assert service.count(r"WARNING watch") == 2, service.log()  # trouble starts, and ends
+
+
+def test_a_forbidden_watch_backs_off_with_one_warning_at_start_and_one_at_end(
+    kubeapi, start, receivers
+):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--retry-interval=1")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    kubeapi.fail(403, count=100000, path_prefix="/api/v1/pods")
+    kubeapi.cut_watches()
+    began = time.monotonic()
+    service.wait_log(r"watch failed \(.*Forbidden")
+    before = len(kubeapi.requests)
+    time.sleep(6)  # the window measured: requests and log lines during the trouble
+    during = len(kubeapi.requests) - before
+    assert during <= 10, during  # backed off to --retry-interval (1 s)
+    kubeapi.clear_rules()
+    kubeapi.put_pod(changed(pod, "after"))
+    receiver.wait_for_pods(has("default/web", change="after"), timeout=30)
+    service.wait_log(r"WARNING watch works again after")
+    warned = [line for line in service.log().splitlines() if " WARNING " in line]
+    assert len(warned) == 2, warned
+    assert time.monotonic() - began < 40
+    assert not service.count(r"ERROR")
+
+
+def test_a_server_that_closes_every_watch_at_once_sees_few_watches(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    start(f"--url={receiver.url}", "--retry-interval=30")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    kubeapi.close_watches_at_once = True
+    kubeapi.cut_watches()
+    before = kubeapi.watch_starts
+    time.sleep(10)  # the window measured
+    starts = kubeapi.watch_starts - before
+    assert 2 <= starts <= 20, starts
+    kubeapi.close_watches_at_once = False
+    kubeapi.put_pod(changed(pod, "after"))  # told once a watch stays open
+    receiver.wait_for_pods(has("default/web", change="after"), timeout=40)
 
 
 def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_path, tmp_path):
@@ -340,3 +391,73 @@ def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_
         watcher.stop()
         watcher.join(10)
         store.close()
+
+
+# --- A resync beside the watch ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "listed_rv, watch_rv, touched_rv, action",
+    [
+        # the watch has not touched the pod since the list began
+        ("10", "20", None, "take"),  # the watch is past it: a change it missed
+        ("30", "20", None, "wait"),  # newer than the watch: it will tell
+        ("20", "20", None, "take"),
+        # the watch touched it: its state is as new or newer
+        ("10", "20", "15", "skip"),
+        ("15", "20", "15", "skip"),
+        ("18", "20", "15", "take"),  # newer than the watch's last event, and missed
+        ("30", "40", "35", "skip"),
+        ("30", "25", "22", "wait"),  # newer than both: the watch will tell
+        # resourceVersions that are not integers: the watch wins where it touched
+        ("x", "y", None, "take"),
+        ("x", "y", "z", "skip"),
+        ("10", "20", k8svent.TOUCHED, "skip"),
+    ],
+)
+def test_resync_action(listed_rv, watch_rv, touched_rv, action):
+    assert k8svent.resync_action(listed_rv, watch_rv, touched_rv) == action
+
+
+def test_a_slow_resync_list_does_not_hold_up_the_watch(kubeapi, start, receivers):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--resync=1", "--kubectl-timeout=30")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    listed = lists(kubeapi)
+    kubeapi.hang(8, count=1000, page=0)  # every list, from now on, takes 8 s
+    deadline = time.monotonic() + 10
+    while lists(kubeapi) == listed:  # a resync list has begun (and hangs)
+        assert time.monotonic() < deadline, "no resync"
+        time.sleep(0.05)
+    latencies = []
+    for i in range(3):
+        began = time.monotonic()
+        kubeapi.put_pod(changed(pod, str(i)))
+        receiver.wait_for_pods(has("default/web", change=str(i)), f"change {i}")
+        latencies.append(time.monotonic() - began)
+    assert max(latencies) < 2.0, latencies
+    assert kubeapi.open_watches == 1  # the watch never stopped
+    assert lists(kubeapi) == listed + 1  # never back to back
+    assert "Traceback" not in service.log()
+
+
+def test_a_failed_resync_is_logged_once_and_retried_while_the_watch_goes_on(
+    kubeapi, start, receivers
+):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--resync=1", "--retry-interval=1")
+    receiver.wait_for(1)
+    watching(kubeapi)
+    kubeapi.fail(500, count=4, page=0)  # the next four resync lists
+    service.wait_log(r"WARNING resync failed \(")
+    kubeapi.put_pod(changed(pod, "during"))
+    receiver.wait_for_pods(has("default/web", change="during"), "a change during the trouble")
+    service.wait_log(r"WARNING resync works again after", timeout=40)
+    assert service.count(r"WARNING resync") == 2, service.log()
+    assert service.count(r"resync: \d+ pods listed") >= 1
+    assert kubeapi.open_watches == 1
