@@ -1273,19 +1273,26 @@ _LANE_SQL = (
 )
 # Owe the pods chosen by {where} to every webhook (those of {endpoints}): a new
 # row, or the existing row when it owes an older state (a new delivery: a new
-# message id, attempts from 0; its place in the lane is kept). A row that owes
-# this very state is left alone. New rows of one lane join in the order of
+# message id, attempts from 0; its place in the lane and the time it was first
+# owed are kept, and so is whether that time is past the retry budget). A row
+# that owes this very state is left alone. `due` is on this process's
+# monotonic clock (a stepped wall clock must not stall or flood deliveries);
+# `owed_since` is wall-clock time, shown as an age. New rows of one lane join in the order of
 # its changes: the deletions of earlier uids first.
 _OWE_SQL = f"""
 INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired)
-SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :now, :now, 0
+SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :due, :now, 0
 FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
 ORDER BY instr(p.key, '{_GONE_SEPARATOR}') = 0
 ON CONFLICT (endpoint, key) DO UPDATE SET
-    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due,
-    expired = 0
+    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due
 WHERE outbox.fp != excluded.fp
 """
+
+
+def _owe_times():
+    """The times of rows owed now: `now` (wall clock, owed_since) and `due` (monotonic)."""
+    return {"now": time.time(), "due": time.monotonic()}
 
 
 def _corrupt(exc):
@@ -1385,7 +1392,7 @@ def _migrate_from_2(db):
                 " AND d.key = p.key AND d.fp = p.fp)",
                 endpoints="1",
             ),
-            {"now": time.time()},
+            _owe_times(),
         )
         db.execute("DROP TABLE delivered")
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
@@ -1634,10 +1641,14 @@ class Outbox:
             db.execute("DELETE FROM outbox WHERE endpoint NOT IN (SELECT id FROM endpoints)")
             # Each process counts a delivery past the retry budget anew.
             db.execute("UPDATE outbox SET expired = 0 WHERE expired = 1")
+            # Due times are on the monotonic clock of the process that wrote
+            # them: what an earlier one had put off is due now.
+            now = time.monotonic()
+            db.execute("UPDATE outbox SET due = ? WHERE due > ?", (now, now))
             for new in set(ids) - known:
                 db.execute(
                     _OWE_SQL.format(where="p.deleted = 0", endpoints="e.id = :endpoint"),
-                    {"now": time.time(), "endpoint": new},
+                    {**_owe_times(), "endpoint": new},
                 )
 
     @staticmethod
@@ -1645,7 +1656,7 @@ class Outbox:
         """Owe every pod the snapshot marked to every webhook (in the caller's transaction)."""
         db.execute(
             _OWE_SQL.format(where="p.key IN (SELECT key FROM marked)", endpoints="1"),
-            {"now": time.time()},
+            _owe_times(),
         )
         db.execute("DELETE FROM marked")
 
@@ -1657,7 +1668,7 @@ class Outbox:
             return
         db.execute(
             _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
-            {"now": time.time()},
+            _owe_times(),
         )
 
     @staticmethod
@@ -2753,7 +2764,7 @@ class Sender:
     one probe at a time, backing off to 60 s, until one succeeds.
     """
 
-    def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.time):
+    def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.monotonic):
         self.endpoint = endpoint
         self._outbox = store.outbox
         self._settings = settings
@@ -3008,7 +3019,7 @@ class Sender:
             count, oldest = self._outbox.backlog(self.endpoint.id)
         except sqlite3.Error:  # for a log line: not worth a worker
             return -1, 0.0
-        return count, 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+        return count, 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def _go_down(self, now):
         self.up = False
@@ -3049,7 +3060,9 @@ class Sender:
         # restart is not counted (nor, under --once, given up) at once.
         expired = 0
         if now - self._started >= self._settings.retry_budget:
-            expired = self._outbox.expire(self.endpoint.id, now - self._settings.retry_budget)
+            expired = self._outbox.expire(
+                self.endpoint.id, time.time() - self._settings.retry_budget
+            )
         if expired:
             self.failed += expired
             metrics.delivered(self.endpoint.label, "failed", expired)

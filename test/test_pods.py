@@ -811,3 +811,51 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
         sender.wake()
         sender.join(5)
         store.close()
+
+
+class _FlakyEndpoint:
+    """An endpoint that answers 503 to each pod's first POST, then 200; records them."""
+
+    id = "flaky"
+    label = "flaky"
+
+    def __init__(self, step):
+        self.posts = []
+        self._step = step
+
+    def post(self, body, message_id=None):
+        self._step[0] = 0.0
+        self.posts.append(json.loads(body)["pod"]["metadata"]["name"])
+        status = 503 if self.posts.count(self.posts[-1]) == 1 else 200
+        return k8svent.Response(status, {}, b"")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("step_seconds", [3600, -3600])
+def test_a_wall_clock_stepped_by_an_hour_neither_stalls_nor_floods_deliveries(
+    mocker, step_seconds
+):
+    import threading
+
+    real_time = time.time
+    step = [0.0]
+    mocker.patch("time.time", side_effect=lambda: real_time() + step[0])
+    store = k8svent.Store()
+    store.outbox.set_endpoints(["flaky"])
+    step[0] = step_seconds
+    poll(store, *(named(f"p{i}") for i in range(5)))  # owed an hour off
+    endpoint = _FlakyEndpoint(step)  # and the clock steps back at the first POST
+    stop = threading.Event()
+    sender = k8svent.Sender(endpoint, store, k8svent.Settings(workers=2), stop)
+    sender.start()
+    try:
+        assert sender.wait_idle(15), endpoint.posts  # retried after ~0.5 s, not an hour
+        assert sender.succeeded == 5
+        assert sorted(endpoint.posts) == sorted([f"p{i}" for i in range(5)] * 2)  # no flood
+    finally:
+        stop.set()
+        sender.wake()
+        sender.join(5)
+        store.close()
