@@ -1661,15 +1661,17 @@ class Outbox:
         db.execute("DELETE FROM marked")
 
     def owe_duress(self, db=None):
-        """Owe every pod under duress again (a no-op where one is still owed)."""
+        """Owe every pod under duress again (a no-op where one is still owed); how many."""
         if db is None:
             with self._store.transaction() as db:
-                self.owe_duress(db)
-            return
+                return self.owe_duress(db)
         db.execute(
             _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
             _owe_times(),
         )
+        return db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0").fetchone()[
+            0
+        ]
 
     @staticmethod
     def hand_over(db, key, old_key):
@@ -3499,6 +3501,7 @@ class Poller:
         self.stop_event = threading.Event()
         self.last_poll_ok = None
         self.listed_rv = None
+        self.api_failure = None  # why the API server cannot be read now, for /readyz
         self.last_progress = time.monotonic()  # for Health: is it stuck?
         self.listing = None  # the ListProgress of the list under way, for /readyz
         self.first_poll_done = threading.Event()
@@ -3537,9 +3540,13 @@ class Poller:
                 return False
             metrics.polled("failure")
             self._list_failed(exc)
+            self.api_failure = f"listing pods failed: {exc}"
+            metrics.api_up.set(0)
             return False
         finally:
             self.listing = None
+        self.api_failure = None
+        metrics.api_up.set(1)
         unseen = snapshot.finish_poll()
         counts["deleted"] = snapshot.replaced + len(unseen)
         self._wake_senders()
@@ -3800,7 +3807,8 @@ class Watcher(Poller):
                     now = self._clock()
                     if now >= next_duress:
                         next_duress = now + settings.interval
-                        self._outbox.owe_duress()
+                        duress = self._outbox.owe_duress()
+                        metrics.pods_selected.labels("unhealthy").inc(duress)
                         self._snapshot.prune()
                         self._wake_senders()
                     began = self._clock()
@@ -3823,6 +3831,9 @@ class Watcher(Poller):
                     metrics.watch_restarts.labels("error").inc()
                     delay = watch_retry_delay(quick, settings.retry_interval)
                     self._trouble.failed(exc, delay)
+                    self.api_failure = f"the watch failed: {exc}"
+                    metrics.api_up.set(0)
+                    self.last_progress = self._clock()  # trying: not stuck
                     if quick == WATCH_RELIST_AFTER:  # once per trouble: lists fail alike
                         self._rv = None
                     self._pause(delay)
@@ -3861,6 +3872,7 @@ class Watcher(Poller):
 
     def _list_failed(self, exc):
         self._trouble.failed(f"listing pods: {exc}", self._settings.retry_interval)
+        self.last_progress = self._clock()  # trying: not stuck
 
     def _pause(self, seconds):
         # A stop ends run() through its outer `except PollStopped`, from an
@@ -3875,6 +3887,8 @@ class Watcher(Poller):
             events += 1
             self.last_progress = self._clock()  # a live watch is not stuck
             self._trouble.ended()
+            self.api_failure = None
+            metrics.api_up.set(1)
             metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             if kind in ("ADDED", "MODIFIED", "DELETED") and not _looks_like_pod(obj):
@@ -3909,6 +3923,13 @@ class Watcher(Poller):
         super().join(timeout)
         if self._resyncer is not None:
             self._resyncer.join(timeout)
+
+    def is_alive(self):
+        """Whether the watch thread runs, and the resync thread once started."""
+        resyncer = self._resyncer
+        return super().is_alive() and (
+            resyncer is None or not resyncer.started or resyncer.is_alive()
+        )
 
     def begin_resync(self):
         """A resync's list begins: its generation, or None while the watcher lists itself."""
@@ -4328,6 +4349,11 @@ class Metrics:
             "Changes a resync list found that the watch had missed (new, changed or deleted pods).",
             registry=registry,
         )
+        self.api_up = prometheus_client.Gauge(
+            "k8svent_kubernetes_api_up",
+            "1 while the last list or watch of pods worked, 0 while they fail.",
+            registry=registry,
+        )
         self.resyncs = prometheus_client.Counter(
             "k8svent_resyncs",
             "Resync lists beside the watch, by outcome: success, failure (kubectl "
@@ -4461,12 +4487,19 @@ def poller_trouble(alive, idle_seconds, limit_seconds):
 
 
 class Health:
-    """Liveness and readiness of a Poller, for the probes."""
+    """Liveness and readiness, for the probes.
 
-    def __init__(self, poller, settings, clock=time.monotonic):
+    Liveness fails only when k8svent itself is stuck (a thread dead, or a
+    loop that stopped turning): a restart cures that. An API server or a
+    webhook that is down is not cured by a restart: it shows on readiness
+    and in the metrics.
+    """
+
+    def __init__(self, poller, settings, clock=time.monotonic, senders=()):
         self._poller = poller
         self._limit = stuck_after_seconds(settings)
         self._clock = clock
+        self._senders = senders
 
     def live(self):
         """(True, text) while the poller runs and progresses, else (False, why)."""
@@ -4476,10 +4509,18 @@ class Health:
         return trouble is None, trouble or "ok"
 
     def ready(self):
-        """(True, text) once a poll has succeeded, else (False, why); a list's progress."""
+        """(True, text) once a poll has succeeded and nothing is down, else (False, why).
+
+        While a list runs, the text says how far it has got.
+        """
         listing = self._poller.listing
         if self._poller.last_poll_ok is None:
             return False, listing.text() if listing else "no successful poll yet"
+        if self._poller.api_failure:
+            return False, self._poller.api_failure
+        down = [sender.endpoint.label for sender in self._senders if not sender.up]
+        if down:
+            return False, f"webhooks down: {', '.join(down)}"
         return True, f"ok; {listing.text()}" if listing else "ok"
 
 
@@ -4975,7 +5016,7 @@ def main(argv=None, environ=None):
         ", ".join(e.label for e in endpoints),
     )
     if status_server:
-        status_server.start(Health(poller, settings))
+        status_server.start(Health(poller, settings, senders=senders))
         log.info("listening on %s", status_server.url)
     for sender in senders:
         sender.start()

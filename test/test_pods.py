@@ -834,9 +834,7 @@ class _FlakyEndpoint:
 
 
 @pytest.mark.parametrize("step_seconds", [3600, -3600])
-def test_a_wall_clock_stepped_by_an_hour_neither_stalls_nor_floods_deliveries(
-    mocker, step_seconds
-):
+def test_a_wall_clock_stepped_by_an_hour_neither_stalls_nor_floods_deliveries(mocker, step_seconds):
     import threading
 
     real_time = time.time

@@ -204,6 +204,7 @@ def test_pods_under_duress_are_sent_every_interval_without_a_list(
             "--mode=watch",
             "--interval=0.3",
             "--resync=0",
+            "--listen=127.0.0.1:0",
             f"--url={receiver.url}",
         ],
         service_env(kubeconfig),
@@ -215,6 +216,12 @@ def test_pods_under_duress_are_sent_every_interval_without_a_list(
         )
         assert sum(key(p) == "default/fine" for p in received) == 1
         assert lists(kubeapi) == 1
+        # counted as in poll mode: each interval, the pods under duress
+        service.wait_log(r"listening on http://")
+        url = re.search(r"listening on (http://\S+)", service.log()).group(1)
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        found = re.search(r'^k8svent_pods_selected_total\{reason="unhealthy"\} (\S+)$', text, re.M)
+        assert found and float(found.group(1)) >= 3, text
     finally:
         service.kill()
 
@@ -347,9 +354,9 @@ def test_a_server_that_closes_every_watch_at_once_sees_few_watches(kubeapi, star
     receiver.wait_for_pods(has("default/web", change="after"), timeout=40)
 
 
-def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_path, tmp_path):
-    import k8svent
-
+def test_a_watch_that_cannot_be_restarted_is_not_ready_but_live(
+    kubeapi, kubeconfig, kubectl_path, tmp_path
+):
     settings = k8svent.settings_from(
         k8svent.parse_arguments(
             [
@@ -371,6 +378,7 @@ def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_
         watching(kubeapi)
         progress = watcher.last_progress
         assert health.live() == (True, "ok")
+        assert health.ready() == (True, "ok")
         # every watch, and every list after them, fails from now on
         kubeapi.fail(500, count=100000, path_prefix="/api/v1/pods")
         kubeapi.cut_watches()
@@ -381,7 +389,12 @@ def test_a_watch_that_cannot_be_restarted_is_stuck(kubeapi, kubeconfig, kubectl_
             assert time.monotonic() < deadline, "the watcher stopped trying"
             time.sleep(0.05)
         assert any("watch=1" not in path for _, path in kubeapi.requests[before:])
-        assert watcher.last_progress == progress  # failures are not progress
+        # the API server is down, not k8svent: not ready, but live (a restart cures nothing)
+        assert watcher.last_progress > progress  # each attempt is progress
+        ok, why = health.ready()
+        assert not ok and "failed" in why, why
+        assert health.live() == (True, "ok")
+        # a watcher thread that stopped turning is stuck
         late = k8svent.Health(
             watcher, settings, clock=lambda: watcher.last_progress + 3 * 10 + 5 + 1
         )
