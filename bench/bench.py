@@ -4,7 +4,8 @@ Usage: python bench/bench.py [--sizes=1000,10000,50000,150000] [--runs=3]
                              [--original-max=10000] [--deliveries=5000]
                              [--slow-deliveries=1000] [--workers=8]
                              [--latency-pods=150000] [--changes-per-second=100]
-                             [--latency-seconds=30]
+                             [--latency-seconds=30] [--resync-pods=50000]
+                             [--resync-changes-per-second=50] [--resync-seconds=70]
 
 Pods come from test/pods.py (generate_items: realistic ~6 KB Deployment
 pods), served by test/kubeapi.py's FakeKubeAPI to the real kubectl. Every
@@ -347,8 +348,12 @@ class Receiver:
         return first
 
 
-def change_pods(api, keys, run, rate_per_second, seconds):
-    """Relabel `rate_per_second` pods a second; return {sequence label: time put_pod returned}."""
+def change_pods(api, keys, run, rate_per_second, seconds, missed_every=0, missed=None):
+    """Relabel `rate_per_second` pods a second; return {sequence label: time put_pod returned}.
+
+    With missed_every, every such change is one no watch tells (only a list
+    finds it); its label goes into the set `missed`.
+    """
     total = int(rate_per_second * seconds)
     stride = max(1, len(keys) // total)
     changed = {}
@@ -361,13 +366,25 @@ def change_pods(api, keys, run, rate_per_second, seconds):
         pod = api.get_pod(namespace, name)
         seq = f"{run}-{k}"
         pod["metadata"].setdefault("labels", {})[SEQ_LABEL] = seq
-        api.put_pod(pod)
+        unseen = bool(missed_every) and k % missed_every == missed_every - 1
+        api.put_pod(pod, missed=unseen)
+        if unseen:
+            missed.add(seq)
         changed[seq] = time.monotonic()
     return changed
 
 
-def watch_latency_once(api, env, tmp, state, receiver, args, run):
-    """One latency run: k8svent --mode=watch (the default) while pods change at a steady rate."""
+def watch_latency_once(
+    api, env, tmp, state, receiver, args, run, options=(), rate=None, seconds=None, missed_every=0
+):
+    """One latency run: k8svent --mode=watch (the default) while pods change at a steady rate.
+
+    `options` go to k8svent; with missed_every, every such change is one the
+    watch never tells (a resync must find it): those are timed apart.
+    """
+    rate = args.changes_per_second if rate is None else rate
+    seconds = args.latency_seconds if seconds is None else seconds
+    missed = set()
     log_path = tmp / f"watch-{run}.log"
     if not api.wait_open_watches(0, timeout=30):
         raise RuntimeError("the watch of the run before is still open")
@@ -375,7 +392,7 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
     with open(log_path, "wb") as log_file:
         # Defaults but for --upgrade=never: no registry is reachable from here.
         proc = subprocess.Popen(
-            k8svent_argv(f"--state={state}", f"--url={receiver.url}", "--upgrade=never"),
+            k8svent_argv(f"--state={state}", f"--url={receiver.url}", "--upgrade=never", *options),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
@@ -391,9 +408,10 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
         receiver.record()
         sampler.mark()
         cpu_before, began = _cpu_seconds(proc.pid), time.monotonic()
-        changed = change_pods(api, keys, run, args.changes_per_second, args.latency_seconds)
+        changed = change_pods(api, keys, run, rate, seconds, missed_every, missed)
         changing_seconds = time.monotonic() - began
-        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        resyncs = log_path.read_bytes().count(b" pods listed (")
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS + (4 * seconds if missed else 0)
         while True:
             received = receiver.receipts()
             if len(received) >= len(changed) or time.monotonic() >= deadline:
@@ -408,7 +426,12 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
         proc.wait(timeout=60)
         sampler.stop()
         receiver.reset()
-    latencies = sorted(received[seq] - at for seq, at in changed.items() if seq in received)
+    latencies = sorted(
+        received[seq] - at for seq, at in changed.items() if seq in received and seq not in missed
+    )
+    missed_latencies = sorted(
+        received[seq] - at for seq, at in changed.items() if seq in received and seq in missed
+    )
     if listed_delivered:
         print(
             f"  warning: the list before the watch delivered {listed_delivered} pods",
@@ -416,7 +439,10 @@ def watch_latency_once(api, env, tmp, state, receiver, args, run):
         )
     return {
         "made": len(changed),
-        "delivered": len(latencies),
+        "delivered": len(latencies) + len(missed_latencies),
+        "missed made": len(missed),
+        "missed max": missed_latencies[-1] if missed_latencies else float("nan"),
+        "resync lists": resyncs,
         "rate": len(changed) / changing_seconds,
         "p50": _percentile(latencies, 50),
         "p99": _percentile(latencies, 99),
@@ -454,6 +480,56 @@ def bench_latency(api, env, tmp, state, receiver, args):
     row["made"] = sum(r["made"] for r in runs)
     row["delivered"] = sum(r["delivered"] for r in runs)
     return row
+
+
+RESYNC_SECONDS = (20, 5)  # the rows of issue 20: lists shorter, then longer, than the interval
+RESYNC_MISSED_EVERY = 100  # one change in this many is one no watch tells
+
+
+def bench_resync(api, env, tmp, state, receiver, args):
+    """The resync rows: {resync seconds: one run's figures} with changes the watch misses."""
+    rows = {}
+    for resync in RESYNC_SECONDS:
+        row = watch_latency_once(
+            api,
+            env,
+            tmp,
+            state,
+            receiver,
+            args,
+            f"resync{resync}",
+            options=(f"--resync={resync}",),
+            rate=args.resync_changes_per_second,
+            seconds=args.resync_seconds,
+            missed_every=RESYNC_MISSED_EVERY,
+        )
+        print(
+            f"  --resync={resync}: p50 {row['p50']:.3f} s, p99 {row['p99']:.3f} s, "
+            f"max {row['max']:.3f} s, {row['delivered']}/{row['made']} received "
+            f"({row['missed made']} only a list could find, the last after "
+            f"{row['missed max']:.1f} s), {row['resync lists']} resync lists in the window",
+            file=sys.stderr,
+            flush=True,
+        )
+        rows[resync] = row
+    return rows
+
+
+def resync_table(rows, n, args):
+    """The resync rows of issue 20, in Markdown."""
+    out = [
+        f"| {n:,} pods, {args.resync_changes_per_second:g} changes/s for "
+        f"{args.resync_seconds:g} s | received / made | p50 | p99 | max | missed by the watch: "
+        "the last received after | resync lists in the window |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for resync, row in rows.items():
+        out.append(
+            f"| --resync={resync} | {row['delivered']}/{row['made']} | {row['p50']:.3f} s | "
+            f"{row['p99']:.3f} s | {row['max']:.3f} s | {row['missed max']:.1f} s | "
+            f"{row['resync lists']} |"
+        )
+    return "\n".join(out)
 
 
 # --- delivery -----------------------------------------------------------------
@@ -815,8 +891,17 @@ def main():
     parser.add_argument(
         "--latency-seconds", type=float, default=30, help="how long pods change in each latency run"
     )
+    parser.add_argument(
+        "--resync-pods",
+        type=int,
+        default=50000,
+        help="pods listed for the resync rows (0: skip them)",
+    )
+    parser.add_argument("--resync-changes-per-second", type=float, default=50)
+    parser.add_argument("--resync-seconds", type=float, default=70)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else []
+    resync_rows = None
     polls = {}
     latency = "not run: --latency-pods=0"
     receiver = Receiver().start()
@@ -825,6 +910,8 @@ def main():
         todo = list(sizes)
         if args.latency_pods and args.latency_pods not in sizes:
             todo.append(args.latency_pods)
+        if args.resync_pods and args.resync_pods not in todo:
+            todo.append(args.resync_pods)
         for n in todo:
             with FakeKubeAPI() as api:
                 api.load_items(generate_items(n))
@@ -841,6 +928,9 @@ def main():
                 if n == args.latency_pods:
                     print(f"watch latency at {n:,} pods ...", file=sys.stderr, flush=True)
                     latency = bench_latency(api, env, tmp, state, receiver, args)
+                if n == args.resync_pods:
+                    print(f"resync beside the watch at {n:,} pods ...", file=sys.stderr, flush=True)
+                    resync_rows = bench_resync(api, env, tmp, state, receiver, args)
                 for path in tmp.glob(f"state-{n}.db*"):
                     path.unlink()
             gc.collect()
@@ -848,6 +938,9 @@ def main():
         print("deliveries ...", file=sys.stderr, flush=True)
         delivery = bench_delivery(args, tmp)
     print(table(sizes, polls, delivery, latency, args))
+    if resync_rows:
+        print()
+        print(resync_table(resync_rows, args.resync_pods, args))
 
 
 if __name__ == "__main__":
