@@ -3946,6 +3946,9 @@ class Watcher(Poller):
                 raise ResyncAborted("the watcher lists pods itself")
             take = []
             for entry, rv in batch:
+                # This list decides anew what an earlier one left waiting.
+                self.pending.pop(entry.key, None)
+                self._suspects.discard(entry.key)
                 action = resync_action(rv, self._rv, self._touched.get(entry.key))
                 if action == "take":
                     take.append(entry)

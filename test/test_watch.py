@@ -1,9 +1,11 @@
 """Watch mode: list, then watch; the real kubectl against the test API server."""
 
 import copy
+import json
 import re
 import time
 import urllib.request
+import zlib
 
 import pytest
 
@@ -474,3 +476,63 @@ def test_a_failed_resync_is_logged_once_and_retried_while_the_watch_goes_on(
     assert service.count(r"WARNING resync") == 2, service.log()
     assert service.count(r"resync: \d+ pods listed") >= 1
     assert kubeapi.open_watches == 1
+
+
+def _versioned(name, rv, label="x"):
+    pod = make_pod("default", name)
+    pod["metadata"]["resourceVersion"] = str(rv)
+    pod["metadata"].setdefault("labels", {})["change"] = label
+    return pod
+
+
+def test_the_resync_merge_never_undoes_the_watch(tmp_path):
+    store = k8svent.Store(str(tmp_path / "s.db"))
+    store.outbox.set_endpoints(["e"])
+    watcher = k8svent.Watcher(k8svent.Settings(resync=0), store, [])
+    old = {n: _versioned(n, 5) for n in ("x", "z", "w", "v")}
+    store.snapshot.apply([k8svent.pod_entry(p) for p in old.values()])
+    watcher._rv = "10"
+
+    def event(kind, pod):
+        with watcher._merge_lock:
+            watcher._apply_event(kind, k8svent.pod_entry(pod), pod["metadata"]["resourceVersion"])
+            watcher._rv = pod["metadata"]["resourceVersion"]
+            watcher._confirm_suspects()
+
+    def state(name):
+        rows = store._db.execute(
+            "SELECT b.body, p.deleted FROM pods p JOIN bodies b USING (key) WHERE p.key = ?",
+            (f"default/{name}",),
+        ).fetchone()
+        if rows is None:
+            return None
+        pod = json.loads(zlib.decompress(rows[0]))
+        return pod["metadata"]["resourceVersion"], pod["status"]["phase"]
+
+    generation = watcher.begin_resync()
+    # while the list runs, the watch tells x at 12 and creates y at 13
+    event("MODIFIED", _versioned("x", 12, "watch"))
+    event("ADDED", _versioned("y", 13))
+    page = [
+        _versioned("x", 11, "list"),  # older than what the watch applied: skipped
+        _versioned("v", 9, "missed"),  # the watch is past 9 and never told it: taken
+        _versioned("w", 16, "newer"),  # newer than the watch (13): waits for it
+    ]
+    watcher.resync_page(
+        generation,
+        [(k8svent.pod_entry(p), p["metadata"]["resourceVersion"]) for p in page],
+    )
+    # the list (rv 14) had neither y (the watch created it) nor z (gone, unseen by the watch)
+    watcher.finish_resync(generation, {"default/x", "default/v", "default/w"}, "14")
+    assert state("x") == ("12", "Running")
+    assert state("y") == ("13", "Running")
+    assert state("v") == ("9", "Running")
+    # not yet: the watch (13) has not caught up with the list (14, 16)
+    assert state("z") == ("5", "Running")
+    assert state("w") == ("5", "Running")
+    with watcher._merge_lock:
+        watcher._rv = "15"  # a bookmark: the watch is past the list, without a word of w
+        watcher._confirm_suspects()
+    assert state("w") == ("16", "Running")
+    assert state("z") == ("5", "Deleted")
+    store.close()
