@@ -1210,9 +1210,10 @@ def parse_link_next(header, base_url):
 # A pod's name (namespace/name) is its lane. Per webhook, a lane's rows leave
 # one at a time in `seq` order (the order they were first owed in): an older
 # state of the pod, then the deletion of each earlier uid, then the pod that
-# holds the name now. Only a lane's first row (its head, kept by the two
-# triggers) can be claimed, so a claim walks heads by due time and skips
-# nothing but the few lanes in flight, however long the outbox is.
+# holds the name now. Only a lane's first row (its head: set as a row joins
+# an empty lane, passed on by the trigger as it leaves) can be claimed, so a
+# claim walks an index of heads by due time and skips nothing but the few
+# lanes in flight, however long the outbox is.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pods (
@@ -1239,13 +1240,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (endpoint, key)
 );
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (endpoint, lane, seq);
-CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (endpoint, head, due);
-CREATE INDEX IF NOT EXISTS outbox_untried ON outbox (endpoint, head, attempts, due);
+CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (endpoint, due) WHERE head = 1;
+CREATE INDEX IF NOT EXISTS outbox_untried ON outbox (endpoint, due) WHERE head = 1 AND attempts = 0;
 CREATE INDEX IF NOT EXISTS outbox_age ON outbox (endpoint, expired, owed_since);
-CREATE TRIGGER IF NOT EXISTS outbox_lane_joined AFTER INSERT ON outbox
-WHEN NOT EXISTS (SELECT 1 FROM outbox o WHERE o.endpoint = NEW.endpoint
-    AND o.lane = NEW.lane AND o.seq < NEW.seq)
-BEGIN UPDATE outbox SET head = 1 WHERE seq = NEW.seq; END;
 CREATE TRIGGER IF NOT EXISTS outbox_lane_moved_on AFTER DELETE ON outbox WHEN OLD.head = 1
 BEGIN UPDATE outbox SET head = 1 WHERE seq = (SELECT min(seq) FROM outbox
     WHERE endpoint = OLD.endpoint AND lane = OLD.lane); END;
@@ -1275,19 +1272,34 @@ _LANE_SQL = (
 # row, or the existing row when it owes an older state (a new delivery: a new
 # message id, attempts from 0; its place in the lane and the time it was first
 # owed are kept, and so is whether that time is past the retry budget). A row
-# that owes this very state is left alone. `due` is on this process's
-# monotonic clock (a stepped wall clock must not stall or flood deliveries);
-# `owed_since` is wall-clock time, shown as an age. New rows of one lane join in the order of
-# its changes: the deletions of earlier uids first.
+# that owes this very state is left alone. A new row heads its lane when the
+# lane has no row yet. `due` is on this process's monotonic clock (a stepped
+# wall clock must not stall or flood deliveries); `owed_since` is wall-clock
+# time, shown as an age. Run through _owe.
 _OWE_SQL = f"""
-INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired)
-SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :due, :now, 0
+INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired, head)
+SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :due, :now, 0,
+    NOT EXISTS (SELECT 1 FROM outbox o WHERE o.endpoint = e.id
+        AND o.lane = {_LANE_SQL.format(key="p.key")})
 FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
-ORDER BY instr(p.key, '{_GONE_SEPARATOR}') = 0
+    AND (instr(p.key, '{_GONE_SEPARATOR}') > 0) = :gone
 ON CONFLICT (endpoint, key) DO UPDATE SET
     msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due
 WHERE outbox.fp != excluded.fp
 """
+
+
+def _owe(db, where, endpoints="1", **params):
+    """Owe the pods chosen by `where` (see _OWE_SQL), in the order of a lane's changes.
+
+    The deletions of earlier uids first, then the pods that hold the names:
+    one statement each, so that each new row sees those before it.
+    """
+    for gone in (1, 0):
+        db.execute(
+            _OWE_SQL.format(where=where, endpoints=endpoints),
+            {**_owe_times(), **params, "gone": gone},
+        )
 
 
 def _owe_times():
@@ -1386,13 +1398,10 @@ def _migrate_from_2(db):
         db.execute("DROP TABLE staged")
         db.execute("""CREATE TABLE staged (key TEXT PRIMARY KEY, fp BLOB NOT NULL,
             duress INTEGER NOT NULL, body BLOB NOT NULL, uid TEXT)""")
-        db.execute(
-            _OWE_SQL.format(
-                where="NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
-                " AND d.key = p.key AND d.fp = p.fp)",
-                endpoints="1",
-            ),
-            _owe_times(),
+        _owe(
+            db,
+            "NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
+            " AND d.key = p.key AND d.fp = p.fp)",
         )
         db.execute("DROP TABLE delivered")
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
@@ -1428,6 +1437,10 @@ def _migrate_from_3(db):
             f" SELECT endpoint, {_LANE_SQL.format(key='key')}, key, msg_id, fp, attempts, due,"
             f" owed_since, expired FROM outbox_3 ORDER BY instr(key, '{_GONE_SEPARATOR}') = 0,"
             " rowid"
+        )
+        db.execute(
+            "UPDATE outbox SET head = 1 WHERE seq IN"
+            " (SELECT min(seq) FROM outbox GROUP BY endpoint, lane)"
         )
         db.execute("DROP TABLE outbox_3")
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
@@ -1646,18 +1659,12 @@ class Outbox:
             now = time.monotonic()
             db.execute("UPDATE outbox SET due = ? WHERE due > ?", (now, now))
             for new in set(ids) - known:
-                db.execute(
-                    _OWE_SQL.format(where="p.deleted = 0", endpoints="e.id = :endpoint"),
-                    {**_owe_times(), "endpoint": new},
-                )
+                _owe(db, "p.deleted = 0", endpoints="e.id = :endpoint", endpoint=new)
 
     @staticmethod
     def owe_marked(db):
         """Owe every pod the snapshot marked to every webhook (in the caller's transaction)."""
-        db.execute(
-            _OWE_SQL.format(where="p.key IN (SELECT key FROM marked)", endpoints="1"),
-            _owe_times(),
-        )
+        _owe(db, "p.key IN (SELECT key FROM marked)")
         db.execute("DELETE FROM marked")
 
     def owe_duress(self, db=None):
@@ -1665,13 +1672,9 @@ class Outbox:
         if db is None:
             with self._store.transaction() as db:
                 return self.owe_duress(db)
-        db.execute(
-            _OWE_SQL.format(where="p.duress = 1 AND p.deleted = 0", endpoints="1"),
-            _owe_times(),
-        )
-        return db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0").fetchone()[
-            0
-        ]
+        _owe(db, "p.duress = 1 AND p.deleted = 0")
+        (count,) = db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0")
+        return count[0]
 
     @staticmethod
     def hand_over(db, key, old_key):
@@ -1795,19 +1798,16 @@ class Snapshot:
         with self._store.transaction() as db:
             db.execute("DELETE FROM staged")
 
-    def apply_page(self, entries, staged=None):
-        """Stage one page of PodEntry; count by reason (new, changed, unhealthy).
-
-        The keys of new and changed pods are added to the list `staged` if given.
-        """
+    def apply_page(self, entries):
+        """Stage one page of PodEntry; count by reason (new, changed, unhealthy)."""
         # The keys seen by this poll, for its deletions: in memory for the
         # length of a poll only (about 100 bytes a pod).
         self._seen.update(e.key for e in entries)
         with self._store.transaction() as db:
-            return self._stage(db, entries, staged)
+            return self._stage(db, entries)
 
     @staticmethod
-    def _stage(db, entries, staged=None):
+    def _stage(db, entries):
         """apply_page in a transaction of the caller's."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
         keys = [e.key for e in entries]
@@ -1842,8 +1842,6 @@ class Snapshot:
                     entry.uid,
                 )
             )
-        if staged is not None:
-            staged.extend(u[0] for u in upserts)
         # New and changed pods wait in `staged` until the listing is
         # complete: a poll that fails changes nothing.
         db.executemany(
@@ -3634,6 +3632,10 @@ class Poller:
     def is_alive(self):
         return self._thread.is_alive()
 
+    def threads_alive(self):
+        """Whether every thread of this worker runs (for /healthz)."""
+        return self.is_alive()
+
 
 class ListProgress:
     """How far a list has got, logged every LIST_PROGRESS_SECONDS while it lasts."""
@@ -3820,6 +3822,8 @@ class Watcher(Poller):
                     else:
                         quick += 1  # closed at once: no restart loop against the server
                         self._pause(watch_retry_delay(quick, settings.retry_interval))
+                except PollStopped:
+                    raise
                 except Expired as exc:
                     log.info("watch expired (%s); listing pods again", exc)
                     metrics.watch_restarts.labels("expired").inc()
@@ -3837,8 +3841,6 @@ class Watcher(Poller):
                     if quick == WATCH_RELIST_AFTER:  # once per trouble: lists fail alike
                         self._rv = None
                     self._pause(delay)
-                except PollStopped:
-                    raise
                 except Exception:  # never let the watcher die silently
                     log.exception("watch crashed; listing again in %g s", settings.retry_interval)
                     metrics.polled("error")
@@ -3924,12 +3926,10 @@ class Watcher(Poller):
         if self._resyncer is not None:
             self._resyncer.join(timeout)
 
-    def is_alive(self):
+    def threads_alive(self):
         """Whether the watch thread runs, and the resync thread once started."""
         resyncer = self._resyncer
-        return super().is_alive() and (
-            resyncer is None or not resyncer.started or resyncer.is_alive()
-        )
+        return self.is_alive() and (resyncer is None or not resyncer.started or resyncer.is_alive())
 
     def begin_resync(self):
         """A resync's list begins: its generation, or None while the watcher lists itself."""
@@ -4507,7 +4507,7 @@ class Health:
     def live(self):
         """(True, text) while the poller runs and progresses, else (False, why)."""
         trouble = poller_trouble(
-            self._poller.is_alive(), self._clock() - self._poller.last_progress, self._limit
+            self._poller.threads_alive(), self._clock() - self._poller.last_progress, self._limit
         )
         return trouble is None, trouble or "ok"
 
