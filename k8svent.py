@@ -4000,12 +4000,21 @@ class Watcher(Poller):
         _report_missed(deleted, "deleted pods")
 
 
+def resync_wait(interval_seconds, took_seconds):
+    """Seconds from the end of a resync to the start of the next.
+
+    Every --resync from the start of the last, but never sooner than half an
+    interval after its end: a list slower than the interval delays the next,
+    never back to back.
+    """
+    return max(interval_seconds - took_seconds, interval_seconds / 2)
+
+
 class Resyncer:
     """--resync beside the watch: a list of its own every --resync, merged with the watch.
 
-    The next resync starts --resync after the last one ended (a slow list
-    delays the next, never back to back); a failed list is logged once and
-    retried with back-off (up to --retry-interval) while the watch goes on.
+    resync_wait spaces them; a failed list is logged once and retried with
+    back-off (up to --retry-interval) while the watch goes on.
     """
 
     def __init__(self, watcher, settings):
@@ -4034,14 +4043,17 @@ class Resyncer:
     def run(self):
         """Resync every --resync until stopped."""
         failures = 0
-        wait = self._settings.resync
+        interval = self._settings.resync
+        wait = interval
         while not self._stop.wait(wait):
-            wait = self._settings.resync
+            started = time.monotonic()
             try:
                 self.resync_once()
+                wait = resync_wait(interval, time.monotonic() - started)
                 failures = 0
                 self._trouble.ended()
             except (PollStopped, ResyncAborted):
+                wait = interval
                 continue
             except KubectlError as exc:
                 metrics.resyncs.labels("failure").inc()
@@ -4049,6 +4061,7 @@ class Resyncer:
                 wait = watch_retry_delay(failures, self._settings.retry_interval)
                 self._trouble.failed(exc, wait)
             except Exception:  # never let the resync die silently
+                wait = interval
                 log.exception("resync crashed; trying again in %g s", wait)
                 metrics.resyncs.labels("error").inc()
             self.last_progress = time.monotonic()

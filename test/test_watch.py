@@ -434,6 +434,14 @@ def test_resync_action(listed_rv, watch_rv, touched_rv, action):
     assert k8svent.resync_action(listed_rv, watch_rv, touched_rv) == action
 
 
+@pytest.mark.parametrize(
+    "interval, took, wait",
+    [(20, 5, 15), (20, 12, 10), (20, 30, 10), (5, 30, 2.5), (600, 20, 580)],
+)
+def test_a_slow_resync_delays_the_next_never_back_to_back(interval, took, wait):
+    assert k8svent.resync_wait(interval, took) == wait
+
+
 def test_a_slow_resync_list_does_not_hold_up_the_watch(kubeapi, start, receivers):
     pod = make_pod("default", "web")
     kubeapi.put_pod(pod)
