@@ -228,8 +228,16 @@ def test_a_failing_kubectl_is_not_stuck_either(kubeapi, start, receivers):
     service.wait_log("poll failed, nothing changed", 3)
     samples = scrape(base)
     assert value(samples, "k8svent_polls_total", outcome="failure") >= 3
+    assert value(samples, "k8svent_kubernetes_api_up") == 0
+    # the API server is in trouble, not k8svent: live, not ready, and why
     assert status(base, "/healthz") == 200
-    assert status(base, "/readyz") == 200  # it had succeeded once
+    answer = requests.get(f"{base}/readyz", timeout=5)
+    assert answer.status_code == 503 and "listing pods failed" in answer.text
+    kubeapi.clear_rules()
+    polls = service.polls()
+    service.wait_polls(polls + 1)
+    assert status(base, "/readyz") == 200
+    assert value(scrape(base), "k8svent_kubernetes_api_up") == 1
     assert service.stop() == 0
 
 
