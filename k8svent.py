@@ -3873,6 +3873,9 @@ class Watcher(Poller):
             self._resyncer.start()
 
     def _list_failed(self, exc):
+        if self._settings.once:  # the one list: its failure is the run's
+            super()._list_failed(exc)
+            return
         self._trouble.failed(f"listing pods: {exc}", self._settings.retry_interval)
         self.last_progress = self._clock()  # trying: not stuck
 
