@@ -1256,6 +1256,21 @@ CREATE TABLE IF NOT EXISTS staged (
 CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY);
 """
 _SCHEMA_VERSION = 4
+_BODY_ZLIB_LEVEL = 1  # about 2.4x smaller than the JSON, fast
+# The -wal file is cut back to this after a checkpoint (SQLite leaves it at
+# the size of the largest transaction, such as a first list, otherwise).
+_JOURNAL_SIZE_LIMIT_BYTES = 4 << 20
+# Free pages are handed back to the file system (incremental vacuum) and the
+# WAL truncated once this many bodies were dropped (a list delivered), when
+# the outbox is empty (at most every _RECLAIM_SECONDS), and after each poll.
+_RECLAIM_AFTER_BODIES = 2000
+_RECLAIM_SECONDS = 1
+# Whether some webhook is owed the pod p: one look-up per webhook (CROSS JOIN
+# keeps that order; the planner would rather scan the outbox for each pod).
+_OWED_SQL = (
+    "EXISTS (SELECT 1 FROM endpoints e CROSS JOIN outbox o"
+    " WHERE o.endpoint = e.id AND o.key = p.key)"
+)
 _SQL_BATCH = 500
 # A new message id in SQL, of the same form as new_message_id().
 _NEW_MSG_ID_SQL = "'msg_' || lower(hex(randomblob(13)))"
@@ -1376,6 +1391,17 @@ def pod_entry(pod):
 Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body lane")
 
 
+def deleted_stub(key, uid):
+    """What is sent of a deleted pod whose body was dropped: who it was, Deleted."""
+    namespace, _, name = key.partition("/")
+    meta = {"name": name, "namespace": namespace}
+    if uid is not None:
+        meta["uid"] = uid
+    return encode_pod(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": {"phase": DELETED_PHASE}}
+    )
+
+
 def _other_pod(old_uid, uid):
     """Whether a uid names another pod than the one known (None: not known)."""
     return old_uid is not None and uid is not None and old_uid != uid
@@ -1467,8 +1493,14 @@ class Store:
     transaction: Snapshot methods hand the keys they mark to the Outbox.
     """
 
-    def __init__(self, path=None, scope=""):
+    def __init__(self, path=None, scope="", keep_bodies=False):
         self._temporary = path is None
+        # A body is kept only while a webhook is owed it or its pod is under
+        # duress, unless keep_bodies (--mode=poll: a list is its only news of
+        # a deletion, which carries the last known object).
+        self.keep_bodies = keep_bodies
+        self._dropped = 0  # bodies dropped since free pages were last reclaimed
+        self._reclaimed = -math.inf  # when (time.monotonic())
         if path is None:
             # mkstemp creates it 0600; SQLite gives -wal and -shm its mode.
             fd, path = tempfile.mkstemp(prefix="k8svent-", suffix=".db")
@@ -1512,6 +1544,47 @@ class Store:
         self._check_scope(scope)
         self.outbox = Outbox(self)
         self.snapshot = Snapshot(self, self.outbox)
+        with self.transaction() as db:
+            self.drop_bodies(db)
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            # A state from before: once, rewritten to hand free pages back.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+        self.reclaim()
+
+    def drop_bodies(self, db, keys=None):
+        """Drop the bodies (of these keys, or all) no webhook is owed nor re-sent under duress."""
+        if self.keep_bodies:
+            return
+        unneeded = (
+            "NOT EXISTS (SELECT 1 FROM pods p WHERE p.key = bodies.key AND p.duress = 1)"
+            f" AND NOT {_OWED_SQL.replace('p.key', 'bodies.key')}"
+        )
+        if keys is None:
+            self._dropped += db.execute(f"DELETE FROM bodies WHERE {unneeded}").rowcount
+        else:
+            self._dropped += db.executemany(
+                f"DELETE FROM bodies WHERE key = ? AND {unneeded}", [(k,) for k in keys]
+            ).rowcount
+
+    def reclaim(self, force=False):
+        """Hand the pages of dropped bodies back to the file system and truncate the WAL."""
+        with self._lock:
+            if not force and self._dropped < _RECLAIM_AFTER_BODIES:
+                return
+            self._dropped = 0
+            self._reclaimed = time.monotonic()
+            # executescript: execute() would step the pragma once, freeing one page.
+            self._db.executescript("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def reclaim_if_drained(self, db):
+        """After bodies were dropped: reclaim if nothing is owed (at most every second)."""
+        return (
+            self._dropped
+            and time.monotonic() >= self._reclaimed + _RECLAIM_SECONDS
+            and not db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone()
+        )
 
     @staticmethod
     def _claim(path):
@@ -1584,6 +1657,7 @@ class Store:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT_BYTES}")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("integrity check failed")
             version = _schema_version(db)
@@ -1595,6 +1669,10 @@ class Store:
                 )
             if version == 3:
                 _migrate_from_3(db)
+            if version is None:
+                # Before the first table: a new file hands freed pages back
+                # (incremental vacuum); an older one is vacuumed once to it.
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.executescript(_SCHEMA)
             if version is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
@@ -1659,7 +1737,9 @@ class Outbox:
             now = time.monotonic()
             db.execute("UPDATE outbox SET due = ? WHERE due > ?", (now, now))
             for new in set(ids) - known:
+                # Where a body was dropped, the first list brings it back.
                 _owe(db, "p.deleted = 0", endpoints="e.id = :endpoint", endpoint=new)
+            self._store.drop_bodies(db)
 
     @staticmethod
     def owe_marked(db):
@@ -1718,9 +1798,12 @@ class Outbox:
         """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
         skip = ",".join("?" * len(busy))
         with self._store.locked() as db:
+            # A row whose body the next list brings back (a new webhook) is not due yet.
             row = db.execute(
                 "SELECT o.due FROM outbox o WHERE o.endpoint = ? AND o.head = 1"
-                f" AND o.lane NOT IN ({skip}) ORDER BY o.due LIMIT 1",
+                f" AND o.lane NOT IN ({skip})"
+                " AND EXISTS (SELECT 1 FROM bodies b WHERE b.key = o.key)"
+                " ORDER BY o.due LIMIT 1",
                 (endpoint, *busy),
             ).fetchone()
         return None if row is None else row[0]
@@ -1733,6 +1816,9 @@ class Outbox:
                 "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
                 [(endpoint, key, msg_id) for key, msg_id in done],
             )
+            self._store.drop_bodies(db, [key for key, _ in done])
+            drained = self._store.reclaim_if_drained(db)
+        self._store.reclaim(force=bool(drained))
 
     def retry_at(self, endpoint, key, msg_id, attempts, due):
         """A delivery failed: try it again at `due` (a newer state keeps its own)."""
@@ -1806,48 +1892,63 @@ class Snapshot:
         with self._store.transaction() as db:
             return self._stage(db, entries)
 
-    @staticmethod
-    def _stage(db, entries):
+    def _stage(self, db, entries):
         """apply_page in a transaction of the caller's."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
         keys = [e.key for e in entries]
         known = {}
+        # `lacks`: an unchanged pod whose body was dropped but is needed again
+        # (a webhook new since, or --mode=poll): it is written back as listed.
+        needed = "1" if self._store.keep_bodies else f"p.duress = 1 OR {_OWED_SQL}"
         for start in range(0, len(keys), _SQL_BATCH):
             batch = keys[start : start + _SQL_BATCH]
             known.update(
-                (k, (fp, deleted, uid))
-                for k, fp, deleted, uid in db.execute(
-                    "SELECT key, fp, deleted, uid FROM pods WHERE key IN "
+                (k, (fp, deleted, uid, lacks))
+                for k, fp, deleted, uid, lacks in db.execute(
+                    f"SELECT p.key, p.fp, p.deleted, p.uid, b.key IS NULL AND ({needed})"
+                    " FROM pods p LEFT JOIN bodies b ON b.key = p.key WHERE p.key IN "
                     f"({','.join('?' * len(batch))})",
                     batch,
                 )
             )
-        upserts = []
+        upserts, bodies = [], []
         for entry in entries:
             old = known.get(entry.key)
-            if old is None or old[1] or _other_pod(old[2], entry.uid):
+            if old is None:
+                # No body of that name to keep should the list fail: it goes
+                # where it will be read from (a first list writes each once),
+                # and is staged empty.
+                counts["new"] += 1
+                bodies.append((entry.key, zlib.compress(entry.body, _BODY_ZLIB_LEVEL)))
+                upserts.append((entry.key, entry.fp, int(entry.duress), b"", entry.uid))
+                continue
+            if old[1] or _other_pod(old[2], entry.uid):
                 counts["new"] += 1
             elif old[0] != entry.fp:
                 counts["changed"] += 1
             else:
                 if entry.duress:
                     counts["unhealthy"] += 1
+                if old[3]:
+                    bodies.append((entry.key, zlib.compress(entry.body, _BODY_ZLIB_LEVEL)))
                 continue
             upserts.append(
                 (
                     entry.key,
                     entry.fp,
                     int(entry.duress),
-                    zlib.compress(entry.body, 1),
+                    zlib.compress(entry.body, _BODY_ZLIB_LEVEL),
                     entry.uid,
                 )
             )
         # New and changed pods wait in `staged` until the listing is
-        # complete: a poll that fails changes nothing.
+        # complete: a poll that fails changes nothing. A refill is the very
+        # state the snapshot holds already.
         db.executemany(
             "INSERT OR REPLACE INTO staged (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
             upserts,
         )
+        db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
         return counts
 
     def finish_poll(self):
@@ -1933,16 +2034,12 @@ class Snapshot:
         # pod not yet told to every webhook when a new one takes its name.
         replaced = db.execute(
             "SELECT s.key, p.uid, p.deleted, b.body FROM staged s"
-            " JOIN pods p ON p.key = s.key JOIN bodies b ON b.key = s.key"
-            " WHERE (p.deleted = 0 AND p.uid != s.uid)"
-            " OR (p.deleted = 1 AND EXISTS (SELECT 1 FROM outbox o, endpoints e"
-            "  WHERE o.endpoint = e.id AND o.key = p.key))"
+            " JOIN pods p ON p.key = s.key LEFT JOIN bodies b ON b.key = s.key"
+            f" WHERE (p.deleted = 0 AND p.uid != s.uid) OR (p.deleted = 1 AND {_OWED_SQL})"
         ).fetchall()
         for key, uid, deleted, body in replaced:
             apart = f"{key}{_GONE_SEPARATOR}{uid}"
-            pod_bytes = zlib.decompress(body)
-            if not deleted:
-                pod_bytes = mark_deleted(pod_bytes)
+            pod_bytes = Snapshot._deleted_bytes(key, uid, body, deleted)
             Snapshot._put_deleted(db, apart, uid, pod_bytes)
             Outbox.hand_over(db, key, apart)
             if not deleted:
@@ -1951,10 +2048,21 @@ class Snapshot:
             "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
             " SELECT key, fp, duress, 0, uid FROM staged"
         )
-        db.execute("INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM staged")
+        db.execute(
+            "INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM staged"
+            " WHERE length(body) > 0"
+        )
         db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
         db.execute("DELETE FROM staged")
         return sum(1 for _, _, deleted, _ in replaced if not deleted)
+
+    @staticmethod
+    def _deleted_bytes(key, uid, body, deleted=False):
+        """The bytes that tell a pod's deletion: its last known state, else a stub."""
+        if body is None:  # dropped once delivered (a pod under duress keeps it)
+            return deleted_stub(key, uid)
+        pod_bytes = zlib.decompress(body)
+        return pod_bytes if deleted else mark_deleted(pod_bytes)
 
     @staticmethod
     def _put_deleted(db, key, uid, pod_bytes):
@@ -1964,7 +2072,8 @@ class Snapshot:
             (key, fingerprint(pod_bytes), uid),
         )
         db.execute(
-            "INSERT OR REPLACE INTO bodies VALUES (?, ?)", (key, zlib.compress(pod_bytes, 1))
+            "INSERT OR REPLACE INTO bodies VALUES (?, ?)",
+            (key, zlib.compress(pod_bytes, _BODY_ZLIB_LEVEL)),
         )
 
     @staticmethod
@@ -1972,27 +2081,36 @@ class Snapshot:
         """Give these pods status.phase Deleted and mark them to be owed."""
         rows, bodies = [], []
         for key in keys:
-            (body,) = db.execute("SELECT body FROM bodies WHERE key = ?", (key,)).fetchone()
-            pod_bytes = mark_deleted(zlib.decompress(body))
+            uid, body = db.execute(
+                "SELECT p.uid, b.body FROM pods p LEFT JOIN bodies b ON b.key = p.key"
+                " WHERE p.key = ?",
+                (key,),
+            ).fetchone()
+            pod_bytes = Snapshot._deleted_bytes(key, uid, body)
             rows.append((fingerprint(pod_bytes), key))
-            bodies.append((zlib.compress(pod_bytes, 1), key))
+            bodies.append((key, zlib.compress(pod_bytes, _BODY_ZLIB_LEVEL)))
         db.executemany("UPDATE pods SET fp=?, deleted=1, duress=0 WHERE key=?", rows)
-        db.executemany("UPDATE bodies SET body=? WHERE key=?", bodies)
+        db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
         db.executemany("INSERT OR IGNORE INTO marked VALUES (?)", [(k,) for k in keys])
 
     def prune(self):
-        """Forget deleted pods once every webhook has been told."""
+        """Forget deleted pods once every webhook has been told; reclaim free pages."""
         with self._store.transaction() as db:
             told = [
                 (key,)
                 for (key,) in db.execute(
-                    "SELECT key FROM pods WHERE deleted = 1 AND NOT EXISTS ("
-                    " SELECT 1 FROM outbox o, endpoints e WHERE o.endpoint = e.id"
-                    " AND o.key = pods.key)"
+                    f"SELECT p.key FROM pods p WHERE p.deleted = 1 AND NOT {_OWED_SQL}"
                 )
             ]
             for table in ("pods", "bodies"):
                 db.executemany(f"DELETE FROM {table} WHERE key = ?", told)
+            # Bodies of new names a failed list wrote, never merged.
+            db.execute(
+                "DELETE FROM bodies WHERE NOT EXISTS"
+                " (SELECT 1 FROM pods p WHERE p.key = bodies.key)"
+            )
+            self._store.drop_bodies(db)
+        self._store.reclaim(force=True)
 
     def count(self):
         """How many pods the snapshot holds (deleted ones included)."""
@@ -5005,7 +5123,11 @@ def main(argv=None, environ=None):
     try:
         # A temporary store is new: which cluster it is of needs no asking.
         server = cluster_server(settings, environ) if state else None
-        store = Store(state, scope=None if server is None else state_scope(settings, server))
+        store = Store(
+            state,
+            scope=None if server is None else state_scope(settings, server),
+            keep_bodies=settings.mode == "poll",
+        )
     except StateError as exc:
         if status_server:
             status_server.stop()

@@ -342,6 +342,82 @@ def test_forgotten_endpoints_leave_the_state(store):
     assert owed(store, "e1") == ["ns/a"]  # e1 has no records left: owed all again
 
 
+def bodies(store):
+    with store.locked() as db:
+        return {k for (k,) in db.execute("SELECT key FROM bodies")}
+
+
+def test_a_body_is_kept_while_owed_or_under_duress_then_dropped(store):
+    a, sick = named("a"), named("sick", phase="Pending")
+    a["metadata"]["uid"] = "uid-a"
+    poll(store, a, sick)
+    deliver_all(store, "e1")
+    assert bodies(store) == {"ns/a", "ns/sick"}  # e2 is owed both
+    deliver_all(store, "e2")
+    assert bodies(store) == {"ns/sick"}  # re-sent every interval
+    assert store.snapshot.count() == 2  # the snapshot keeps both
+    # a deletion found by a list, its body gone: who it was, Deleted
+    poll(store, sick)
+    (row,) = [r for r in owed_rows(store, "e1").values() if r.key == "ns/a"]
+    assert json.loads(row.body) == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "a", "namespace": "ns", "uid": "uid-a"},
+        "status": {"phase": "Deleted"},
+    }
+
+
+def test_a_failed_list_of_new_pods_owes_nothing_and_leaves_no_body(store):
+    store.snapshot.begin_poll()
+    store.snapshot.apply_page(entries(named("a")))  # the list fails before finish_poll
+    store.snapshot.begin_poll()
+    store.snapshot.prune()
+    assert owed(store, "e1") == [] and store.snapshot.count() == 0 and bodies(store) == set()
+
+
+def test_poll_mode_keeps_every_body_for_the_deletions_it_finds():
+    store = k8svent.Store(keep_bodies=True)
+    store.outbox.set_endpoints(["e1"])
+    poll(store, named("a"))
+    deliver_all(store, "e1")
+    assert bodies(store) == {"ns/a"}
+    poll(store)
+    (row,) = owed_rows(store, "e1").values()
+    deleted = json.loads(row.body)
+    assert deleted["status"]["phase"] == "Deleted" and deleted["spec"] == {}
+    store.close()
+
+
+def test_a_new_webhook_gets_the_bodies_back_from_the_next_list(store):
+    a = named("a")
+    poll(store, a)
+    deliver_all(store, "e1")
+    deliver_all(store, "e2")
+    assert bodies(store) == set()
+    store.outbox.set_endpoints(["e1", "e2", "e3"])
+    assert owed(store, "e3") == [] and store.outbox.next_due("e3") is None  # no body yet
+    assert poll(store, a) == {"new": 0, "changed": 0, "unhealthy": 0, "deleted": 0}
+    assert owed(store, "e3") == ["ns/a"] and owed(store, "e1") == []
+
+
+def test_an_older_state_file_is_vacuumed_once_to_hand_free_pages_back(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    store = k8svent.Store(str(path))
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA auto_vacuum=NONE")
+    db.execute("VACUUM")  # as an older k8svent left it
+    assert db.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    db.close()
+    store = k8svent.Store(str(path))
+    with store.locked() as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
+        assert db.execute("PRAGMA journal_size_limit").fetchone() == (4 << 20,)
+    store.close()
+
+
 def test_corrupt_state_is_moved_aside(tmp_path, caplog):
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not a database" * 100)

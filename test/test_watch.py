@@ -1,8 +1,11 @@
 """Watch mode: list, then watch; the real kubectl against the test API server."""
 
+import contextlib
 import copy
 import json
+import os
 import re
+import sqlite3
 import time
 import urllib.request
 import zlib
@@ -10,7 +13,7 @@ import zlib
 import pytest
 
 import k8svent
-from test.pods import make_pod
+from test.pods import generate_items, make_pod
 from test.service import Service, service_env
 
 # No duress re-sends nor resyncs unless a test asks: each event is what it sees.
@@ -544,3 +547,80 @@ def test_the_resync_merge_never_undoes_the_watch(tmp_path):
     assert state("w") == ("16", "Running")
     assert state("z") == ("5", "Deleted")
     store.close()
+
+
+# ---- what the state keeps: a body only while it is owed ----------------------
+
+
+def _state_bodies(path):
+    """The keys of the bodies the state file keeps, and how many pods it knows."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        bodies = {k for (k,) in db.execute("SELECT key FROM bodies")}
+        return bodies, db.execute("SELECT count(*) FROM pods").fetchone()[0]
+
+
+def _wait_state(path, condition, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not condition(_state_bodies(path)):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_body_stays_while_a_webhook_is_owed_it_and_goes_once_all_have_it(
+    kubeapi, start, receivers, tmp_path
+):
+    state = tmp_path / "state.db"
+    kubeapi.put_pod(make_pod("default", "web"))
+    kubeapi.put_pod(make_pod("default", "db"))
+    up, down = receivers(), receivers()
+    down.down()  # refused: owed, and retried
+    first = start(f"--state={state}", f"--url={up.url}", f"--url={down.url}")
+    up.wait_for(2)
+    first.wait_log("is down")
+    first.kill()  # kill -9 while `down` is owed both pods
+    assert _state_bodies(state) == ({"default/web", "default/db"}, 2)
+    down.up()
+    up.clear()
+    second = start(f"--state={state}", f"--url={up.url}", f"--url={down.url}")
+    down.wait_for(2)
+    # every webhook has them: the bodies go, the snapshot keeps both pods
+    _wait_state(state, lambda kept: kept == (set(), 2), "the bodies to be dropped")
+    assert up.received == []
+    # a change is owed (a body again) until delivered, then dropped
+    web = kubeapi.get_pod("default", "web")
+    kubeapi.put_pod(changed(web, "yes"))
+    down.wait_for_pods(has("default/web", change="yes"), "the change")
+    up.wait_for_pods(has("default/web", change="yes"), "the change")
+    _wait_state(state, lambda kept: kept == (set(), 2), "the changed body to be dropped")
+    assert second.stop() == 0
+
+
+def test_the_state_is_a_fraction_of_the_pods_once_they_are_delivered(
+    kubeapi, start, receivers, tmp_path
+):
+
+    state = tmp_path / "state.db"
+    items = list(generate_items(2000))
+    kubeapi.load_items(items)
+    pods_bytes = sum(
+        len(k8svent.encode_pod(k8svent.pod_from_item(json.loads(data)))) for _, _, data in items
+    )
+    hook = receivers()
+    service = start(f"--state={state}", f"--url={hook.url}")
+    hook.wait_for(2000, timeout=60)
+    watching(kubeapi)
+
+    def state_bytes():
+        return sum(
+            os.path.getsize(f"{state}{suffix}")
+            for suffix in ("", "-wal", "-shm")
+            if os.path.exists(f"{state}{suffix}")
+        )
+
+    deadline = time.monotonic() + 20
+    while state_bytes() > 0.6 * pods_bytes:
+        assert time.monotonic() < deadline, (
+            f"the state holds {state_bytes():,} bytes for {pods_bytes:,} bytes of pods"
+        )
+        time.sleep(0.1)
+    assert service.stop() == 0
