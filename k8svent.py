@@ -174,6 +174,7 @@ HOUSEKEEPING_SECONDS = 2  # how often a webhook's outbox is looked over
 EARLY_PROBE_SECONDS = 5  # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
+WATCH_READ_BYTES = 1 << 16
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
@@ -1705,6 +1706,27 @@ class Store:
         """`with`: hold the lock and run the block in one transaction; gives the connection."""
         return _Transaction(self._db, self._lock)
 
+    def open_batch(self):
+        """Until close_batch, what this thread changes is one transaction (a burst of events)."""
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def close_batch(self):
+        """Commit what was changed since open_batch (rolled back if that fails)."""
+        try:
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        finally:
+            self._lock.release()
+
     @contextlib.contextmanager
     def locked(self):
         """`with`: hold the lock for statements of their own; gives the connection."""
@@ -2126,16 +2148,21 @@ class _Transaction:
 
     def __enter__(self):
         self._lock.acquire()
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
-            raise
+        # Inside this thread's Store.open_batch: part of that transaction.
+        self._nested = self._db.in_transaction
+        if not self._nested:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._lock.release()
+                raise
         return self._db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if exc_type is None:
+            if self._nested:
+                pass
+            elif exc_type is None:
                 try:
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -2480,7 +2507,9 @@ def watch_event(line):
     return kind, pod_from_item(obj)
 
 
-def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIMEOUT_SECONDS):
+def watch_pods(
+    settings, resource_version, stop=None, timeout_seconds=WATCH_TIMEOUT_SECONDS, idle=None
+):
     """Yield (type, object) for each pod event after resource_version until the watch ends.
 
     One kubectl streams the watch for up to timeout_seconds (whole seconds),
@@ -2501,14 +2530,24 @@ def watch_pods(settings, resource_version, stop=None, timeout_seconds=WATCH_TIME
     process, timer, read_fd = _start_get_raw(
         settings, path, timeout_seconds + settings.kubectl_timeout, stop
     )
-    stream = os.fdopen(read_fd, "rb")
+    # Read as it arrives: `idle()`, if given, is called once every event that
+    # has arrived was yielded, before waiting for more (a burst is one batch).
+    stream = os.fdopen(read_fd, "rb", buffering=0)
     try:
-        for line in stream:
-            if not line.endswith(b"\n"):  # cut short: a kubectl that failed explains it better
-                _wait_kubectl(process, timer, settings, "watching pods")
-                raise KubectlError("kubectl printed a partial watch event")
-            if line.strip():
-                yield watch_event(line)
+        rest = b""
+        while True:
+            if idle is not None:
+                idle()
+            chunk = stream.read(WATCH_READ_BYTES)
+            if not chunk:
+                break
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield watch_event(line)
+        if rest:  # cut short: a kubectl that failed explains it better
+            _wait_kubectl(process, timer, settings, "watching pods")
+            raise KubectlError("kubectl printed a partial watch event")
         _wait_kubectl(process, timer, settings, "watching pods")
     finally:
         _end_get_raw(process, timer, stream)
@@ -2893,6 +2932,7 @@ class Sender:
         self._busy = set()  # lanes in flight, in _ready or in _done: one delivery each
         self._done = []  # (lane, key, msg_id) delivered, their rows not yet deleted
         self._ready = collections.deque()  # claimed rows no worker has taken yet
+        self._idle_waiters = 0  # threads in wait_idle
         self.up = True
         self._failures = 0  # connection-level failures in a row
         self._cause = None  # of the last of them
@@ -2927,7 +2967,16 @@ class Sender:
                 now = self._clock()
                 self._probe_due = min(self._probe_due, max(now, self._early_probe_at))
                 self._early_probe_at = self._probe_due + EARLY_PROBE_SECONDS
+            self._call_workers(1)
+
+    def _call_workers(self, count):
+        """Wake `count` waiting workers (lock held); every waiter when stopping or waited on."""
+        # Waking every worker for each change costs each a claim that finds
+        # nothing: one looks, and calls others for the rows it claims.
+        if self._stop.is_set() or self._idle_waiters:
             self._cond.notify_all()
+        else:
+            self._cond.notify(count)
 
     def _work(self):
         """A worker: take a due row, attempt it, settle it; wait when none is due."""
@@ -2964,7 +3013,10 @@ class Sender:
                     self._busy.discard(taken.lane)
                 if outcome is not None:
                     self._note_health(taken, *outcome)
-                self._cond.notify_all()
+                # This worker looks again itself (what it freed included): only
+                # a wait_idle needs telling.
+                if self._idle_waiters:
+                    self._cond.notify_all()
         with self._cond:
             # Rows claimed but never attempted stay owed, and are not in flight.
             self._busy.difference_update(owed.lane for owed in self._ready)
@@ -3021,6 +3073,8 @@ class Sender:
         if not self.up:
             self._probe_key = claimed[0].key
         self._ready.extend(claimed[1:])
+        if self._ready:
+            self._call_workers(len(self._ready))
         return claimed[0], None
 
     def _attempt(self, owed):
@@ -3247,11 +3301,15 @@ class Sender:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(
-                    HOUSEKEEPING_SECONDS
-                    if remaining is None
-                    else min(remaining, HOUSEKEEPING_SECONDS)
-                )
+                self._idle_waiters += 1
+                try:
+                    self._cond.wait(
+                        HOUSEKEEPING_SECONDS
+                        if remaining is None
+                        else min(remaining, HOUSEKEEPING_SECONDS)
+                    )
+                finally:
+                    self._idle_waiters -= 1
 
     def unfinished(self):
         """Whether anything owed was left unsent (after a stop)."""
@@ -3611,6 +3669,7 @@ class Poller:
 
     def __init__(self, settings, store, senders):
         self._settings = settings
+        self._store = store
         self._snapshot = store.snapshot
         self._outbox = store.outbox
         self._senders = senders
@@ -4004,10 +4063,43 @@ class Watcher(Poller):
             raise PollStopped("stopped")
 
     def _watch(self, seconds):
-        """Apply the events of one watch of up to `seconds` to the snapshot; how many came."""
+        """Apply the events of one watch of up to `seconds` to the snapshot; how many came.
+
+        The events that arrived together are one transaction (the merge lock
+        held for them, then the store's), and the senders are woken once for
+        them: a burst costs less than its events one by one.
+        """
+        batch = {"open": False, "owed": False}
+
+        def flush():
+            if batch["open"]:
+                batch["open"] = False
+                try:
+                    self._store.close_batch()
+                finally:
+                    self._merge_lock.release()
+            if batch["owed"]:
+                batch["owed"] = False
+                self._wake_senders()
+
+        try:
+            return self._watch_events(seconds, batch, flush)
+        finally:
+            flush()
+
+    def _watch_events(self, seconds, batch, flush):
+        """_watch's loop: each event applied within the batch that `flush` ends."""
         events = 0
-        for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds):
+        for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds, flush):
             events += 1
+            if not batch["open"]:
+                self._merge_lock.acquire()
+                try:
+                    self._store.open_batch()
+                except BaseException:
+                    self._merge_lock.release()
+                    raise
+                batch["open"] = True
             self.last_progress = self._clock()  # a live watch is not stuck
             self._trouble.ended()
             self.api_failure = None
@@ -4016,17 +4108,17 @@ class Watcher(Poller):
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             if kind in ("ADDED", "MODIFIED", "DELETED") and not _looks_like_pod(obj):
                 raise KubectlError(f"a watch event {kind} carried no pod")
-            with self._merge_lock:
-                if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    self._apply_event(kind, pod_entry(obj), rv)
-                if rv:
-                    self._rv = rv
-                    self._confirm_suspects()
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                if self._apply_event(kind, pod_entry(obj), rv):
+                    batch["owed"] = True
+            if rv:
+                self._rv = rv
+                self._confirm_suspects()
         self.last_progress = self._clock()
         return events
 
     def _apply_event(self, kind, entry, rv):
-        """Apply one watch event to the snapshot (merge lock held)."""
+        """Apply one watch event to the snapshot (merge lock held); True if owed."""
         if kind == "DELETED":
             reason = "deleted" if self._snapshot.apply_deletion(entry) else None
         else:
@@ -4034,11 +4126,11 @@ class Watcher(Poller):
         if reason is not None:
             metrics.pods_selected.labels(reason).inc()
             log.debug("watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key})
-            self._wake_senders()
         if self._touched is not None:
             self._touched[entry.key] = rv or TOUCHED
         self._suspects.discard(entry.key)
         self.pending.pop(entry.key, None)
+        return reason is not None
 
     # A resync, called from the Resyncer's thread.
 
