@@ -1553,6 +1553,13 @@ class Store:
             self._db.execute("VACUUM")
         self.reclaim()
 
+    @staticmethod
+    def drop_orphans(db):
+        """Drop the bodies of new names a failed list wrote (never merged into pods)."""
+        db.execute(
+            "DELETE FROM bodies WHERE NOT EXISTS (SELECT 1 FROM pods p WHERE p.key = bodies.key)"
+        )
+
     def drop_bodies(self, db, keys=None):
         """Drop the bodies (of these keys, or all) no webhook is owed nor re-sent under duress."""
         if self.keep_bodies:
@@ -1898,6 +1905,7 @@ class Snapshot:
         self._store = store
         self._outbox = outbox
         self._seen = set()
+        self._unfinished = True  # a list may have been cut short before this process
         self.replaced = 0
 
     def begin_poll(self):
@@ -1905,6 +1913,9 @@ class Snapshot:
         self._seen = set()
         with self._store.transaction() as db:
             db.execute("DELETE FROM staged")
+            if self._unfinished:  # a list that failed (or a process killed) mid-way
+                self._store.drop_orphans(db)
+        self._unfinished = True
 
     def apply_page(self, entries):
         """Stage one page of PodEntry; count by reason (new, changed, unhealthy)."""
@@ -1980,6 +1991,7 @@ class Snapshot:
         counts the pods found deleted because another took their name.
         """
         seen, self._seen = self._seen, set()
+        self._unfinished = False
         with self._store.transaction() as db:
             self.replaced = self._merge_staged(db)
             gone = [
@@ -2126,13 +2138,8 @@ class Snapshot:
             ]
             for table in ("pods", "bodies"):
                 db.executemany(f"DELETE FROM {table} WHERE key = ?", told)
-            # Bodies of new names a failed list wrote, never merged.
-            db.execute(
-                "DELETE FROM bodies WHERE NOT EXISTS"
-                " (SELECT 1 FROM pods p WHERE p.key = bodies.key)"
-            )
             self._store.drop_bodies(db)
-        self._store.reclaim(force=True)
+        self._store.reclaim()
 
     def count(self):
         """How many pods the snapshot holds (deleted ones included)."""
