@@ -3857,11 +3857,11 @@ def _listed_entry(item):
     return pod_entry(pod_from_item(item))
 
 
-def _report_missed(count, what):
+def _report_missed(count, what, sent="sending them now"):
     """Count and log what a resync found that the watch had missed."""
     metrics.resync_changes.inc(count)
     if count:
-        log.warning("resync: the watch missed %d changes (%s); sending them now", count, what)
+        log.warning("resync: the watch missed %d changes (%s); %s", count, what, sent)
 
 
 def _newer_rv(resource_version, than):
@@ -3869,10 +3869,16 @@ def _newer_rv(resource_version, than):
     # resourceVersions are opaque to clients, but every Kubernetes API server
     # writes etcd's revision: comparing them tells a change made after the
     # watch stopped (not missed) from one it never reported.
+    newer, older = _rv_number(resource_version), _rv_number(than)
+    return newer is not None and older is not None and newer > older
+
+
+def _rv_number(resource_version):
+    """A resourceVersion as an integer, or None when it is not one."""
     try:
-        return int(resource_version) > int(than)
+        return int(resource_version)
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 # What the watch applied to a pod since a resync's list began, when its
@@ -3880,25 +3886,35 @@ def _newer_rv(resource_version, than):
 TOUCHED = "touched"
 
 
-def resync_action(listed_rv, watch_rv, touched_rv):
-    """Merge one pod of a resync's list with the watch: "take", "skip" or "wait".
+def resync_action(listed_rv, watch_rv, touched_rv, held_rv):
+    """Merge one pod of a resync's list with the watch: "take", "ahead", "skip" or "wait".
 
     listed_rv is the pod's resourceVersion in the list or, for a pod known but
     not listed, the list's own (it was gone by then); watch_rv is how far the
     watch has told; touched_rv is that of the watch's last event for the pod
-    since the list began (TOUCHED when it carried none), or None.
+    since the list began (TOUCHED when it carried none), or None; held_rv is
+    that of the state the snapshot holds, or one above it (None when not
+    known; it matters only when the list is newer than the watch).
 
-    "skip": the watch applied as new a state or a newer one; the list's must
-    not overwrite it (nor delete a pod the watch created or changed).
-    "wait": newer than the watch has told; the watch will tell it, and if it
-    has not once it is past the list, the list's state is taken then.
-    "take": the watch missed it: the listed state (or the deletion) now.
+    "skip": the snapshot holds as new a state or a newer one (the watch
+    applied it since the list began, or an earlier list); the list's must not
+    overwrite it (nor delete a pod the watch created or changed).
+    "take": the watch is past it and never told it: the listed state (or the
+    deletion) now, a change the watch missed.
+    "ahead": newer than the watch has told and than the snapshot's state: the
+    listed state (or the deletion) now; the watch may still tell it (a change
+    that races the list), and its events up to listed_rv then change nothing.
+    "wait": newer than the watch has told, and the snapshot's state cannot be
+    compared: the watch will tell it, and if it has not once it is past the
+    list, the list's state is taken then.
     """
     if touched_rv is not None and not _newer_rv(listed_rv, touched_rv):
         return "skip"
-    if _newer_rv(listed_rv, watch_rv):
+    if not _newer_rv(listed_rv, watch_rv):
+        return "take"
+    if _rv_number(held_rv) is None:
         return "wait"
-    return "take"
+    return "ahead" if _newer_rv(listed_rv, held_rv) else "skip"
 
 
 def watch_retry_delay(attempts, cap_seconds, rng=random):
@@ -3964,12 +3980,15 @@ class Watcher(Poller):
         self._clock = clock
         self._rv = None
         # Between the watch and a resync: the watch's position, the pods it
-        # touched since the resync's list began, and what the resync left
-        # for the watch to tell (pods newer than the watch, and pods not
-        # listed) until the watch is past the list's resourceVersion.
+        # touched since the resync's list began, what a resync took ahead of
+        # the watch ({key: [resourceVersion, deleted, told]}: the watch's
+        # events up to it change nothing), and what it left for the watch to
+        # tell (pods newer than the watch whose held state does not compare,
+        # and pods not listed) until the watch is past the list's.
         self._merge_lock = threading.Lock()
         self._touched = None
         self._resync_generation = 0
+        self._ahead = {}
         self.pending = {}
         self._suspects = set()
         self._suspects_rv = None
@@ -4041,6 +4060,7 @@ class Watcher(Poller):
         with self._merge_lock:
             self._resync_generation += 1  # a resync under way gives up
             self._touched = None
+            self._ahead = {}
             self.pending = {}
             self._suspects.clear()
         while not self.poll_once():
@@ -4120,12 +4140,15 @@ class Watcher(Poller):
                     batch["owed"] = True
             if rv:
                 self._rv = rv
+                self._confirm_ahead()
                 self._confirm_suspects()
         self.last_progress = self._clock()
         return events
 
     def _apply_event(self, kind, entry, rv):
         """Apply one watch event to the snapshot (merge lock held); True if owed."""
+        if self._behind_resync(kind, entry.key, rv):
+            return False
         if kind == "DELETED":
             reason = "deleted" if self._snapshot.apply_deletion(entry) else None
         else:
@@ -4138,6 +4161,37 @@ class Watcher(Poller):
         self._suspects.discard(entry.key)
         self.pending.pop(entry.key, None)
         return reason is not None
+
+    def _behind_resync(self, kind, key, rv):
+        """Whether a resync took a state of this pod as new as this event's, or newer
+        (lock held): the event changes nothing, and may be the one that tells it."""
+        ahead = self._ahead.get(key)
+        if ahead is None:
+            return False
+        listed_rv, deleted, _ = ahead
+        event_rv = _rv_number(rv)
+        if event_rv is None or event_rv > listed_rv:
+            return False  # past it (_confirm_ahead counts it), or not comparable
+        if (kind == "DELETED") if deleted else event_rv == listed_rv:
+            ahead[2] = True  # the watch told it: it raced the list, not missed
+        return True
+
+    def _confirm_ahead(self):
+        """Count what a resync took ahead of the watch and the watch, now past it,
+        never told: changes it missed (lock held)."""
+        if not self._ahead:
+            return
+        position = _rv_number(self._rv)
+        if position is None:
+            return
+        missed = collections.Counter()
+        for key, (listed_rv, deleted, told) in list(self._ahead.items()):
+            if listed_rv <= position:
+                del self._ahead[key]
+                if not told:
+                    missed[deleted] += 1
+        _report_missed(missed[False], "new or changed pods", "a resync sent them")
+        _report_missed(missed[True], "deleted pods", "a resync sent them")
 
     # A resync, called from the Resyncer's thread.
 
@@ -4160,44 +4214,69 @@ class Watcher(Poller):
             return self._resync_generation
 
     def resync_page(self, generation, batch):
-        """Merge a page of (PodEntry, resourceVersion) with the watch; counts by reason."""
+        """Merge a page of (PodEntry, resourceVersion) with the watch.
+
+        Counts by reason the pods taken (new, changed) and, of those, the
+        changes the watch missed (missed).
+        """
         with self._merge_lock:
             if generation != self._resync_generation:
                 raise ResyncAborted("the watcher lists pods itself")
-            take = []
+            take, ahead = [], []
             for entry, rv in batch:
                 # This list decides anew what an earlier one left waiting.
                 self.pending.pop(entry.key, None)
                 self._suspects.discard(entry.key)
-                action = resync_action(rv, self._rv, self._touched.get(entry.key))
+                touched = self._touched.get(entry.key)
+                action = resync_action(rv, self._rv, touched, self._held(entry.key))
                 if action == "take":
                     take.append(entry)
+                elif action == "ahead":
+                    ahead.append(entry)
+                    self._ahead[entry.key] = [int(rv), False, False]
                 elif action == "wait":
                     self.pending[entry.key] = entry
-            counts = self._snapshot.apply(take)
+            counts = collections.Counter(self._snapshot.apply(take))
+            counts["missed"] = counts["new"] + counts["changed"]
+            counts.update(self._snapshot.apply(ahead) if ahead else {})
         if counts["new"] or counts["changed"]:
             self._wake_senders()
         return counts
+
+    def _held(self, key):
+        """The resourceVersion of the snapshot's state of a pod, or one above it (lock held)."""
+        # Every state the snapshot holds came from the watch, or from a list
+        # the watch is past (the first, a resync's "take"), or is one a resync
+        # took ahead of the watch: its resourceVersion is at most the watch's,
+        # or the one in _ahead. No body need be read (most are not kept).
+        ahead = self._ahead.get(key)
+        return str(ahead[0]) if ahead is not None else self._rv
 
     def finish_resync(self, generation, listed_keys, listed_rv):
         """The list is complete: delete what it did not have and the watch missed."""
         with self._merge_lock:
             if generation != self._resync_generation:
                 raise ResyncAborted("the watcher lists pods itself")
-            gone = []
-            for key in self._snapshot.present() - listed_keys:
-                action = resync_action(listed_rv, self._rv, self._touched.get(key))
+            unlisted = self._snapshot.present() - listed_keys
+            gone, ahead = [], []
+            for key in unlisted:
+                touched = self._touched.get(key)
+                action = resync_action(listed_rv, self._rv, touched, self._held(key))
                 if action == "take":
                     gone.append(key)
+                elif action == "ahead":
+                    ahead.append(key)
+                    self._ahead[key] = [int(listed_rv), True, False]
                 elif action == "wait":
                     self._suspects.add(key)
             self._touched = None
             deleted = self._snapshot.delete(sorted(gone))
-            metrics.pods_selected.labels("deleted").inc(deleted)
+            deleted_ahead = self._snapshot.delete(sorted(ahead))
+            metrics.pods_selected.labels("deleted").inc(deleted + deleted_ahead)
             _report_missed(deleted, "deleted pods")
             self._suspects_rv = listed_rv
             self._confirm_suspects()
-        if deleted:
+        if deleted or deleted_ahead:
             self._wake_senders()
 
     def _confirm_suspects(self):
@@ -4309,11 +4388,10 @@ class Resyncer:
                 batch = []
         counts.update(watcher.resync_page(generation, batch))
         watcher.finish_resync(generation, keys, listed.get("resourceVersion"))
-        missed = counts["new"] + counts["changed"]
         metrics.pods_selected.labels("new").inc(counts["new"])
         metrics.pods_selected.labels("changed").inc(counts["changed"])
         metrics.resyncs.labels("success").inc()
-        _report_missed(missed, "new or changed pods")
+        _report_missed(counts["missed"], "new or changed pods")
         log.info("resync: %d pods listed (%.2f s)", len(keys), time.monotonic() - started)
 
 

@@ -274,6 +274,38 @@ def test_a_resync_sends_what_the_watch_missed(
         service.kill()
 
 
+def test_what_no_watch_told_arrives_at_the_next_resync_in_a_quiet_cluster(
+    kubeapi, start, receivers
+):
+    pod = make_pod("default", "web")
+    kubeapi.put_pod(pod)
+    kubeapi.put_pod(make_pod("default", "db"))
+    kubeapi.bookmark_seconds = 3600  # a quiet cluster: nothing moves the watch on
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--resync=1")
+    receiver.wait_for(2)
+    watching(kubeapi)
+    listed = r"resync: \d+ pods listed"
+
+    def next_resync_sends(predicate, what):
+        # a list that began after the change has ended: it is sent by then
+        service.wait_log(listed, count=service.count(listed) + 2)
+        receiver.wait_for_pods(predicate, what, timeout=2)
+
+    kubeapi.put_pod(changed(pod, "hidden"), missed=True)
+    next_resync_sends(has("default/web", change="hidden"), "hidden change")
+    kubeapi.delete_pod("default", "db", missed=True)
+    next_resync_sends(has("default/db", phase="Deleted"), "hidden deletion")
+    kubeapi.put_pod(changed(pod, "told"))  # the watch goes on after them
+    receiver.wait_for_pods(has("default/web", change="told"), "a change the watch told")
+    assert [(key(p), _field(p, "change"), _field(p, "phase")) for p in receiver.pods()[2:]] == [
+        ("default/web", "hidden", "Running"),
+        ("default/db", None, "Deleted"),
+        ("default/web", "told", "Running"),
+    ]
+    assert kubeapi.open_watches == 1
+
+
 def test_once_lists_delivers_and_exits_in_watch_mode(kubeapi, start, receivers):
     kubeapi.put_pod(make_pod("default", "web"))
     receiver = receivers()
@@ -415,26 +447,34 @@ def test_a_watch_that_cannot_be_restarted_is_not_ready_but_live(
 
 
 @pytest.mark.parametrize(
-    "listed_rv, watch_rv, touched_rv, action",
+    "listed_rv, watch_rv, touched_rv, held_rv, action",
     [
         # the watch has not touched the pod since the list began
-        ("10", "20", None, "take"),  # the watch is past it: a change it missed
-        ("30", "20", None, "wait"),  # newer than the watch: it will tell
-        ("20", "20", None, "take"),
+        ("10", "20", None, None, "take"),  # the watch is past it: a change it missed
+        ("20", "20", None, None, "take"),
+        # newer than the watch has told: newer than the snapshot's state, taken now
+        ("30", "20", None, "25", "ahead"),
+        ("30", "20", None, "20", "ahead"),  # held: at most where the watch is
+        ("30", "20", None, "30", "skip"),  # the snapshot holds it already
+        ("30", "20", None, "35", "skip"),  # or a newer state
+        ("30", "20", None, None, "wait"),  # its held state does not compare: the watch tells
+        ("30", "20", None, "x", "wait"),
         # the watch touched it: its state is as new or newer
-        ("10", "20", "15", "skip"),
-        ("15", "20", "15", "skip"),
-        ("18", "20", "15", "take"),  # newer than the watch's last event, and missed
-        ("30", "40", "35", "skip"),
-        ("30", "25", "22", "wait"),  # newer than both: the watch will tell
+        ("10", "20", "15", None, "skip"),
+        ("15", "20", "15", None, "skip"),
+        ("18", "20", "15", None, "take"),  # newer than the watch's last event, and missed
+        ("30", "40", "35", None, "skip"),
+        ("30", "25", "22", "22", "ahead"),  # newer than both
+        ("30", "25", "30", "30", "skip"),
         # resourceVersions that are not integers: the watch wins where it touched
-        ("x", "y", None, "take"),
-        ("x", "y", "z", "skip"),
-        ("10", "20", k8svent.TOUCHED, "skip"),
+        ("x", "y", None, None, "take"),
+        ("x", "y", "z", None, "skip"),
+        ("10", "20", k8svent.TOUCHED, None, "skip"),
+        ("30", "20", k8svent.TOUCHED, "25", "skip"),
     ],
 )
-def test_resync_action(listed_rv, watch_rv, touched_rv, action):
-    assert k8svent.resync_action(listed_rv, watch_rv, touched_rv) == action
+def test_resync_action(listed_rv, watch_rv, touched_rv, held_rv, action):
+    assert k8svent.resync_action(listed_rv, watch_rv, touched_rv, held_rv) == action
 
 
 @pytest.mark.parametrize(
@@ -500,15 +540,37 @@ def test_the_resync_merge_never_undoes_the_watch(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
     store.outbox.set_endpoints(["e"])
     watcher = k8svent.Watcher(k8svent.Settings(resync=0), store, [])
-    old = {n: _versioned(n, 5) for n in ("x", "z", "w", "v")}
+    old = {n: _versioned(n, 5) for n in ("x", "z", "w", "v", "u", "s", "q")}
+    del old["q"]["metadata"]["resourceVersion"]  # its body is never read for its version
     store.snapshot.apply([k8svent.pod_entry(p) for p in old.values()])
     watcher._rv = "10"
+    missed = k8svent.metrics.resync_changes
 
     def event(kind, pod):
         with watcher._merge_lock:
             watcher._apply_event(kind, k8svent.pod_entry(pod), pod["metadata"]["resourceVersion"])
-            watcher._rv = pod["metadata"]["resourceVersion"]
+        bookmark(pod["metadata"]["resourceVersion"])
+
+    def bookmark(rv):
+        with watcher._merge_lock:
+            watcher._rv = rv
+            watcher._confirm_ahead()
             watcher._confirm_suspects()
+
+    def resync(listed_rv, pods, before=(), between=()):
+        """A resync list at listed_rv of these pods, with watch events before its
+        page and between it and the list's end."""
+        generation = watcher.begin_resync()
+        for kind, pod in before:
+            event(kind, pod)
+        counts = watcher.resync_page(
+            generation,
+            [(k8svent.pod_entry(p), p["metadata"].get("resourceVersion")) for p in pods],
+        )
+        k8svent._report_missed(counts["missed"], "new or changed pods")  # as the Resyncer does
+        for kind, pod in between:
+            event(kind, pod)
+        watcher.finish_resync(generation, {key(p) for p in pods}, listed_rv)
 
     def state(name):
         rows = store._db.execute(
@@ -518,34 +580,53 @@ def test_the_resync_merge_never_undoes_the_watch(tmp_path):
         if rows is None:
             return None
         pod = json.loads(zlib.decompress(rows[0]))
-        return pod["metadata"]["resourceVersion"], pod["status"]["phase"]
+        return pod["metadata"].get("resourceVersion"), pod["status"]["phase"]
 
-    generation = watcher.begin_resync()
-    # while the list runs, the watch tells x at 12 and creates y at 13
-    event("MODIFIED", _versioned("x", 12, "watch"))
-    event("ADDED", _versioned("y", 13))
-    page = [
-        _versioned("x", 11, "list"),  # older than what the watch applied: skipped
-        _versioned("v", 9, "missed"),  # the watch is past 9 and never told it: taken
-        _versioned("w", 16, "newer"),  # newer than the watch (13): waits for it
-    ]
-    watcher.resync_page(
-        generation,
-        [(k8svent.pod_entry(p), p["metadata"]["resourceVersion"]) for p in page],
+    before = missed._value.get()
+    # while the list (rv 14) runs, the watch tells x at 12, and creates y at 15 after it
+    resync(
+        "14",
+        [
+            _versioned("x", 11, "list"),  # older than what the watch applied: skipped
+            _versioned("v", 9, "missed"),  # the watch is past 9 and never told it: taken
+            *(old[n] for n in ("w", "q", "u", "s")),
+        ],
+        before=[("MODIFIED", _versioned("x", 12, "watch"))],
+        between=[("ADDED", _versioned("y", 15))],  # not listed: the watch's, kept
     )
-    # the list (rv 14) had neither y (the watch created it) nor z (gone, unseen by the watch)
-    watcher.finish_resync(generation, {"default/x", "default/v", "default/w"}, "14")
     assert state("x") == ("12", "Running")
-    assert state("y") == ("13", "Running")
+    assert state("y") == ("15", "Running")
     assert state("v") == ("9", "Running")
-    # not yet: the watch (13) has not caught up with the list (14, 16)
-    assert state("z") == ("5", "Running")
-    assert state("w") == ("5", "Running")
-    with watcher._merge_lock:
-        watcher._rv = "15"  # a bookmark: the watch is past the list, without a word of w
-        watcher._confirm_suspects()
-    assert state("w") == ("16", "Running")
-    assert state("z") == ("5", "Deleted")
+    assert state("z") == ("5", "Deleted")  # not listed; the watch is past the list
+    assert missed._value.get() == before + 2  # v and z
+
+    # a list (rv 18) newer than the watch (15): w's and q's newer states are taken at once
+    listed = [_versioned("x", 12, "watch"), _versioned("y", 15), _versioned("v", 9, "missed")]
+    listed += [_versioned("w", 18, "newer"), _versioned("q", 16, "newer"), old["u"], old["s"]]
+    resync("18", listed)
+    assert state("w") == ("18", "Running")
+    assert state("q") == ("16", "Running")
+    assert missed._value.get() == before + 2  # w and q may yet be told by the watch
+    event("MODIFIED", _versioned("w", 16, "older"))  # an older state: changes nothing
+    assert state("w") == ("18", "Running")
+    event("MODIFIED", _versioned("w", 18, "newer"))  # w told: it raced the list
+    bookmark("20")
+    assert state("w") == ("18", "Running")
+    assert missed._value.get() == before + 3  # q, not w
+    assert not watcher._ahead
+
+    # a list (rv 22) newer than the watch (20) without u and s: deleted at once
+    resync("22", listed[:5])
+    assert state("u") == ("5", "Deleted")
+    assert state("s") == ("5", "Deleted")
+    event("MODIFIED", _versioned("u", 21, "before"))  # u's state before its deletion
+    assert state("u") == ("5", "Deleted")  # changes nothing: u is never alive again
+    event("DELETED", _versioned("u", 22))  # the watch tells u's deletion: it raced the list
+    bookmark("23")  # ... but never s's
+    assert missed._value.get() == before + 4
+    assert not watcher._ahead
+    event("ADDED", _versioned("u", 24, "again"))  # created again after the list: the watch's
+    assert state("u") == ("24", "Running")
     store.close()
 
 
