@@ -450,7 +450,7 @@ def watch_latency_once(
         cpu_before, began = _cpu_seconds(proc.pid), time.monotonic()
         changed = change_pods(api, keys, run, rate, seconds, missed_every, missed)
         changing_seconds = time.monotonic() - began
-        resyncs = log_path.read_bytes().count(b" pods listed (")
+        resyncs = [float(s) for s in RESYNC_LISTED.findall(log_path.read_bytes())]
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS + (4 * seconds if missed else 0)
         while True:
             received = receiver.receipts()
@@ -472,6 +472,25 @@ def watch_latency_once(
     missed_latencies = sorted(
         received[seq] - at for seq, at in changed.items() if seq in received and seq in missed
     )
+    if missed:
+        # When each change only a list could find was made and received, and
+        # when each resync list ended, in seconds from the first change.
+        offsets = sorted(
+            (at - began, received.get(seq, float("nan")) - began)
+            for seq, at in changed.items()
+            if seq in missed
+        )
+        print(
+            "  made -> received: " + ", ".join(f"{m:.0f}->{r:.0f}" for m, r in offsets),
+            file=sys.stderr,
+        )
+        ends = [line for line in log_path.read_text().splitlines() if "pods listed (" in line]
+        window = time.time() - (time.monotonic() - began)
+        print(
+            f"  window began at {time.strftime('%H:%M:%S', time.localtime(window))}",
+            file=sys.stderr,
+        )
+        print("  " + "\n  ".join(ends), file=sys.stderr, flush=True)
     if listed_delivered:
         print(
             f"  warning: the list before the watch delivered {listed_delivered} pods",
@@ -482,7 +501,8 @@ def watch_latency_once(
         "delivered": len(latencies) + len(missed_latencies),
         "missed made": len(missed),
         "missed max": missed_latencies[-1] if missed_latencies else float("nan"),
-        "resync lists": resyncs,
+        "resync lists": len(resyncs),
+        "resync list seconds": resyncs,
         "rate": len(changed) / changing_seconds,
         "p50": _percentile(latencies, 50),
         "p99": _percentile(latencies, 99),
@@ -520,7 +540,11 @@ def bench_latency(api, env, tmp, state, receiver, args):
             file=sys.stderr,
             flush=True,
         )
-    row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    row = {
+        key: statistics.median(r[key] for r in runs)
+        for key in runs[0]
+        if key != "resync list seconds"
+    }
     row["made"] = sum(r["made"] for r in runs)
     row["delivered"] = sum(r["delivered"] for r in runs)
     return row
@@ -528,6 +552,7 @@ def bench_latency(api, env, tmp, state, receiver, args):
 
 RESYNC_SECONDS = (20, 5)  # the rows of issue 20: lists shorter, then longer, than the interval
 RESYNC_MISSED_EVERY = 100  # one change in this many is one no watch tells
+RESYNC_LISTED = re.compile(rb"resync: \d+ pods listed \(([\d.]+) s\)")  # k8svent's log line
 
 
 def bench_resync(api, env, tmp, state, receiver, args):
@@ -551,7 +576,8 @@ def bench_resync(api, env, tmp, state, receiver, args):
             f"  --resync={resync}: p50 {row['p50']:.3f} s, p99 {row['p99']:.3f} s, "
             f"max {row['max']:.3f} s, {row['delivered']}/{row['made']} received "
             f"({row['missed made']} only a list could find, the last after "
-            f"{row['missed max']:.1f} s), {row['resync lists']} resync lists in the window",
+            f"{row['missed max']:.1f} s), {row['resync lists']} resync lists in the window "
+            f"({', '.join(f'{s:.1f} s' for s in row['resync list seconds'])})",
             file=sys.stderr,
             flush=True,
         )
