@@ -72,6 +72,10 @@ Options:
   --once                       List once and deliver; exit 0 when every
                                delivery succeeded, 1 when one was refused or
                                still owed after --retry-budget.
+  --format=FORMAT              k8svent, cloudevents or cloudevents-json.
+                               Env: K8SVENT_FORMAT [default: k8svent].
+  --send=KINDS                 new, changed, unhealthy, deleted, or all: the
+                               changes to send. Env: K8SVENT_SEND [default: all].
   --dry-run                    Print each payload as a JSON line on stdout
                                instead of posting it; needs no URL.
   --version                    Print the version and exit.
@@ -192,6 +196,13 @@ TROUBLE_LOG_SECONDS = 60  # while a watch or resync keeps failing, a line this o
 LIST_RESTARTS = 3  # lists started again after an expired continue token
 LIST_PROGRESS_SECONDS = 5  # a list that takes longer logs its progress this often
 LOG_FORMATS = ("text", "json")
+FORMATS = ("k8svent", "cloudevents", "cloudevents-json")
+# The kinds of change, by the rules that choose what is sent (SPEC section 2).
+KINDS = ("new", "changed", "unhealthy", "deleted")
+CLOUDEVENTS_TYPE_PREFIX = "com.atomist.k8svent.pod."
+CLOUDEVENTS_PING_TYPE = "com.atomist.k8svent.ping"  # `check`'s test request
+CLOUDEVENTS_JSON_TYPE = "application/cloudevents+json"
+CLOUDEVENTS_SOURCE_UNKNOWN = "/k8svent"  # when kubectl cannot tell the API server
 SIGNATURE_SHA1_HEADER = "x-atomist-signature"
 SIGNATURE_SHA256_HEADER = "X-Hub-Signature-256"
 WEBHOOK_ID_HEADER = "webhook-id"
@@ -322,6 +333,8 @@ class Settings:
     dry_run: bool = False
     repeated_urls: int = 0
     check: bool = False  # `k8svent.py check`: check what a run needs, then exit
+    format: str = "k8svent"
+    send: tuple = KINDS
 
     def __repr__(self):
         # The secret and URL credentials must never reach a log line.
@@ -584,6 +597,8 @@ def settings_from(args, environ):
                 f"K8SVENT_SELECTOR (--selector) {selector!r} is not a label selector: {exc}"
             ) from None
 
+    send = parse_kinds(pick("--send", "K8SVENT_SEND"), given["--send"])
+
     dry_run = bool(args.get("--dry-run"))
     if not urls and not dry_run:
         raise SettingsError("no webhook URL: give --url or K8SVENT_WEBHOOKS (or --dry-run)")
@@ -616,7 +631,24 @@ def settings_from(args, environ):
         dry_run=dry_run,
         repeated_urls=repeated_urls,
         check=bool(args.get("check")),
+        format=choice("--format", "K8SVENT_FORMAT", FORMATS),
+        send=send,
     )
+
+
+def parse_kinds(text, name="--send"):
+    """The kinds of change named in a comma-separated list (or all), in KINDS order, or raise."""
+    named = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in named if kind.lower() not in (*KINDS, "all")]
+    if unknown or not named:
+        raise SettingsError(
+            f"{name}: unknown kind {', '.join(map(repr, unknown))}; choose among "
+            f"{', '.join(KINDS)}, or all"
+            if unknown
+            else f"{name} names no kind; choose among {', '.join(KINDS)}, or all"
+        )
+    named = {kind.lower() for kind in named}
+    return KINDS if "all" in named else tuple(kind for kind in KINDS if kind in named)
 
 
 # --- Pods: health and payloads -----------------------------------------------
@@ -703,6 +735,65 @@ def mark_deleted(pod_bytes):
     pod = json.loads(pod_bytes)
     pod.setdefault("status", {})["phase"] = DELETED_PHASE
     return encode_pod(pod)
+
+
+def pod_subject(key):
+    """The API path of the pod a key (or a deleted pod's KEY#UID) names."""
+    namespace, _, name = key.partition(_GONE_SEPARATOR)[0].partition("/")
+    return f"/api/v1/namespaces/{namespace}/pods/{name}"
+
+
+def cloudevents_time(unix_seconds):
+    """A Unix time as RFC 3339 in UTC with microseconds: 2026-12-05T08:00:00.000000Z."""
+    moment = datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def cloudevents_source(server):
+    """The CloudEvents source of a cluster: its API server URL without user info or query."""
+    if not server:
+        return CLOUDEVENTS_SOURCE_UNKNOWN
+    parts = urllib.parse.urlsplit(server)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return urllib.parse.urlunsplit((parts.scheme, host + port, parts.path.rstrip("/"), "", ""))
+
+
+# What a ce-* header may hold as it is (CloudEvents HTTP binding 3.1.3.2):
+# printable ASCII but space, double quote and percent; the rest is %-encoded.
+_CE_HEADER_SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in ' "%')
+
+
+def message(fmt, kind, key, pod_bytes, message_id, seen, source):
+    """(body, headers) of one delivery of a pod in a --format (SPEC sections 3 and 11)."""
+    if fmt == "k8svent":
+        return payload(pod_bytes), {"Content-Type": "application/json"}
+    attributes = {
+        "specversion": "1.0",
+        "id": message_id,
+        "source": source,
+        "type": CLOUDEVENTS_TYPE_PREFIX + kind,
+        "subject": pod_subject(key),
+        "time": cloudevents_time(seen),
+    }
+    return cloudevent(fmt, attributes, pod_bytes)
+
+
+def cloudevent(fmt, attributes, data):
+    """(body, headers) of a CloudEvent with JSON `data` (bytes) in a --format's mode."""
+    if fmt == "cloudevents":  # binary mode: the data is the body
+        headers = {"Content-Type": "application/json"}
+        for name, value in attributes.items():
+            headers[f"ce-{name}"] = urllib.parse.quote(value, safe=_CE_HEADER_SAFE)
+        return data, headers
+    # Structured mode: the attributes and the data (as it is) in one object.
+    head = json.dumps({**attributes, "datacontenttype": "application/json"}, separators=(",", ":"))
+    return head.encode()[:-1] + b',"data":' + data + b"}", {"Content-Type": CLOUDEVENTS_JSON_TYPE}
 
 
 # --- Delivery: signatures, back-off, what logs may show ------------------------
@@ -1238,6 +1329,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     owed_since REAL NOT NULL,
     expired INTEGER NOT NULL,
     head INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'changed',
+    seen REAL NOT NULL DEFAULT 0,
     UNIQUE (endpoint, key)
 );
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (endpoint, lane, seq);
@@ -1254,9 +1347,10 @@ CREATE TABLE IF NOT EXISTS staged (
     body BLOB NOT NULL,
     uid TEXT
 );
-CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY, kind TEXT NOT NULL);
+CREATE TEMP TABLE IF NOT EXISTS sending (kind TEXT PRIMARY KEY);
 """
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 _BODY_ZLIB_LEVEL = 1  # about 2.4x smaller than the JSON, fast
 # The -wal file is cut back to this after a checkpoint (SQLite leaves it at
 # the size of the largest transaction, such as a first list, otherwise).
@@ -1291,31 +1385,48 @@ _LANE_SQL = (
 # that owes this very state is left alone. A new row heads its lane when the
 # lane has no row yet. `due` is on this process's monotonic clock (a stepped
 # wall clock must not stall or flood deliveries); `owed_since` is wall-clock
-# time, shown as an age. Run through _owe.
+# time, shown as an age. The row owes a change of {kind} (seen `now`), and
+# only the kinds in `sending` (--send) are owed: a row whose kind is not sent
+# goes (_UNSENT_SQL), rather than wait for nobody. Run through _owe.
 _OWE_SQL = f"""
-INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired, head)
+INSERT INTO outbox (endpoint, lane, key, msg_id, fp, attempts, due, owed_since, expired, head,
+    kind, seen)
 SELECT e.id, {_LANE_SQL.format(key="p.key")}, p.key, {_NEW_MSG_ID_SQL}, p.fp, 0, :due, :now, 0,
     NOT EXISTS (SELECT 1 FROM outbox o WHERE o.endpoint = e.id
-        AND o.lane = {_LANE_SQL.format(key="p.key")})
+        AND o.lane = {_LANE_SQL.format(key="p.key")}), {{owed_kind}}, :now
 FROM pods p, endpoints e WHERE {{where}} AND {{endpoints}}
     AND (instr(p.key, '{_GONE_SEPARATOR}') > 0) = :gone
+    AND {{owed_kind}} IN (SELECT kind FROM sending)
 ON CONFLICT (endpoint, key) DO UPDATE SET
-    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due
+    msg_id = excluded.msg_id, fp = excluded.fp, attempts = 0, due = excluded.due,
+    kind = excluded.kind, seen = excluded.seen
 WHERE outbox.fp != excluded.fp
+"""
+# The kind a row owes once a change of {kind} joins it: a deletion is a
+# deletion; a pod the webhook has not yet been told of stays new; else the change's.
+_OWED_KIND_SQL = """CASE WHEN {kind} = 'deleted' THEN 'deleted'
+    WHEN (SELECT o.kind FROM outbox o WHERE o.endpoint = e.id AND o.key = p.key) = 'new'
+    THEN 'new' ELSE {kind} END"""
+_UNSENT_SQL = """
+DELETE FROM outbox WHERE rowid IN (
+    SELECT o.rowid FROM pods p, endpoints e, outbox o
+    WHERE {where} AND {endpoints} AND o.endpoint = e.id AND o.key = p.key
+    AND o.fp != p.fp AND {owed_kind} NOT IN (SELECT kind FROM sending))
 """
 
 
-def _owe(db, where, endpoints="1", **params):
-    """Owe the pods chosen by `where` (see _OWE_SQL), in the order of a lane's changes.
+def _owe(db, where, kind, endpoints="1", **params):
+    """Owe the pods chosen by `where` as changes of `kind` (SQL; see _OWE_SQL), in the
+    order of a lane's changes.
 
     The deletions of earlier uids first, then the pods that hold the names:
     one statement each, so that each new row sees those before it.
     """
+    parts = {"where": where, "endpoints": endpoints}
+    parts["owed_kind"] = _OWED_KIND_SQL.format(kind=kind)
+    db.execute(_UNSENT_SQL.format(**parts), params)
     for gone in (1, 0):
-        db.execute(
-            _OWE_SQL.format(where=where, endpoints=endpoints),
-            {**_owe_times(), **params, "gone": gone},
-        )
+        db.execute(_OWE_SQL.format(**parts), {**_owe_times(), **params, "gone": gone})
 
 
 def _owe_times():
@@ -1389,7 +1500,7 @@ def pod_entry(pod):
     )
 
 
-Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body lane")
+Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body lane kind seen")
 
 
 def deleted_stub(key, uid):
@@ -1429,6 +1540,8 @@ def _migrate_from_2(db):
             db,
             "NOT EXISTS (SELECT 1 FROM delivered d WHERE d.endpoint = e.id"
             " AND d.key = p.key AND d.fp = p.fp)",
+            "CASE WHEN p.deleted = 1 THEN 'deleted' WHEN EXISTS (SELECT 1 FROM delivered d"
+            " WHERE d.endpoint = e.id AND d.key = p.key) THEN 'changed' ELSE 'new' END",
         )
         db.execute("DROP TABLE delivered")
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
@@ -1470,6 +1583,30 @@ def _migrate_from_3(db):
             " (SELECT min(seq) FROM outbox GROUP BY endpoint, lane)"
         )
         db.execute("DROP TABLE outbox_3")
+        db.execute(_KINDS_OF_OLD_ROWS_SQL)
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+# Schemas 3 and 4 kept no kind nor time of a change: a row owes a deletion or
+# a change, seen when first owed.
+_KINDS_OF_OLD_ROWS_SQL = (
+    "UPDATE outbox SET seen = owed_since, kind = CASE WHEN EXISTS (SELECT 1"
+    " FROM pods p WHERE p.key = outbox.key AND p.deleted = 1) THEN 'deleted'"
+    " ELSE 'changed' END"
+)
+
+
+def _migrate_from_4(db):
+    """Give schema 4's outbox rows the kind and time of their change."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'changed'")
+        db.execute("ALTER TABLE outbox ADD COLUMN seen REAL NOT NULL DEFAULT 0")
+        db.execute(_KINDS_OF_OLD_ROWS_SQL)
         db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
         db.execute("COMMIT")
     except BaseException:
@@ -1491,15 +1628,17 @@ class Store:
     owed).
 
     A change to the snapshot and the rows it owes are written in one
-    transaction: Snapshot methods hand the keys they mark to the Outbox.
+    transaction: Snapshot methods hand the keys they mark to the Outbox. Only
+    changes of the `kinds` given (--send) are owed.
     """
 
-    def __init__(self, path=None, scope="", keep_bodies=False):
+    def __init__(self, path=None, scope="", keep_bodies=False, kinds=KINDS):
         self._temporary = path is None
         # A body is kept only while a webhook is owed it or its pod is under
         # duress, unless keep_bodies (--mode=poll: a list is its only news of
         # a deletion, which carries the last known object).
         self.keep_bodies = keep_bodies
+        self.kinds = frozenset(kinds)
         self._dropped = 0  # bodies dropped since free pages were last reclaimed
         self._reclaimed = -math.inf  # when (time.monotonic())
         if path is None:
@@ -1524,7 +1663,7 @@ class Store:
                     fd = _open_private(path + suffix, create=not suffix)
                     if fd is not None:
                         os.close(fd)
-            self._db = self._open(path)
+            self._db = self._open(path, kinds)
         except (StateError, OSError):
             self._release()
             raise
@@ -1541,7 +1680,7 @@ class Store:
                 aside,
             )
             os.close(_open_private(path, create=True))
-            self._db = self._open(path)
+            self._db = self._open(path, kinds)
         self._check_scope(scope)
         self.outbox = Outbox(self)
         self.snapshot = Snapshot(self, self.outbox)
@@ -1659,7 +1798,7 @@ class Store:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('scope', ?)", (scope,))
 
     @staticmethod
-    def _open(path):
+    def _open(path, kinds):
         """Open (or create) the database and check it is ours and sound."""
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
@@ -1677,16 +1816,19 @@ class Store:
                 )
             if version == 3:
                 _migrate_from_3(db)
+            elif version == 4:
+                _migrate_from_4(db)
             if version is None:
                 # Before the first table: a new file hands freed pages back
                 # (incremental vacuum); an older one is vacuumed once to it.
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.executescript(_SCHEMA)
+            db.executemany("INSERT INTO sending VALUES (?)", [(kind,) for kind in kinds])
             if version is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             elif version == 2:
                 _migrate_from_2(db)
-            elif version not in (3, _SCHEMA_VERSION):
+            elif version not in (3, 4, _SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"unknown schema version {version}")
         except BaseException:
             db.close()
@@ -1753,12 +1895,16 @@ class Outbox:
         self._store = store
 
     def set_endpoints(self, ids):
-        """Record the configured webhooks: forget others, owe every pod to new ones."""
+        """Record the configured webhooks: forget others, owe every pod to new ones.
+
+        What a state file owes of kinds no longer sent (--send) goes too.
+        """
         with self._store.transaction() as db:
             known = {i for (i,) in db.execute("SELECT id FROM endpoints")}
             db.execute("DELETE FROM endpoints")
             db.executemany("INSERT INTO endpoints VALUES (?)", [(i,) for i in ids])
             db.execute("DELETE FROM outbox WHERE endpoint NOT IN (SELECT id FROM endpoints)")
+            db.execute("DELETE FROM outbox WHERE kind NOT IN (SELECT kind FROM sending)")
             # Each process counts a delivery past the retry budget anew.
             db.execute("UPDATE outbox SET expired = 0 WHERE expired = 1")
             # Due times are on the monotonic clock of the process that wrote
@@ -1767,13 +1913,19 @@ class Outbox:
             db.execute("UPDATE outbox SET due = ? WHERE due > ?", (now, now))
             for new in set(ids) - known:
                 # Where a body was dropped, the first list brings it back.
-                _owe(db, "p.deleted = 0", endpoints="e.id = :endpoint", endpoint=new)
+                _owe(db, "p.deleted = 0", "'new'", "e.id = :endpoint", endpoint=new)
             self._store.drop_bodies(db)
 
-    @staticmethod
-    def owe_marked(db):
+    def owe_marked(self, db):
         """Owe every pod the snapshot marked to every webhook (in the caller's transaction)."""
-        _owe(db, "p.key IN (SELECT key FROM marked)")
+        _owe(
+            db,
+            "p.key IN (SELECT key FROM marked)",
+            "(SELECT m.kind FROM marked m WHERE m.key = p.key)",
+        )
+        if self._store.kinds != frozenset(KINDS):
+            # A change of a kind not sent is owed to nobody: its body goes now.
+            self._store.drop_bodies(db, [key for (key,) in db.execute("SELECT key FROM marked")])
         db.execute("DELETE FROM marked")
 
     def owe_duress(self, db=None):
@@ -1781,7 +1933,7 @@ class Outbox:
         if db is None:
             with self._store.transaction() as db:
                 return self.owe_duress(db)
-        _owe(db, "p.duress = 1 AND p.deleted = 0")
+        _owe(db, "p.duress = 1 AND p.deleted = 0", "'unhealthy'")
         (count,) = db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0")
         return count[0]
 
@@ -1807,7 +1959,7 @@ class Outbox:
         """
         skip = ",".join("?" * len(busy))
         query = (
-            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane"
+            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane, o.kind, o.seen"
             " FROM outbox o JOIN bodies b ON b.key = o.key"
             " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
             f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
@@ -1821,7 +1973,7 @@ class Outbox:
                         query.format(tried=tried),
                         (endpoint, now, *busy, limit - len(rows)),
                     ).fetchall()
-        return [Owed(*row[:4], zlib.decompress(row[4]), row[5]) for row in rows]
+        return [Owed(*row[:4], zlib.decompress(row[4]), *row[5:]) for row in rows]
 
     def next_due(self, endpoint, busy=()):
         """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
@@ -1844,6 +1996,20 @@ class Outbox:
             db.executemany(
                 "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?",
                 [(endpoint, key, msg_id) for key, msg_id in done],
+            )
+            # A newer state owed meanwhile was owed as new, the webhook not yet
+            # told of the pod (_OWED_KIND_SQL): it has been now. What it owes
+            # is a change, and goes if changes are not sent.
+            keys = [(endpoint, key) for key, _ in done]
+            db.executemany(
+                "UPDATE outbox SET kind = 'changed'"
+                " WHERE endpoint = ? AND key = ? AND kind = 'new'",
+                keys,
+            )
+            db.executemany(
+                "DELETE FROM outbox WHERE endpoint = ? AND key = ?"
+                " AND kind NOT IN (SELECT kind FROM sending)",
+                keys,
             )
             self._store.drop_bodies(db, [key for key, _ in done])
             drained = self._store.reclaim_if_drained(db)
@@ -2052,7 +2218,7 @@ class Snapshot:
                 # list found the new one, ahead of it in the lane.
                 return False
             self._put_deleted(db, entry.key, entry.uid, pod_bytes)
-            db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (entry.key,))
+            db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (entry.key,))
             self._outbox.owe_marked(db)
         return True
 
@@ -2077,7 +2243,13 @@ class Snapshot:
             Snapshot._put_deleted(db, apart, uid, pod_bytes)
             Outbox.hand_over(db, key, apart)
             if not deleted:
-                db.execute("INSERT OR IGNORE INTO marked VALUES (?)", (apart,))
+                db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (apart,))
+        # New: a name not known, known deleted, or taken by another uid.
+        db.execute(
+            "INSERT OR IGNORE INTO marked SELECT s.key, CASE WHEN p.key IS NULL"
+            " OR p.deleted = 1 OR p.uid != s.uid THEN 'new' ELSE 'changed' END"
+            " FROM staged s LEFT JOIN pods p ON p.key = s.key"
+        )
         db.execute(
             "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
             " SELECT key, fp, duress, 0, uid FROM staged"
@@ -2086,7 +2258,6 @@ class Snapshot:
             "INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM staged"
             " WHERE length(body) > 0"
         )
-        db.execute("INSERT OR IGNORE INTO marked SELECT key FROM staged")
         db.execute("DELETE FROM staged")
         return sum(1 for _, _, deleted, _ in replaced if not deleted)
 
@@ -2125,7 +2296,7 @@ class Snapshot:
             bodies.append((key, zlib.compress(pod_bytes, _BODY_ZLIB_LEVEL)))
         db.executemany("UPDATE pods SET fp=?, deleted=1, duress=0 WHERE key=?", rows)
         db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
-        db.executemany("INSERT OR IGNORE INTO marked VALUES (?)", [(k,) for k in keys])
+        db.executemany("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", [(k,) for k in keys])
 
     def prune(self):
         """Forget deleted pods once every webhook has been told; reclaim free pages."""
@@ -2767,23 +2938,24 @@ class Endpoint:
             return {}
         return {"Proxy-Authorization": _basic_auth(self._proxy.username, self._proxy.password)}
 
-    def post(self, body, message_id):
-        """POST one body; return the Response (redirects are not followed).
+    def post(self, body, message_id, headers=None):
+        """POST one body, with these headers too; return the Response (no redirects followed).
 
         Every attempt of one delivery gives the same message id; the
         Standard Webhooks timestamp is the attempt's.
         """
         started = time.monotonic()
         try:
-            return self._post(body, message_id)
+            return self._post(body, message_id, headers or {})
         finally:
             metrics.posted(self.label, time.monotonic() - started)
 
-    def _post(self, body, message_id):
+    def _post(self, body, message_id, extra_headers):
         """post() without the timing."""
         # One deadline for the whole attempt, a new connection included.
         deadline = time.monotonic() + self._deadline_seconds
         headers = dict(self._headers)
+        headers.update(extra_headers)
         if self._secret:
             headers.update(sign(body, self._secret, message_id, int(time.time())))
         connection = getattr(self._local, "connection", None)
@@ -2862,7 +3034,7 @@ class StdoutEndpoint:
         self._stream = stream or sys.stdout
         self._lock = threading.Lock()
 
-    def post(self, body, message_id=None):
+    def post(self, body, message_id=None, headers=None):
         try:
             with self._lock:
                 self._stream.write(body.decode() + "\n")
@@ -2928,10 +3100,24 @@ class Sender:
     one probe at a time, backing off to 60 s, until one succeeds.
     """
 
-    def __init__(self, endpoint, store, settings, stop, rng=random, clock=time.monotonic):
+    def __init__(
+        self,
+        endpoint,
+        store,
+        settings,
+        stop,
+        rng=random,
+        clock=time.monotonic,
+        source=CLOUDEVENTS_SOURCE_UNKNOWN,
+    ):
         self.endpoint = endpoint
         self._outbox = store.outbox
         self._settings = settings
+        self._source = source
+        # --dry-run prints bodies alone: binary-mode events go out structured.
+        self._format = settings.format
+        if self._format == "cloudevents" and isinstance(endpoint, StdoutEndpoint):
+            self._format = "cloudevents-json"
         self._stop = stop
         self._rng = rng
         self._clock = clock
@@ -3086,8 +3272,11 @@ class Sender:
 
     def _attempt(self, owed):
         """POST the newest state of one pod: (outcome, reason, status, retry_after)."""
+        body, headers = message(
+            self._format, owed.kind, owed.key, owed.body, owed.msg_id, owed.seen, self._source
+        )
         try:
-            response = self.endpoint.post(payload(owed.body), owed.msg_id)
+            response = self.endpoint.post(body, owed.msg_id, headers)
         except OutputClosed:
             raise
         except (OSError, http.client.HTTPException) as exc:
@@ -3737,13 +3926,10 @@ class Poller:
         self.last_poll_ok = time.time()
         metrics.polled("success", time.monotonic() - started, seen, counts)
         log.info(
-            "%s: %d pods seen; sending %d new, %d changed, %d unhealthy, %d deleted (%.2f s)",
+            "%s: %d pods seen; sending %s (%.2f s)",
             name,
             seen,
-            counts["new"],
-            counts["changed"],
-            counts["unhealthy"],
-            counts["deleted"],
+            ", ".join(f"{counts[kind]} {kind}" for kind in self._settings.send),
             time.monotonic() - started,
         )
         return True
@@ -4620,7 +4806,8 @@ class Metrics:
         )
         self.pods_selected = prometheus_client.Counter(
             "k8svent_pods_selected",
-            "Pods chosen to send, by reason: new, changed, unhealthy or deleted.",
+            "Pods found to send, by reason: new, changed, unhealthy or deleted "
+            "(--send chooses the reasons that are sent).",
             ["reason"],
             registry=registry,
         )
@@ -4682,7 +4869,9 @@ class Metrics:
             registry=registry,
         )
         self.build = prometheus_client.Info(
-            "k8svent_build", "The running version of k8svent.", registry=registry
+            "k8svent_build",
+            "Always 1; its version label is the running version of k8svent.",
+            registry=registry,
         )
         registry.register(_OutboxCollector(self))
         self._lock = threading.Lock()
@@ -4998,6 +5187,20 @@ def ping_payload():
     return orjson.dumps({"ping": {"version": version()}})
 
 
+def ping_message(fmt, message_id, source, now):
+    """(body, headers) of check's ping in a --format: a CloudEvent in theirs."""
+    if fmt == "k8svent":
+        return ping_payload(), {}
+    attributes = {
+        "specversion": "1.0",
+        "id": message_id,
+        "source": source,
+        "type": CLOUDEVENTS_PING_TYPE,
+        "time": cloudevents_time(now),
+    }
+    return cloudevent(fmt, attributes, orjson.dumps({"version": version()}))
+
+
 def kubectl_skew(client, server):
     """Why kubectl (its version info) may not work with the API server, or None."""
     try:
@@ -5056,14 +5259,16 @@ def _check_permission(settings, verb, resource, namespace):
     return True, f"may {verb} {resource} {where}"
 
 
-def _check_webhook(url, settings):
+def _check_webhook(url, settings, source=CLOUDEVENTS_SOURCE_UNKNOWN):
     """(ok, text): the webhook answers a signed ping with a 2xx."""
     how = "a signed ping" if settings.secret else "an unsigned ping (no secret)"
     started = time.monotonic()
+    message_id = new_message_id()
+    body, headers = ping_message(settings.format, message_id, source, time.time())
     try:
         endpoint = Endpoint(url, settings, deadline_seconds=CHECK_DEADLINE_SECONDS)
         try:
-            response = endpoint.post(ping_payload(), new_message_id())
+            response = endpoint.post(body, message_id, headers)
         finally:
             endpoint.close()
     except (OSError, http.client.HTTPException) as exc:
@@ -5132,8 +5337,11 @@ def run_check(settings, environ, out=None):
             else (SKIPPED, "not checked without the cluster")
         )
         report(f"permission {verb} {resource}", ok, text)
+    source = CLOUDEVENTS_SOURCE_UNKNOWN
+    if settings.format != "k8svent" and client is not None:
+        source = cloudevents_source(cluster_server(settings, environ))
     for url in settings.urls:
-        report(f"webhook {redact_url(url)}", *_check_webhook(url, settings))
+        report(f"webhook {redact_url(url)}", *_check_webhook(url, settings, source))
     if not settings.urls:
         report("webhooks", False, "none given (--url or K8SVENT_WEBHOOKS)")
     report("state", *_check_state(settings.state))
@@ -5299,11 +5507,15 @@ def main(argv=None, environ=None):
         log.info("--dry-run leaves state file %s alone", settings.state)
     try:
         # A temporary store is new: which cluster it is of needs no asking.
-        server = cluster_server(settings, environ) if state else None
+        # So is a CloudEvent's source.
+        server = (
+            cluster_server(settings, environ) if state or settings.format != "k8svent" else None
+        )
         store = Store(
             state,
             scope=None if server is None else state_scope(settings, server),
             keep_bodies=settings.mode == "poll",
+            kinds=settings.send,
         )
     except StateError as exc:
         if status_server:
@@ -5323,7 +5535,8 @@ def main(argv=None, environ=None):
         )
     stop = threading.Event()
     store.outbox.set_endpoints([e.id for e in endpoints])
-    senders = [Sender(e, store, settings, stop) for e in endpoints]
+    source = cloudevents_source(server)
+    senders = [Sender(e, store, settings, stop, source=source) for e in endpoints]
     poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
     metrics.watch(senders, store, version())
     log.info(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import standardwebhooks
+from cloudevents.core.bindings import http as http_binding
 
 import k8svent
 
@@ -115,6 +116,85 @@ def test_payload_and_deleted():
     deleted = json.loads(k8svent.mark_deleted(pod_bytes))
     assert deleted["status"]["phase"] == "Deleted"
     assert k8svent.fingerprint(pod_bytes) != k8svent.fingerprint(k8svent.mark_deleted(pod_bytes))
+
+
+# --- CloudEvents (SPEC section 11), parsed by the cloudevents SDK ----------------
+
+
+def parse_cloudevent(headers, body):
+    """A request as a receiver built on the cloudevents SDK (2.2.0) reads it."""
+    return http_binding.from_http_event(http_binding.HTTPMessage(headers, body))
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents", "cloudevents-json"])
+@pytest.mark.parametrize("kind", k8svent.KINDS)
+def test_cloudevents_parse_with_the_sdk(fmt, kind):
+    pod = running_pod()
+    body, headers = k8svent.message(
+        fmt,
+        kind,
+        "ns/web#uid-1",
+        k8svent.encode_pod(pod),
+        "msg_0123",
+        1796457600.25,
+        "https://api.example.com:6443/k8s/clusters/c%3A1",
+    )
+    event = parse_cloudevent(headers, body)
+    assert event.get_specversion() == "1.0"
+    assert event.get_id() == "msg_0123"
+    assert event.get_source() == "https://api.example.com:6443/k8s/clusters/c%3A1"
+    assert event.get_type() == f"com.atomist.k8svent.pod.{kind}"
+    assert event.get_subject() == "/api/v1/namespaces/ns/pods/web"
+    assert event.get_time().isoformat() == "2026-12-05T08:00:00.250000+00:00"
+    assert event.get_datacontenttype() == "application/json"
+    assert event.get_data() == pod
+    if fmt == "cloudevents":
+        assert body == k8svent.encode_pod(pod) and headers["ce-specversion"] == "1.0"
+        assert headers["Content-Type"] == "application/json"
+    else:
+        assert headers == {"Content-Type": "application/cloudevents+json"}
+        assert json.loads(body)["data"] == pod
+    # Attribute names as CloudEvents allows them: a-z and 0-9, at most 20.
+    names = event.get_attributes()
+    assert all(re.fullmatch(r"[a-z0-9]{1,20}", name) for name in names)
+
+
+def test_k8svent_format_is_the_original_body():
+    pod_bytes = k8svent.encode_pod(running_pod())
+    body, headers = k8svent.message("k8svent", "new", "ns/p", pod_bytes, "msg_1", 0.0, "/x")
+    assert body == b'{"pod":' + pod_bytes + b"}"
+    assert headers == {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "unix_seconds, text",
+    [
+        (0, "1970-01-01T00:00:00.000000Z"),
+        (1796457600.25, "2026-12-05T08:00:00.250000Z"),
+        (1796457600.9999996, "2026-12-05T08:00:01.000000Z"),
+        (1796457600.123456, "2026-12-05T08:00:00.123456Z"),
+    ],
+)
+def test_cloudevents_time(unix_seconds, text):
+    assert k8svent.cloudevents_time(unix_seconds) == text
+
+
+@pytest.mark.parametrize(
+    "server, source",
+    [
+        ("https://10.96.0.1:443", "https://10.96.0.1:443"),
+        ("https://admin:hunter2@api.example.com:6443/", "https://api.example.com:6443"),
+        (
+            "https://rancher.example.com/k8s/clusters/c-x?token=t#f",
+            "https://rancher.example.com/k8s/clusters/c-x",
+        ),
+        ("https://[::1]:6443", "https://[::1]:6443"),
+        (None, "/k8svent"),
+        ("", "/k8svent"),
+    ],
+)
+def test_cloudevents_source_is_the_api_server_without_credentials(server, source):
+    assert k8svent.cloudevents_source(server) == source
 
 
 # Known answers: SPEC section 3 (Atomist's sha1) and GitHub's published sha256.
@@ -324,6 +404,173 @@ def test_deletion_sent_once_then_forgotten(store):
     store.snapshot.prune()
     assert store.snapshot.count() == 1
     assert owed(store, "e1") == [] and owed(store, "e2") == []
+
+
+def newer(pod):
+    """The pod at a later resourceVersion: a change."""
+    changed = copy.deepcopy(pod)
+    changed["metadata"]["resourceVersion"] = "2"
+    return changed
+
+
+def kinds(store, endpoint):
+    return {key: row.kind for key, row in owed_rows(store, endpoint).items()}
+
+
+def test_each_row_owes_the_kind_of_its_change_and_when_it_was_seen(store):
+    a, b, sick = named("a"), named("b"), named("sick", phase="Pending")
+    before = time.time()
+    poll(store, a, b, sick)
+    rows = owed_rows(store, "e1")
+    assert {key: row.kind for key, row in rows.items()} == dict.fromkeys(rows, "new")
+    assert all(before <= row.seen <= time.time() for row in rows.values())
+    deliver_all(store, "e1")
+    b2 = newer(b)
+    poll(store, b2, sick)
+    assert kinds(store, "e1") == {"ns/a": "deleted", "ns/b": "changed", "ns/sick": "unhealthy"}
+    # e2 was told nothing yet: what it is owed stays new, but a deletion
+    assert kinds(store, "e2") == {"ns/a": "deleted", "ns/b": "new", "ns/sick": "new"}
+
+
+def test_a_retry_keeps_the_time_of_the_change(store):
+    poll(store, named("a"))
+    row = owed_rows(store, "e1")["ns/a"]
+    store.outbox.retry_at("e1", row.key, row.msg_id, 1, time.time() + 5)
+    again = owed_rows(store, "e1")["ns/a"]
+    assert (again.msg_id, again.seen, again.kind) == (row.msg_id, row.seen, row.kind)
+
+
+@pytest.mark.parametrize(
+    "send, first, then",
+    [
+        # only deletions: the first poll owes nothing
+        (("deleted",), {}, {"ns/a": "deleted"}),
+        # only new pods: a change is not owed, a deletion not either
+        (("new",), {"ns/a": "new", "ns/b": "new", "ns/sick": "new"}, {}),
+        (("changed", "deleted"), {}, {"ns/a": "deleted", "ns/b": "changed"}),
+        # only pods under duress: a new one is too, as unhealthy, at once
+        (("unhealthy",), {"ns/sick": "unhealthy"}, {"ns/sick": "unhealthy"}),
+    ],
+)
+def test_only_the_kinds_sent_are_owed(send, first, then):
+    store = k8svent.Store(kinds=send)
+    store.outbox.set_endpoints(["e1"])
+    a, b, sick = named("a"), named("b"), named("sick", phase="Pending")
+    try:
+        poll(store, a, b, sick)
+        assert kinds(store, "e1") == first
+        deliver_all(store, "e1")
+        b2 = newer(b)
+        poll(store, b2, sick)
+        assert kinds(store, "e1") == then
+        # the outbox holds nothing else: no row waits for nobody
+        assert store.outbox.backlog("e1")[0] == len(then)
+    finally:
+        store.close()
+
+
+def test_with_only_deletions_sent_no_body_is_kept_and_a_deletion_names_the_pod():
+    # --send=deleted: nothing is owed of the first list, so no body stays;
+    # a deletion a list finds goes out as who the pod was.
+    store = k8svent.Store(kinds=("deleted",))
+    store.outbox.set_endpoints(["e1"])
+    a = named("a")
+    a["metadata"]["uid"] = "u1"
+    try:
+        poll(store, a)
+        assert kinds(store, "e1") == {} and bodies(store) == set()
+        poll(store)
+        row = owed_rows(store, "e1")["ns/a"]
+        assert row.kind == "deleted"
+        assert json.loads(row.body) == {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "ns", "uid": "u1"},
+            "status": {"phase": "Deleted"},
+        }
+    finally:
+        store.close()
+
+
+def test_a_change_not_sent_drops_a_row_it_would_mislabel():
+    # --send=new,changed: a pod changed, then deleted before the change went
+    # out, is not sent (its body now says Deleted); one still new stays new.
+    store = k8svent.Store(kinds=("new", "changed"))
+    store.outbox.set_endpoints(["e1"])
+    a, b = named("a"), named("b")
+    try:
+        poll(store, a)
+        deliver_all(store, "e1")
+        a2 = newer(a)
+        poll(store, a2, b)
+        assert kinds(store, "e1") == {"ns/a": "changed", "ns/b": "new"}
+        b2 = newer(b)
+        poll(store, b2)
+        assert kinds(store, "e1") == {"ns/b": "new"}
+        assert json.loads(owed_rows(store, "e1")["ns/b"].body) == b2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("send, after", [(k8svent.KINDS, {"ns/a": "changed"}), (("new",), {})])
+def test_a_state_owed_while_a_new_pod_was_in_flight_is_a_change(send, after):
+    store = k8svent.Store(kinds=send)
+    store.outbox.set_endpoints(["e1"])
+    a = named("a")
+    try:
+        poll(store, a)
+        in_flight = owed_rows(store, "e1")["ns/a"]
+        a2 = newer(a)
+        poll(store, a2)
+        assert kinds(store, "e1") == {"ns/a": "new"}  # the webhook may not hear of it
+        store.outbox.settle("e1", [("ns/a", in_flight.msg_id)])  # it has now
+        assert kinds(store, "e1") == after
+    finally:
+        store.close()
+
+
+def test_a_restart_with_fewer_kinds_forgets_the_rows_of_the_others(tmp_path):
+    path = str(tmp_path / "s.db")
+    store = k8svent.Store(path)
+    store.outbox.set_endpoints(["e1"])
+    a, b = named("a"), named("b")
+    poll(store, a)
+    deliver_all(store, "e1")
+    poll(store, b)  # a deleted, b new
+    store.close()
+    store = k8svent.Store(path, kinds=("deleted",))
+    try:
+        store.outbox.set_endpoints(["e1"])
+        assert kinds(store, "e1") == {"ns/a": "deleted"}
+    finally:
+        store.close()
+
+
+def test_a_schema_4_state_file_gets_kinds_and_times(tmp_path):
+    path = str(tmp_path / "s.db")
+    store = k8svent.Store(path)
+    store.outbox.set_endpoints(["e1"])
+    a, b = named("a"), named("b")
+    poll(store, a, b)
+    deliver_all(store, "e1")
+    poll(store, a)  # b deleted
+    a2 = newer(a)
+    poll(store, a2)
+    owed_since = {key: row.owed_since for key, row in owed_rows(store, "e1").items()}
+    for column in ("kind", "seen"):
+        store._db.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
+    store._db.execute("UPDATE meta SET value = 4 WHERE name = 'schema'")
+    store.close()
+    store = k8svent.Store(path)
+    try:
+        rows = owed_rows(store, "e1")
+        assert {key: row.kind for key, row in rows.items()} == {
+            "ns/a": "changed",
+            "ns/b": "deleted",
+        }
+        assert {key: row.seen for key, row in rows.items()} == owed_since
+    finally:
+        store.close()
 
 
 def test_recreated_pod_is_new(store):
@@ -683,7 +930,9 @@ def test_a_schema_3_outbox_gets_its_lanes_in_place(tmp_path):
     )
     db.close()
     store = k8svent.Store(path)
-    assert store._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (4,)
+    assert store._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (
+        k8svent._SCHEMA_VERSION,
+    )
     assert owed(store, "e1") == ["ns/db-0#uid-a", "ns/web"]
     store.outbox.settle("e1", [("ns/web", owed_rows(store, "e1")["ns/web"].msg_id)])
     assert drain_lane(store, "e1", owed_rows(store, "e1")["ns/db-0#uid-a"]) == [
@@ -704,7 +953,7 @@ def test_a_state_file_of_a_newer_k8svent_is_refused_and_kept(tmp_path, capsys):
     assert k8svent.main([*argv, f"--state={path}"], {}) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"k8svent: error: state file {str(path)!r} has schema version 9, from a newer "
-        "k8svent; this one knows versions up to 4"
+        f"k8svent; this one knows versions up to {k8svent._SCHEMA_VERSION}"
     ]
     assert path.read_bytes() == before and not list(tmp_path.glob("*.corrupt-*"))
 
@@ -899,7 +1148,7 @@ class _FlakyEndpoint:
         self.posts = []
         self._step = step
 
-    def post(self, body, message_id=None):
+    def post(self, body, message_id=None, headers=None):
         self._step[0] = 0.0
         self.posts.append(json.loads(body)["pod"]["metadata"]["name"])
         status = 503 if self.posts.count(self.posts[-1]) == 1 else 200

@@ -104,6 +104,21 @@ def settings(argv, environ=None):
         (["-u", "http://a"], {"K8SVENT_UPGRADE": "always"}, "upgrade", "always"),
         (["-u", "http://a"], {}, "upgrade_interval", None),
         (["-u", "http://a"], {"K8SVENT_UPGRADE_INTERVAL": "600"}, "upgrade_interval", 600.0),
+        (["-u", "http://a"], {}, "format", "k8svent"),
+        (["-u", "http://a", "--format=CloudEvents"], {}, "format", "cloudevents"),
+        (
+            ["-u", "http://a", "--format=cloudevents"],
+            {"K8SVENT_FORMAT": "cloudevents-json"},
+            "format",
+            "cloudevents",
+        ),
+        (["-u", "http://a"], {"K8SVENT_FORMAT": "cloudevents-json"}, "format", "cloudevents-json"),
+        (["-u", "http://a"], {}, "send", ("new", "changed", "unhealthy", "deleted")),
+        (["-u", "http://a", "--send=deleted"], {"K8SVENT_SEND": "new"}, "send", ("deleted",)),
+        # in KINDS order, once each, whatever was typed
+        (["-u", "http://a"], {"K8SVENT_SEND": " Deleted, new,new,"}, "send", ("new", "deleted")),
+        (["-u", "http://a"], {"K8SVENT_SEND": ""}, "send", k8svent.KINDS),
+        (["-u", "http://a", "--send=All"], {"K8SVENT_SEND": "new"}, "send", k8svent.KINDS),
     ],
 )
 def test_settings(argv, environ, field, expected):
@@ -224,6 +239,18 @@ def test_secret_file(tmp_path):
             {},
             "K8SVENT_SELECTOR (--selector) 'app=we b' is not a label selector",
         ),
+        (
+            ["-u", "http://a", "--format=xml"],
+            {},
+            "--format must be k8svent, cloudevents or cloudevents-json, not 'xml'",
+        ),
+        (
+            ["-u", "http://a", "--send=new,Gone"],
+            {},
+            "--send: unknown kind 'Gone'; choose among new, changed, unhealthy, deleted, or all",
+        ),
+        (["-u", "http://a"], {"K8SVENT_SEND": "updated"}, "K8SVENT_SEND (--send): unknown kind"),
+        (["-u", "http://a", "--send= ,"], {}, "--send names no kind"),
     ],
 )
 def test_bad_input(argv, environ, message):
