@@ -1415,16 +1415,19 @@ DELETE FROM outbox WHERE rowid IN (
 """
 
 
-def _owe(db, where, kind, endpoints="1", **params):
+def _owe(db, where, kind, endpoints="1", all_sent=False, **params):
     """Owe the pods chosen by `where` as changes of `kind` (SQL; see _OWE_SQL), in the
     order of a lane's changes.
 
     The deletions of earlier uids first, then the pods that hold the names:
-    one statement each, so that each new row sees those before it.
+    one statement each, so that each new row sees those before it. With
+    all_sent (every kind is sent), no row can owe a kind not sent: _UNSENT_SQL,
+    half the CPU of a change, is skipped.
     """
     parts = {"where": where, "endpoints": endpoints}
     parts["owed_kind"] = _OWED_KIND_SQL.format(kind=kind)
-    db.execute(_UNSENT_SQL.format(**parts), params)
+    if not all_sent:
+        db.execute(_UNSENT_SQL.format(**parts), params)
     for gone in (1, 0):
         db.execute(_OWE_SQL.format(**parts), {**_owe_times(), **params, "gone": gone})
 
@@ -1639,6 +1642,7 @@ class Store:
         # a deletion, which carries the last known object).
         self.keep_bodies = keep_bodies
         self.kinds = frozenset(kinds)
+        self.all_sent = self.kinds == frozenset(KINDS)
         self._dropped = 0  # bodies dropped since free pages were last reclaimed
         self._reclaimed = -math.inf  # when (time.monotonic())
         if path is None:
@@ -1913,7 +1917,14 @@ class Outbox:
             db.execute("UPDATE outbox SET due = ? WHERE due > ?", (now, now))
             for new in set(ids) - known:
                 # Where a body was dropped, the first list brings it back.
-                _owe(db, "p.deleted = 0", "'new'", "e.id = :endpoint", endpoint=new)
+                _owe(
+                    db,
+                    "p.deleted = 0",
+                    "'new'",
+                    "e.id = :endpoint",
+                    all_sent=self._store.all_sent,
+                    endpoint=new,
+                )
             self._store.drop_bodies(db)
 
     def owe_marked(self, db):
@@ -1922,8 +1933,9 @@ class Outbox:
             db,
             "p.key IN (SELECT key FROM marked)",
             "(SELECT m.kind FROM marked m WHERE m.key = p.key)",
+            all_sent=self._store.all_sent,
         )
-        if self._store.kinds != frozenset(KINDS):
+        if not self._store.all_sent:
             # A change of a kind not sent is owed to nobody: its body goes now.
             self._store.drop_bodies(db, [key for (key,) in db.execute("SELECT key FROM marked")])
         db.execute("DELETE FROM marked")
@@ -1933,7 +1945,7 @@ class Outbox:
         if db is None:
             with self._store.transaction() as db:
                 return self.owe_duress(db)
-        _owe(db, "p.duress = 1 AND p.deleted = 0", "'unhealthy'")
+        _owe(db, "p.duress = 1 AND p.deleted = 0", "'unhealthy'", all_sent=self._store.all_sent)
         (count,) = db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0")
         return count[0]
 
