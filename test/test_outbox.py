@@ -649,12 +649,14 @@ def test_soak_every_webhook_gets_every_pods_newest_state_and_every_deletion(
             if (
                 got is None
                 or deleted(got)
-                or (uid(got), got["metadata"]["resourceVersion"]) != (pod_uid, version)
+                or (uid(got), got["metadata"].get("resourceVersion")) != (pod_uid, version)
             ):
                 return f"{name} is {pod_uid}@{version}, last received " + (
                     "nothing"
                     if got is None
-                    else f"{uid(got)}@{got['metadata']['resourceVersion']} {got['status']['phase']}"
+                    # a deletion found by a list may be a stub with no resourceVersion
+                    else f"{uid(got)}@{got['metadata'].get('resourceVersion')} "
+                    f"{got['status']['phase']}"
                 )
         for name, got in latest.items():
             if name not in now and not deleted(got):
