@@ -69,6 +69,9 @@ Options:
   --upgrade-interval=SECONDS   Seconds between checks (+-10 %); 86400 when
                                running a release, 14400 a prerelease.
                                Env: K8SVENT_UPGRADE_INTERVAL.
+  --lease=[NAMESPACE/]NAME     Deliver only while holding this Lease, renewed
+                               within --lease-duration. Env: K8SVENT_LEASE.
+  --lease-duration=SECONDS     Env: K8SVENT_LEASE_DURATION [default: 15].
   --once                       List once and deliver; exit 0 when every
                                delivery succeeded, 1 when one was refused or
                                still owed after --retry-budget.
@@ -211,6 +214,9 @@ WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 MESSAGE_ID_PREFIX = "msg_"
 MESSAGE_ID_RANDOM_BYTES = 13  # 26 hex characters
+# An outbox row that re-sends a pod under duress (not a change) has an id of
+# its own; other rows are sent with their change's id (change_message_id).
+RESEND_ID_PREFIX = "again_"
 NAME_MAX_CHARS = 63  # a namespace, a label name or value
 SUBDOMAIN_MAX_CHARS = 253  # a label key's prefix
 DELETED_PHASE = "Deleted"
@@ -249,6 +255,16 @@ SECRET_HINT = (
     "in a cluster: kubectl -n k8svent create secret generic k8svent "
     "--from-literal=webhooks=URL --from-literal=secret=KEY; README.md, Deploying"
 )
+LEASE_MIN_SECONDS = 3
+LEASE_RENEW_DEADLINE_SHARE = 2 / 3  # of the duration: client-go's 10 s of 15
+LEASE_RETRY_SHARE = 2 / 15  # of the duration: client-go's 2 s of 15
+# How often a holder renews the Lease (of its duration): a kubectl each, about
+# 85-115 ms of CPU, under 2.3 % of a core every 5 s. A standby watches the Lease
+# instead (one kubectl for as long as the Lease would last unrenewed, and a
+# read when that watch ends): a release is seen at once.
+LEASE_RENEW_SHARE = 1 / 3
+LEASE_WATERMARK_ANNOTATION = "k8svent.atomist.com/watermarks"
+LEASE_WATERMARK_ROWS = 10000  # a larger backlog keeps the last watermark
 SERVICE_ACCOUNT_NAMESPACE_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 log = logging.getLogger("k8svent")
@@ -335,6 +351,8 @@ class Settings:
     check: bool = False  # `k8svent.py check`: check what a run needs, then exit
     format: str = "k8svent"
     send: tuple = KINDS
+    lease: tuple | None = None  # (namespace or None: the pod's own, name)
+    lease_duration: float = 15.0
 
     def __repr__(self):
         # The secret and URL credentials must never reach a log line.
@@ -598,6 +616,11 @@ def settings_from(args, environ):
             ) from None
 
     send = parse_kinds(pick("--send", "K8SVENT_SEND"), given["--send"])
+    lease = pick("--lease", "K8SVENT_LEASE")
+    lease = parse_lease(lease, given["--lease"]) if lease else None
+    lease_duration = number("--lease-duration", "K8SVENT_LEASE_DURATION", minimum=LEASE_MIN_SECONDS)
+    if lease is not None and args.get("--once"):
+        raise SettingsError(f"{given['--lease']} cannot be combined with --once")
 
     dry_run = bool(args.get("--dry-run"))
     if not urls and not dry_run:
@@ -633,6 +656,8 @@ def settings_from(args, environ):
         check=bool(args.get("check")),
         format=choice("--format", "K8SVENT_FORMAT", FORMATS),
         send=send,
+        lease=lease,
+        lease_duration=lease_duration,
     )
 
 
@@ -649,6 +674,22 @@ def parse_kinds(text, name="--send"):
         )
     named = {kind.lower() for kind in named}
     return KINDS if "all" in named else tuple(kind for kind in KINDS if kind in named)
+
+
+_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def parse_lease(text, name="--lease"):
+    """(namespace or None, name) from [NAMESPACE/]NAME, or raise SettingsError."""
+    namespace, _, lease = text.rpartition("/")
+    if namespace:
+        _check_namespace(namespace, name)
+    if not (len(lease) <= SUBDOMAIN_MAX_CHARS and _SUBDOMAIN_RE.fullmatch(lease)):
+        raise SettingsError(
+            f"{name} must be [NAMESPACE/]NAME, NAME a lower-case DNS name such as "
+            f"k8svent, not {text!r}"
+        )
+    return namespace or None, lease
 
 
 # --- Pods: health and payloads -----------------------------------------------
@@ -821,6 +862,25 @@ def standard_webhooks_key(secret):
 def new_message_id():
     """A new Standard Webhooks message id: msg_ and 26 random hex digits."""
     return MESSAGE_ID_PREFIX + secrets.token_hex(MESSAGE_ID_RANDOM_BYTES)
+
+
+def change_message_id(pod_bytes):
+    """The webhook-id of a change: one per (pod uid, resourceVersion, kind), on any replica."""
+    pod = orjson.loads(pod_bytes)
+    metadata = pod.get("metadata") or {}
+    kind = "deleted" if (pod.get("status") or {}).get("phase") == DELETED_PHASE else "changed"
+    change = f"{metadata.get('uid')}|{metadata.get('resourceVersion')}|{kind}"
+    return (
+        MESSAGE_ID_PREFIX
+        + hashlib.sha256(change.encode()).hexdigest()[: 2 * MESSAGE_ID_RANDOM_BYTES]
+    )
+
+
+def delivery_message_id(owed):
+    """The webhook-id of an outbox row: its change's, or a new one for a deliberate re-send."""
+    if owed.msg_id.startswith(RESEND_ID_PREFIX):  # a pod under duress, sent again
+        return MESSAGE_ID_PREFIX + owed.msg_id[len(RESEND_ID_PREFIX) :]
+    return change_message_id(owed.body)
 
 
 def sign(body, secret, message_id=None, timestamp=None):
@@ -1366,9 +1426,12 @@ _OWED_SQL = (
     "EXISTS (SELECT 1 FROM endpoints e CROSS JOIN outbox o"
     " WHERE o.endpoint = e.id AND o.key = p.key)"
 )
+CLUSTER_UID_SCOPE = "cluster uid "  # a scope's cluster, by kube-system's uid
 _SQL_BATCH = 500
 # A new message id in SQL, of the same form as new_message_id().
 _NEW_MSG_ID_SQL = "'msg_' || lower(hex(randomblob(13)))"
+# The id of a re-send under duress: a new message, not a change (delivery_message_id).
+_RESEND_MSG_ID_SQL = f"'{RESEND_ID_PREFIX}' || lower(hex(randomblob(13)))"
 # A pod deleted and created again under its name has a new uid: the old one
 # is kept apart (in `pods`, `bodies` and the outbox) under KEY#UID, in the
 # same lane, until its deletion has reached every webhook.
@@ -1415,21 +1478,23 @@ DELETE FROM outbox WHERE rowid IN (
 """
 
 
-def _owe(db, where, kind, endpoints="1", all_sent=False, **params):
+def _owe(db, where, kind, endpoints="1", all_sent=False, msg_id_sql=_NEW_MSG_ID_SQL, **params):
     """Owe the pods chosen by `where` as changes of `kind` (SQL; see _OWE_SQL), in the
     order of a lane's changes.
 
     The deletions of earlier uids first, then the pods that hold the names:
     one statement each, so that each new row sees those before it. With
     all_sent (every kind is sent), no row can owe a kind not sent: _UNSENT_SQL,
-    half the CPU of a change, is skipped.
+    half the CPU of a change, is skipped. New message ids are made by
+    `msg_id_sql`.
     """
     parts = {"where": where, "endpoints": endpoints}
     parts["owed_kind"] = _OWED_KIND_SQL.format(kind=kind)
     if not all_sent:
         db.execute(_UNSENT_SQL.format(**parts), params)
+    sql = _OWE_SQL.replace(_NEW_MSG_ID_SQL, msg_id_sql)
     for gone in (1, 0):
-        db.execute(_OWE_SQL.format(**parts), {**_owe_times(), **params, "gone": gone})
+        db.execute(sql.format(**parts), {**_owe_times(), **params, "gone": gone})
 
 
 def _owe_times():
@@ -1523,11 +1588,16 @@ def _other_pod(old_uid, uid):
 
 
 def _same_scope(old, new):
-    """Whether a scope written by schema 2 (CONTEXT/NAMESPACE) names the same pods."""
+    """Whether a scope written by an older k8svent names the same pods."""
     # Schema 2 knew no API server: its state is kept when the namespace agrees,
-    # so that an upgrade does not send every pod again.
+    # so that an upgrade does not send every pod again. Nor did an older scope
+    # know the cluster's uid: one of a server is kept once for the uid.
     if "|" in old:
-        return False
+        return (
+            new.startswith(CLUSTER_UID_SCOPE)
+            and not old.startswith(CLUSTER_UID_SCOPE)
+            and old.partition("|")[2] == new.partition("|")[2]
+        )
     return old.partition("/")[2] == new.partition("|")[2]
 
 
@@ -1945,7 +2015,14 @@ class Outbox:
         if db is None:
             with self._store.transaction() as db:
                 return self.owe_duress(db)
-        _owe(db, "p.duress = 1 AND p.deleted = 0", "'unhealthy'", all_sent=self._store.all_sent)
+        # A deliberate re-send: a new message (its id marked), not a change.
+        _owe(
+            db,
+            "p.duress = 1 AND p.deleted = 0",
+            "'unhealthy'",
+            all_sent=self._store.all_sent,
+            msg_id_sql=_RESEND_MSG_ID_SQL,
+        )
         (count,) = db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0")
         return count[0]
 
@@ -2068,6 +2145,61 @@ class Outbox:
             ]
         oldest = [since for since in oldest if since is not None]
         return count, min(oldest) if oldest else None
+
+    # Continuity: what the holder of a Lease owes, by resourceVersion.
+
+    def owed_versions(self, endpoint, limit):
+        """The resourceVersions of the states owed to a webhook; None if more than `limit`."""
+        with self._store.locked() as db:
+            (count,) = db.execute(
+                "SELECT count(*) FROM outbox WHERE endpoint = ?", (endpoint,)
+            ).fetchone()
+            if count > limit:
+                return None
+            # A row without its body (a new webhook's, until a list brings
+            # it back) has no known version: no watermark passes it.
+            rows = db.execute(
+                "SELECT b.body FROM outbox o LEFT JOIN bodies b ON b.key = o.key"
+                " WHERE o.endpoint = ?",
+                (endpoint,),
+            )
+            return [None if body is None else _body_version(body) for (body,) in rows]
+
+    def forget_through(self, endpoint, resource_version):
+        """Drop the rows owing a state at or before `resource_version` (another replica
+        settled them); return (how many, how many are left), (None, None) if not comparable."""
+        try:
+            mark = int(resource_version)
+        except (TypeError, ValueError):
+            return None, None
+        settled = left = 0
+        after = ""
+        while True:
+            # A batch at a time, in key order: the lock (the watch, the
+            # metrics) is never held for long, nor are many bodies in memory.
+            with self._store.transaction() as db:
+                rows = db.execute(
+                    "SELECT o.key, o.msg_id, b.body FROM outbox o JOIN bodies b ON b.key = o.key"
+                    " WHERE o.endpoint = ? AND o.key > ? ORDER BY o.key LIMIT ?",
+                    (endpoint, after, _SQL_BATCH),
+                ).fetchall()
+                done = []
+                for key, msg_id, body in rows:
+                    try:
+                        if int(_body_version(body)) <= mark:
+                            done.append((endpoint, key, msg_id))
+                    except (TypeError, ValueError):
+                        continue  # not comparable: stays owed
+                db.executemany(
+                    "DELETE FROM outbox WHERE endpoint = ? AND key = ? AND msg_id = ?", done
+                )
+                self._store.drop_bodies(db, [key for _, key, _ in done])
+            settled += len(done)
+            left += len(rows) - len(done)
+            if len(rows) < _SQL_BATCH:
+                self._store.reclaim()  # the bodies dropped, past a threshold
+                return settled, left
+            after = rows[-1][0]
 
 
 class Snapshot:
@@ -2324,10 +2456,40 @@ class Snapshot:
             self._store.drop_bodies(db)
         self._store.reclaim()
 
+    def owe_missed_deletion(self, entry):
+        """A deletion this snapshot never saw (replayed from a watermark): owe it; True if owed."""
+        pod_bytes = mark_deleted(entry.body)
+        with self._store.transaction() as db:
+            row = db.execute("SELECT uid FROM pods WHERE key = ?", (entry.key,)).fetchone()
+            if row is not None and not _other_pod(row[0], entry.uid):
+                return False  # the pod it knows: its own list or watch told it
+            key = entry.key
+            if row is not None:
+                # An earlier pod of the name the new one holds: its deletion
+                # goes first in the lane, in the place of what the new pod is
+                # owed, which is owed again behind it.
+                key = f"{entry.key}{_GONE_SEPARATOR}{entry.uid}"
+                owed = db.execute(
+                    "SELECT kind FROM outbox WHERE key = ? LIMIT 1", (entry.key,)
+                ).fetchone()
+                if owed is not None:
+                    Outbox.hand_over(db, entry.key, key)
+                    db.execute("INSERT OR REPLACE INTO marked VALUES (?, ?)", (entry.key, owed[0]))
+            self._put_deleted(db, key, entry.uid, pod_bytes)
+            db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (key,))
+            self._outbox.owe_marked(db)
+        return True
+
     def count(self):
         """How many pods the snapshot holds (deleted ones included)."""
         with self._store.locked() as db:
             return db.execute("SELECT count(*) FROM pods").fetchone()[0]
+
+
+def _body_version(body):
+    """The resourceVersion of a stored (compressed) pod body, or None."""
+    pod = orjson.loads(zlib.decompress(body))
+    return (pod.get("metadata") or {}).get("resourceVersion")
 
 
 class _Transaction:
@@ -2481,6 +2643,36 @@ def run_kubectl(settings, *args):
             _new_group=True,
         ).stdout
     except (sh.TimeoutException, sh.ErrorReturnCode, OSError) as exc:
+        raise _kubectl_failure(exc, settings) from None
+
+
+def write_raw(settings, verb, path, body, timeout):
+    """`kubectl create|replace --raw PATH -f -` with body on stdin; return its stdout.
+
+    A 409 (Conflict, AlreadyExists) raises LeaseConflict: a lost race.
+    """
+    context = ("--context", settings.context) if settings.context else ()
+    command = _kubectl_command(settings)
+    try:
+        return command(
+            *context,
+            verb,
+            "--raw",
+            path,
+            "-f",
+            "-",
+            _in=body,
+            _env=kubectl_environment(),
+            _return_cmd=True,
+            _timeout=timeout,
+            _tty_out=False,
+        ).stdout
+    except sh.ErrorReturnCode as exc:
+        stderr = exc.stderr or b""
+        if b"(Conflict)" in stderr or b"(AlreadyExists)" in stderr:
+            raise LeaseConflict(f"kubectl {verb}: {cut(stderr)}", stderr) from None
+        raise _kubectl_failure(exc, settings) from None
+    except (sh.TimeoutException, OSError) as exc:
         raise _kubectl_failure(exc, settings) from None
 
 
@@ -3121,8 +3313,11 @@ class Sender:
         rng=random,
         clock=time.monotonic,
         source=CLOUDEVENTS_SOURCE_UNKNOWN,
+        gate=None,
     ):
         self.endpoint = endpoint
+        # With a Lease: whether this replica may deliver (LeaderElector.may_deliver).
+        self._gate = gate
         self._outbox = store.outbox
         self._settings = settings
         self._source = source
@@ -3248,6 +3443,13 @@ class Sender:
 
     def _take(self):
         """(the row to attempt, None) or (None, seconds to wait) (lock held)."""
+        if self._gate is not None and not self._gate():
+            # A standby, or a holder past its renew deadline (fenced): nothing
+            # is claimed; rows claimed but not attempted stay owed.
+            self._busy.difference_update(owed.lane for owed in self._ready)
+            self._ready.clear()
+            self._settle_done()
+            return None, HOUSEKEEPING_SECONDS
         if self._ready:
             return self._ready.popleft(), None
         self._settle_done()
@@ -3284,11 +3486,12 @@ class Sender:
 
     def _attempt(self, owed):
         """POST the newest state of one pod: (outcome, reason, status, retry_after)."""
+        msg_id = delivery_message_id(owed)  # a change's, the same on every replica
         body, headers = message(
-            self._format, owed.kind, owed.key, owed.body, owed.msg_id, owed.seen, self._source
+            self._format, owed.kind, owed.key, owed.body, msg_id, owed.seen, self._source
         )
         try:
-            response = self.endpoint.post(body, owed.msg_id, headers)
+            response = self.endpoint.post(body, msg_id, headers)
         except OutputClosed:
             raise
         except (OSError, http.client.HTTPException) as exc:
@@ -3885,6 +4088,7 @@ class Poller:
         self.last_poll_ok = None
         self.listed_rv = None
         self.api_failure = None  # why the API server cannot be read now, for /readyz
+        self.first_listed_rv = None  # of this process's first list: what it knows since
         self.last_progress = time.monotonic()  # for Health: is it stuck?
         self.listing = None  # the ListProgress of the list under way, for /readyz
         self.first_poll_done = threading.Event()
@@ -3935,6 +4139,8 @@ class Poller:
         self._wake_senders()
         snapshot.prune()
         self.listed_rv = listed.get("resourceVersion")
+        if self.first_listed_rv is None:
+            self.first_listed_rv = self.listed_rv
         self.last_poll_ok = time.time()
         metrics.polled("success", time.monotonic() - started, seen, counts)
         log.info(
@@ -3981,6 +4187,11 @@ class Poller:
         for reason, n in self._snapshot.apply_page(batch).items():
             counts[reason] += n
         self.last_progress = time.monotonic()  # for /healthz: not stuck
+
+    @property
+    def applied_rv(self):
+        """The resourceVersion up to which the store holds every change (None: not known)."""
+        return self.listed_rv
 
     def _wake_senders(self):
         for sender in self._senders:
@@ -4280,6 +4491,11 @@ class Watcher(Poller):
             return
         self._trouble.failed(f"listing pods: {exc}", self._settings.retry_interval)
         self.last_progress = self._clock()  # trying: not stuck
+
+    @property
+    def applied_rv(self):
+        """The resourceVersion the watch has applied up to (None while it lists)."""
+        return self._rv
 
     def _pause(self, seconds):
         # A stop ends run() through its outer `except PollStopped`, from an
@@ -4593,6 +4809,483 @@ class Resyncer:
         log.info("resync: %d pods listed (%.2f s)", len(keys), time.monotonic() - started)
 
 
+# --- Leader election: a Lease, and the watermark it carries -------------------
+
+# client-go's leaderelection, as one pure decision (lease_action) and a thread
+# around it (LeaderElector). Only the holder delivers; a standby lists and
+# watches like it, so a takeover needs no fresh list. The holder writes, with
+# each renewal, a watermark per webhook into the Lease: the resourceVersion up
+# to which every change is settled. A new holder owes what came after it.
+
+
+def lease_action(lease, observed_at, now, identity, duration_seconds):
+    """What to do with the Lease as read: "create", "renew", "take over" or "wait".
+
+    `observed_at` is when this replica last saw the Lease change, on its own
+    monotonic clock, like `now`: another host's renewTime is never compared
+    with ours. The holder's own leaseDurationSeconds rules its expiry.
+    """
+    if lease is None:
+        return "create"
+    spec = lease.get("spec") or {}
+    holder = spec.get("holderIdentity") or ""
+    if holder == identity:
+        return "renew"
+    if not holder:
+        return "take over"  # released
+    duration = spec.get("leaseDurationSeconds")
+    if not isinstance(duration, int | float) or duration <= 0:
+        duration = duration_seconds
+    return "take over" if now >= observed_at + duration else "wait"
+
+
+def lease_identity(environ):
+    """This process's holderIdentity: the pod's name and a suffix of its own."""
+    host = environ.get("HOSTNAME") or socket.gethostname() or "k8svent"
+    return f"{host}_{secrets.token_hex(4)}"
+
+
+def micro_time(seconds):
+    """An RFC 3339 MicroTime, as a Lease's acquireTime and renewTime are written."""
+    moment = time.gmtime(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{int(seconds % 1 * 1e6):06d}Z"
+
+
+def lease_watermarks(lease):
+    """The watermarks a Lease carries: {endpoint id: resourceVersion} (empty if none)."""
+    annotations = ((lease or {}).get("metadata") or {}).get("annotations") or {}
+    try:
+        marks = json.loads(annotations.get(LEASE_WATERMARK_ANNOTATION) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(marks, dict):
+        return {}
+    return {str(k): str(v) for k, v in marks.items() if isinstance(v, str | int)}
+
+
+def settled_through(applied_rv, owed_versions):
+    """The watermark of one webhook: every change up to it is settled; None if unknown.
+
+    `applied_rv`: the store holds every change up to it; `owed_versions`: the
+    resourceVersions of the states still owed. A change is settled unless its
+    pod still owes a state, which is the same change or a later one.
+    """
+    try:
+        mark = int(applied_rv)
+        for version in owed_versions:
+            mark = min(mark, int(version) - 1)
+    except (TypeError, ValueError):
+        return None
+    return str(mark)
+
+
+def lease_namespace(settings, environ, namespace_path=SERVICE_ACCOUNT_NAMESPACE_PATH):
+    """The namespace of a Lease given without one: the pod's, kubectl's, else default."""
+    try:
+        own = Path(namespace_path).read_text(encoding="utf-8").strip()
+    except OSError:
+        own = ""
+    if own:
+        return own
+    try:
+        context = run_kubectl(
+            settings, "config", "view", "--minify", "-o", "jsonpath={..namespace}"
+        )
+        context = context.decode().strip()
+    except (KubectlError, UnicodeError):
+        context = ""
+    return context if is_namespace_name(context) else "default"
+
+
+class LeaseConflict(KubectlError):
+    """A Lease write lost a race (409 Conflict or AlreadyExists)."""
+
+
+class LeaderElector:
+    """The thread that holds the Lease or stands by for it; only its holder delivers.
+
+    `may_deliver()` is the gate the delivery workers check before each claim:
+    true while this replica holds the Lease, has resumed from the last
+    holder's watermark, and renewed it less than the renew deadline ago
+    (measured from before the write was sent: fencing).
+    """
+
+    def __init__(
+        self, settings, namespace, name, identity, store, poller, senders, clock=time.monotonic
+    ):
+        self._settings = settings
+        self.namespace, self.name, self.identity = namespace, name, identity
+        self._store, self._poller, self._senders = store, poller, senders
+        self._clock = clock
+        quoted = urllib.parse.quote(namespace, safe="")
+        self._collection = f"/apis/coordination.k8s.io/v1/namespaces/{quoted}/leases"
+        self._path = f"{self._collection}/{urllib.parse.quote(name, safe='')}"
+        duration = settings.lease_duration
+        self.renew_deadline = duration * LEASE_RENEW_DEADLINE_SHARE
+        self.retry_period = duration * LEASE_RETRY_SHARE
+        self.renew_period = duration * LEASE_RENEW_SHARE
+        self._lease = None  # as last read or written
+        self._observed = (None, 0.0)  # (resourceVersion, when it was first seen)
+        self._renewed_at = None  # monotonic, before the write that renewed it
+        self._resumed = False  # owes what the last holder's watermark says
+        self._leading = False  # as last said in the log and metrics
+        self._failing = False  # a Lease call failed (logged once until one works)
+        self._applied_rv = None  # the last resourceVersion the poller had applied
+        self._marks = {}  # the watermarks last written
+        self._forgotten = {}  # the watermarks a standby last settled its outbox by
+        self._non_integer_said = False
+        self._waiting_on = None  # the Lease another holds, while standing by
+        self._fresh = None  # the Lease as a watch just told it
+        self.stop_event = threading.Event()
+        self._thread = threading.Thread(target=self.run, name="leader-elector", daemon=True)
+
+    @property
+    def lease_name(self):
+        return f"{self.namespace}/{self.name}"
+
+    def may_deliver(self):
+        """Whether this replica holds the Lease, resumed and within its renew deadline."""
+        renewed_at = self._renewed_at
+        return (
+            self._resumed
+            and renewed_at is not None
+            and self._clock() < renewed_at + self.renew_deadline
+        )
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+
+    def join(self, timeout=None):
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self):
+        return self._thread.is_alive()
+
+    def run(self):
+        """Compete once the first list is done; then hold or stand by until stopped."""
+        # A replica without a snapshot could not deliver: it does not compete.
+        while not self._poller.first_poll_done.wait(UPGRADE_READY_WAIT_SECONDS):
+            if self.stop_event.is_set():
+                return
+        log.info(
+            "competing for Lease %s as %s (%g s; renew deadline %g s)",
+            self.lease_name,
+            self.identity,
+            self._settings.lease_duration,
+            self.renew_deadline,
+        )
+        while not self.stop_event.is_set():
+            try:
+                self.try_once()
+                if self._failing:
+                    self._failing = False
+                    log.info("Lease %s can be read and written again", self.lease_name)
+                if self._waiting_on is not None:  # a standby: until the Lease changes
+                    self._note_leading()
+                    self._await_change(self._waiting_on)
+                    continue
+            except LeaseConflict as exc:
+                log.debug("lost a race for Lease %s: %s", self.lease_name, exc)
+            except PollStopped:
+                return
+            except KubectlError as exc:
+                if not self._failing:
+                    log.error("cannot read or write Lease %s: %s", self.lease_name, exc)
+                self._failing = True
+            except Exception:  # never let the elector die silently
+                log.exception("leader election crashed; trying again")
+                self._failing = True
+            self._note_leading()
+            wait = self.retry_period if self._failing else self.renew_period
+            if self._leading:  # wake at the renew deadline, to say it passed
+                wait = min(wait, max(0.05, self._renewed_at + self.renew_deadline - self._clock()))
+            self.stop_event.wait(wait)
+
+    def try_once(self):
+        """One round of client-go's tryAcquireOrRenew, then resume or settle by watermarks."""
+        now = self._clock()
+        lease, self._waiting_on = self._lease, None
+        if not (self._resumed and lease is not None and self._holds(lease)):
+            lease, self._fresh = self._fresh or self._read(), None
+            self._observe(lease, now)
+        action = lease_action(
+            lease, self._observed[1], now, self.identity, self._settings.lease_duration
+        )
+        if action == "wait":
+            self._lose(f"now held by {lease['spec'].get('holderIdentity')}")
+            self._settle_by(lease_watermarks(lease))
+            self._waiting_on = lease
+            return
+        try:
+            written = self._write(lease, action, now)
+        except LeaseConflict:
+            self._lease = None  # read it afresh next time
+            raise
+        self._renewed_at = now
+        self._lease = written
+        self._observe(written, now)
+        if not self._resumed:
+            self.resume(lease_watermarks(lease))
+
+    def _await_change(self, lease):
+        """A standby: watch the Lease until it would expire unrenewed, or is released.
+
+        Each renewal the watch shows is observed (a later expiry) and its
+        watermarks settle this replica's outbox. Returns when the watch ends
+        (at the expiry as last known, for a read to judge) or at a release.
+        """
+        duration = (lease.get("spec") or {}).get("leaseDurationSeconds")
+        if not isinstance(duration, int | float) or duration <= 0:
+            duration = self._settings.lease_duration
+        remaining = self._observed[1] + duration - self._clock()
+        if remaining <= 0:
+            return
+        query = urllib.parse.urlencode(
+            {
+                "watch": "1",
+                "fieldSelector": f"metadata.name={self.name}",
+                "resourceVersion": lease["metadata"].get("resourceVersion") or "0",
+                "timeoutSeconds": str(math.ceil(remaining)),
+            }
+        )
+        process, timer, read_fd = _start_get_raw(
+            self._settings,
+            f"{self._collection}?{query}",
+            remaining + self._settings.kubectl_timeout,
+            self.stop_event,
+        )
+        stream = os.fdopen(read_fd, "rb")
+        try:
+            for line in stream:
+                if not line.strip():
+                    continue
+                try:
+                    event = orjson.loads(line)
+                    seen = event["object"]
+                    seen["metadata"]["resourceVersion"]  # noqa: B018 - a Lease has one
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    raise KubectlError(f"the watch of the Lease failed: {cut(line)}") from None
+                self._observe(seen, self._clock())
+                self._settle_by(lease_watermarks(seen))
+                holder = (seen.get("spec") or {}).get("holderIdentity")
+                if not holder or holder == self.identity:
+                    self._fresh = seen  # released: take it over at once
+                    break
+            else:
+                _wait_kubectl(process, timer, self._settings, "watching the Lease")
+        finally:
+            _end_get_raw(process, timer, stream)
+
+    def _holds(self, lease):
+        return (lease.get("spec") or {}).get("holderIdentity") == self.identity
+
+    def _observe(self, lease, now):
+        rv = None if lease is None else lease["metadata"].get("resourceVersion")
+        if rv != self._observed[0]:
+            self._observed = (rv, now)
+
+    def _read(self):
+        """The Lease, or None when there is none."""
+        try:
+            output = run_kubectl(self._settings, "get", "--raw", self._path)
+        except KubectlError as exc:
+            if b"(NotFound)" in exc.stderr:
+                return None
+            raise
+        return _lease_from(output)
+
+    def _write(self, lease, action, now, holder=None, duration=None):
+        """Create or replace the Lease for `action`; return it as the server stored it."""
+        wall = time.time()
+        spec = dict((lease or {}).get("spec") or {})
+        metadata = dict((lease or {}).get("metadata") or {"name": self.name})
+        metadata.pop("managedFields", None)
+        if action != "renew":
+            spec["acquireTime"] = micro_time(wall)
+            if lease is not None:
+                spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
+            else:
+                spec["leaseTransitions"] = 0
+        spec["holderIdentity"] = self.identity if holder is None else holder
+        spec["leaseDurationSeconds"] = duration or max(1, round(self._settings.lease_duration))
+        spec["renewTime"] = micro_time(wall)
+        if self._resumed:
+            marks = self._watermarks()
+            if marks:
+                annotations = dict(metadata.get("annotations") or {})
+                annotations[LEASE_WATERMARK_ANNOTATION] = json.dumps(marks, sort_keys=True)
+                metadata["annotations"] = annotations
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": spec,
+        }
+        verb, path = ("create", self._collection) if lease is None else ("replace", self._path)
+        timeout = max(1.0, min(self._settings.kubectl_timeout, self.renew_deadline))
+        return _lease_from(write_raw(self._settings, verb, path, orjson.dumps(body), timeout))
+
+    def _watermarks(self):
+        """{endpoint id: resourceVersion} up to which every change is settled, per webhook."""
+        # The poller's resourceVersion first: a change it applies after this
+        # read is owed in the outbox, read second, or above the mark anyway.
+        applied = self._poller.applied_rv
+        if applied is not None:
+            self._applied_rv = applied
+        marks = {}
+        for sender in self._senders:
+            last = self._marks.get(sender.endpoint.id)
+            if last is not None:
+                marks[sender.endpoint.id] = last
+            owed = self._store.outbox.owed_versions(sender.endpoint.id, LEASE_WATERMARK_ROWS)
+            if owed is None:
+                continue  # too many to read each renewal: keep the last
+            mark = settled_through(self._applied_rv, owed)
+            if mark is None:
+                self._say_non_integer()
+                continue
+            marks[sender.endpoint.id] = mark
+        self._marks = marks
+        return marks
+
+    def _say_non_integer(self):
+        if not self._non_integer_said:
+            self._non_integer_said = True
+            log.warning(
+                "resourceVersions are not integers here: no watermark is kept, and a "
+                "new holder of Lease %s sends every pod again",
+                self.lease_name,
+            )
+
+    def resume(self, marks):
+        """Newly the holder: settle what the last holder's watermarks cover, then deliver."""
+        started = self._clock()
+        forgotten, owed = 0, 0
+        for sender in self._senders:
+            mark = marks.get(sender.endpoint.id)
+            if mark is None:
+                continue  # a webhook the last holder did not send to: it is owed everything
+            settled, left = self._store.outbox.forget_through(sender.endpoint.id, mark)
+            if settled is None:
+                self._say_non_integer()
+                continue
+            forgotten += settled
+            owed = max(owed, left)
+        lowest = min((int(m) for m in marks.values() if m.lstrip("-").isdigit()), default=None)
+        replayed = self._replay_deletions(lowest) if lowest is not None else 0
+        self._resumed = True
+        self._marks = dict(marks)  # valid until this holder computes its own
+        log.info(
+            "holding Lease %s as %s; resumed from the last holder's watermark "
+            "(%d deliveries settled by it, %d deletions replayed) in %.1f s; delivering",
+            self.lease_name,
+            self.identity,
+            forgotten,
+            replayed,
+            self._clock() - started,
+        )
+        for sender in self._senders:
+            sender.wake()
+
+    def _replay_deletions(self, mark):
+        """Owe the deletions after `mark` that happened before this replica's first list."""
+        first = self._poller.first_listed_rv
+        if not _newer_rv(first, mark):
+            return 0  # the snapshot has seen every change since the mark
+        replayed, rv = 0, str(mark)
+        try:
+            while _newer_rv(first, rv):
+                events = 0
+                for kind, obj in watch_pods(
+                    self._settings, rv, self.stop_event, max(1.0, self.retry_period)
+                ):
+                    events += 1
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if kind == "DELETED" and not _newer_rv(rv, first):
+                        replayed += self._store.snapshot.owe_missed_deletion(pod_entry(obj))
+                    if not _newer_rv(first, rv):
+                        break
+                if not events:
+                    break
+        except Expired:
+            metrics.continuity_gaps.inc()
+            log.warning(
+                "the API server no longer has the changes after the last holder's "
+                "watermark (%s): pods deleted meanwhile cannot be known; the pods "
+                "changed since are sent",
+                mark,
+            )
+        except KubectlError as exc:
+            log.error("cannot replay the deletions after watermark %s: %s", mark, exc)
+        return replayed
+
+    def _settle_by(self, marks):
+        """A standby: drop from the outbox what the holder's watermarks say it settled."""
+        if marks == self._forgotten:
+            return
+        self._forgotten = marks
+        for sender in self._senders:
+            mark = marks.get(sender.endpoint.id)
+            if mark is not None:
+                self._store.outbox.forget_through(sender.endpoint.id, mark)
+
+    def _lose(self, why):
+        """No longer the holder (or never was): stop delivering; say so once."""
+        if self._resumed or self._renewed_at is not None:
+            self._resumed = False
+            self._renewed_at = None
+            self._lease = None
+            if self._leading:
+                log.warning("lost Lease %s (%s); stopped delivering", self.lease_name, why)
+
+    def _note_leading(self):
+        """Log and count a change of leading; fence a holder past its renew deadline."""
+        leading = self.may_deliver()
+        if self._leading and not leading and self._renewed_at is not None:
+            # Fenced: the gate closed by itself at the deadline; this says so.
+            log.warning(
+                "could not renew Lease %s within %g s; stopped delivering; competing again",
+                self.lease_name,
+                self.renew_deadline,
+            )
+            self._resumed = False
+            self._renewed_at = None
+            self._lease = None
+        self._leading = leading
+
+    def release(self):
+        """ReleaseOnCancel: write the last watermarks and an empty holder (after a stop)."""
+        self.stop()
+        self.join(self.renew_deadline + self._settings.kubectl_timeout)
+        lease = self._lease
+        if lease is None or not self._holds(lease):
+            return
+        try:
+            self._write(lease, "renew", self._clock(), holder="", duration=1)
+        except KubectlError as exc:
+            log.warning("cannot release Lease %s: %s; it expires instead", self.lease_name, exc)
+            return
+        finally:
+            self._renewed_at = None
+            self._resumed = False
+        log.info("released Lease %s", self.lease_name)
+
+
+def _lease_from(output):
+    """The Lease in kubectl's output, or raise KubectlError."""
+    try:
+        lease = orjson.loads(output)
+    except orjson.JSONDecodeError:
+        lease = None
+    if not isinstance(lease, dict) or not isinstance(lease.get("metadata"), dict):
+        raise KubectlError("kubectl printed no Lease")
+    return lease
+
+
 # --- Upgrades ----------------------------------------------------------------
 
 
@@ -4878,6 +5571,17 @@ class Metrics:
             "k8svent_newer_version_available",
             "1 when the registry has a newer version (its label), else 0.",
             ["version"],
+            registry=registry,
+        )
+        self.leader = prometheus_client.Gauge(
+            "k8svent_leader",
+            "1 while this replica delivers (it holds the Lease, or runs without one), else 0.",
+            registry=registry,
+        )
+        self.continuity_gaps = prometheus_client.Counter(
+            "k8svent_continuity_gaps",
+            "Takeovers whose watermark the API server's history no longer reached: "
+            "deletions in the gap could not be known.",
             registry=registry,
         )
         self.build = prometheus_client.Info(
@@ -5187,11 +5891,23 @@ CHECK_DEADLINE_SECONDS = 10  # a webhook's answer to the ping
 KUBECTL_SKEW_MINORS = 1  # kubectl supports API servers this many minor versions away
 
 
-def required_permissions(settings):
-    """(verb, resource, namespace or None for all) that a run needs, for `kubectl auth can-i`."""
+def required_permissions(settings, lease_namespace=None):
+    """(verb, resource, namespace or None for all) that a run needs, for `kubectl auth can-i`.
+
+    With --lease, `lease_namespace` is where its Lease is (the pod's own when
+    --lease names none).
+    """
     # One line of `check` each; a feature that needs more (a Lease) adds its own.
     verbs = ("list", "watch") if settings.mode == "watch" else ("list",)
-    return [(verb, "pods", settings.namespace) for verb in verbs]
+    needed = [(verb, "pods", settings.namespace) for verb in verbs]
+    if settings.lease is not None:
+        namespace = settings.lease[0] or lease_namespace
+        needed += [
+            (verb, f"leases.coordination.k8s.io/{settings.lease[1]}", namespace)
+            for verb in ("get", "update", "watch")
+        ]
+        needed.append(("create", "leases.coordination.k8s.io", namespace))
+    return needed
 
 
 def ping_payload():
@@ -5342,7 +6058,10 @@ def run_check(settings, environ, out=None):
     if client is not None:
         cluster_ok, text = _check_cluster(settings, environ, client)
     report("cluster", cluster_ok, text)
-    for verb, resource, namespace in required_permissions(settings):
+    lease_at = None
+    if settings.lease is not None and settings.lease[0] is None and cluster_ok is not False:
+        lease_at = lease_namespace(settings, environ)
+    for verb, resource, namespace in required_permissions(settings, lease_at):
         ok, text = (
             _check_permission(settings, verb, resource, namespace)
             if cluster_ok in (True, None)
@@ -5519,10 +6238,9 @@ def main(argv=None, environ=None):
         log.info("--dry-run leaves state file %s alone", settings.state)
     try:
         # A temporary store is new: which cluster it is of needs no asking.
-        # So is a CloudEvent's source.
-        server = (
-            cluster_server(settings, environ) if state or settings.format != "k8svent" else None
-        )
+        # So is a CloudEvent's source. The state's scope is the cluster's uid.
+        server = cluster_identity(settings, environ) if state else None
+        api_server = cluster_server(settings, environ) if settings.format != "k8svent" else None
         store = Store(
             state,
             scope=None if server is None else state_scope(settings, server),
@@ -5547,10 +6265,24 @@ def main(argv=None, environ=None):
         )
     stop = threading.Event()
     store.outbox.set_endpoints([e.id for e in endpoints])
-    source = cloudevents_source(server)
-    senders = [Sender(e, store, settings, stop, source=source) for e in endpoints]
+    source = cloudevents_source(api_server)
+    elector = None
+    gate = None if settings.lease is None else (lambda: elector.may_deliver())
+    senders = [Sender(e, store, settings, stop, source=source, gate=gate) for e in endpoints]
     poller = (Watcher if settings.mode == "watch" else Poller)(settings, store, senders)
+    if settings.lease is not None:
+        namespace, name = settings.lease
+        elector = LeaderElector(
+            settings,
+            namespace or lease_namespace(settings, environ),
+            name,
+            lease_identity(environ),
+            store,
+            poller,
+            senders,
+        )
     metrics.watch(senders, store, version())
+    metrics.leader.set_function(lambda: 1 if elector is None or elector.may_deliver() else 0)
     log.info(
         "k8svent %s starting (%s mode): %s; webhooks %s",
         version(),
@@ -5604,6 +6336,8 @@ def main(argv=None, environ=None):
                 log.error("%d deliveries failed", failed)
         else:
             poller.start()
+            if elector is not None:
+                elector.start()
             if upgrader is not None:
                 upgrader.start()
             while poller.is_alive():
@@ -5617,7 +6351,7 @@ def main(argv=None, environ=None):
             _quiet_stdout()
             log.info("stdout was closed; stopping")
             status = 0
-        return _shut_down(senders, store, stop, status, settings)
+        return _shut_down(senders, store, stop, status, settings, elector)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -5656,6 +6390,23 @@ def cluster_server(settings, environ):
             f"{environ.get('KUBERNETES_SERVICE_PORT', '443')}"
         )
     return server or None
+
+
+def cluster_identity(settings, environ):
+    """Which cluster the state is of: the kube-system namespace's uid, else the API server."""
+    # In a pod the server is https://kubernetes.default.svc in every cluster:
+    # the uid tells clusters apart (the read needs get on namespaces/kube-system).
+    try:
+        namespace = orjson.loads(
+            run_kubectl(settings, "get", "--raw", "/api/v1/namespaces/kube-system")
+        )
+        uid = (namespace.get("metadata") or {}).get("uid")
+    except (KubectlError, orjson.JSONDecodeError, AttributeError) as exc:
+        log.debug("cannot read the uid of namespace kube-system: %s", exc)
+        uid = None
+    if isinstance(uid, str) and uid:
+        return f"{CLUSTER_UID_SCOPE}{uid}"
+    return cluster_server(settings, environ)
 
 
 def upgrade_decision_here(settings, environ):
@@ -5705,8 +6456,8 @@ def _report_owed(senders, store, settings):
         log.warning("%s", message)
 
 
-def _shut_down(senders, store, stop, status, settings):
-    """Let deliveries in flight finish (bounded), then close; return status."""
+def _shut_down(senders, store, stop, status, settings, elector=None):
+    """Let deliveries in flight finish (bounded), release the Lease, then close; return status."""
     deadline = time.monotonic() + DRAIN_SECONDS
     stop.set()  # no new deliveries, no more retries
     for sender in senders:
@@ -5716,7 +6467,11 @@ def _shut_down(senders, store, stop, status, settings):
     drained = all(s.join(max(0.0, deadline - time.monotonic())) for s in senders)
     for sender in senders:
         sender.close()
-    _report_owed(senders, store, settings)
+    if elector is None or elector.may_deliver():  # a standby owes nothing of its own
+        _report_owed(senders, store, settings)
+    if elector is not None:
+        # With the last watermark: rows still in flight count as owed.
+        elector.release()
     if not drained:
         # Not closed under a worker still at work: SQLite's journal makes
         # the state whole again at the next start.

@@ -6,6 +6,7 @@ Usage: python bench/bench.py [--sizes=1000,10000,50000,150000] [--runs=3]
                              [--latency-pods=20000] [--changes-per-second=300]
                              [--latency-seconds=20] [--resync-pods=50000]
                              [--resync-changes-per-second=50] [--resync-seconds=70]
+                             [--takeover-pods=150000]
 
 Pods come from test/pods.py (generate_items: realistic ~6 KB Deployment
 pods), served by test/kubeapi.py's FakeKubeAPI to the real kubectl. Every
@@ -56,6 +57,8 @@ WATCH_OPEN_TIMEOUT_SECONDS = 600  # the list of 150,000 pods comes first
 SETTLE_SECONDS = 2  # after the watch opened, before the first change
 DRAIN_TIMEOUT_SECONDS = 30  # for receipts after the last change
 MISS = "✗ MISS"
+LEASE_IDLE_SECONDS = 60  # how long the takeover row measures the idle Lease's CPU
+TAKEOVER_CHANGES = 10  # pods changed while no replica delivers
 
 
 # --- measuring processes -----------------------------------------------------
@@ -602,6 +605,129 @@ def resync_table(rows, n, args):
     return "\n".join(out)
 
 
+# --- the takeover: two replicas on a Lease -------------------------------------
+
+
+def _tree_cpu_seconds(pid):
+    """CPU s of a process and of its children it has reaped (kubectl runs), 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLOCK_TICKS_PER_SECOND
+
+
+def _listening_port(log_path, proc, timeout=WATCH_OPEN_TIMEOUT_SECONDS):
+    """The port a k8svent logged it listens on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
+        if match:
+            return int(match.group(1))
+        time.sleep(WATCH_SAMPLE_SECONDS)
+    raise RuntimeError(f"k8svent is not listening; log: {log_path.read_text()[-2000:]}")
+
+
+def _owed(port):
+    """The deliveries a k8svent owes (k8svent_deliveries_owed, summed), from /metrics.
+
+    None when /metrics does not answer within 30 s (the standby is busy listing).
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("k8svent_deliveries_owed{")
+    )
+
+
+def _wait(condition, what, timeout=WATCH_OPEN_TIMEOUT_SECONDS):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(WATCH_SAMPLE_SECONDS)
+
+
+def bench_takeover(api, env, tmp, state, receiver, n):
+    """kill -9 of the holder of the Lease: seconds to the first owed change, re-sends, idle CPU.
+
+    The holder starts from `state` (every pod delivered); the standby is a new
+    pod (a fresh state file) that lists every pod and settles its outbox by the
+    holder's watermark. Both idle for LEASE_IDLE_SECONDS (their CPU, kubectl
+    included); then the holder is killed and TAKEOVER_CHANGES pods change.
+    """
+    holder_state = tmp / "takeover-holder.db"
+    shutil.copy(state, holder_state)
+    procs = {}
+    logs = {}
+    for name, state_file in (("holder", holder_state), ("standby", tmp / "takeover-standby.db")):
+        logs[name] = tmp / f"takeover-{name}.log"
+        with open(logs[name], "wb") as log_file:
+            procs[name] = subprocess.Popen(
+                k8svent_argv(
+                    f"--state={state_file}",
+                    f"--url={receiver.url}",
+                    "--upgrade=never",
+                    "--lease=default/k8svent-bench",
+                    "--listen=127.0.0.1:0",
+                    # No resync: a list of every pod every 600 s is not the
+                    # Lease's cost, and could fall in the idle minute.
+                    "--resync=0",
+                ),
+                env={**env, "HOSTNAME": f"bench-{name}"},
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        if name == "holder":
+            _wait(lambda: "holding Lease" in logs["holder"].read_text(), "the holder")
+    try:
+        port = _listening_port(logs["standby"], procs["standby"])
+        _wait(lambda: "competing for Lease" in logs["standby"].read_text(), "the standby's list")
+        _wait(lambda: _owed(port) == 0, "the standby to settle by the watermark")
+        cpu = {name: _tree_cpu_seconds(proc.pid) for name, proc in procs.items()}
+        time.sleep(LEASE_IDLE_SECONDS)
+        idle = {
+            name: (_tree_cpu_seconds(proc.pid) - cpu[name]) / LEASE_IDLE_SECONDS
+            for name, proc in procs.items()
+        }
+        receiver.record()
+        procs["holder"].kill()
+        killed = time.monotonic()
+        procs["holder"].wait()
+        keys = api.pod_keys()
+        for k in range(TAKEOVER_CHANGES):
+            namespace, name = keys[k * (len(keys) // TAKEOVER_CHANGES)].split("/", 1)
+            pod = api.get_pod(namespace, name)
+            pod["metadata"].setdefault("labels", {})[SEQ_LABEL] = f"99-{k}"  # as SEQ_PATTERN reads
+            api.put_pod(pod)
+        _wait(lambda: len(receiver.receipts()) >= TAKEOVER_CHANGES, "the owed changes", 120)
+        first = min(receiver.receipts().values()) - killed
+        time.sleep(SETTLE_SECONDS)
+        resent = receiver.count - len(receiver.receipts())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        receiver.reset()
+    print(
+        f"  takeover: first owed change {first:.1f} s after kill -9, {resent} re-sent; idle "
+        f"CPU holder {idle['holder']:.3f}, standby {idle['standby']:.3f} cores",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"first": first, "resent": resent, **idle}
+
+
 # --- delivery -----------------------------------------------------------------
 
 
@@ -791,7 +917,7 @@ def checked(row_name, column, cell, target, misses):
     return cell.text
 
 
-def table(sizes, polls, delivery, latency, args):
+def table(sizes, polls, delivery, latency, takeover, args):
     """The one table, in Markdown, and the lines that follow it."""
 
     def cells(fmt, key, ratio_to=None, absent="not run"):
@@ -915,6 +1041,34 @@ def table(sizes, polls, delivery, latency, args):
                 at_most(64),
             ),
         ]
+    duration = 15  # --lease-duration's default
+    if isinstance(takeover, str):
+        lines.append(("takeover after kill -9 of the holder", single(Cell(takeover, None)), None))
+    else:
+        n = args.takeover_pods
+        lines += [
+            (
+                f"takeover, {n:,} pods: kill -9 of the holder to the first owed change "
+                "delivered, s",
+                single(Cell(f"{takeover['first']:.1f}", takeover["first"]), n),
+                at_most(2 * duration + 5),
+            ),
+            (
+                f"takeover, {n:,} pods: pods delivered before and sent again",
+                single(Cell(f"{takeover['resent']}", takeover["resent"]), n),
+                at_most(100),
+            ),
+            (
+                f"Lease, idle holder, {n:,} pods: k8svent + kubectl CPU, % of a core",
+                single(Cell(f"{100 * takeover['holder']:.1f}", 100 * takeover["holder"]), n),
+                at_most(3),
+            ),
+            (
+                f"Lease, idle standby, {n:,} pods: k8svent + kubectl CPU, % of a core",
+                single(Cell(f"{100 * takeover['standby']:.1f}", 100 * takeover["standby"]), n),
+                at_most(3),
+            ),
+        ]
     name = f"deliveries/s to nginx, signed ({args.deliveries:,}) / http.client loop"
     if isinstance(delivery["nginx"], str):
         lines.append((name, single(Cell(delivery["nginx"], None)), at_least(0.4, "x")))
@@ -983,6 +1137,12 @@ def main():
     )
     parser.add_argument("--changes-per-second", type=float, default=300)
     parser.add_argument(
+        "--takeover-pods",
+        type=int,
+        default=150000,
+        help="pods listed for the takeover and Lease rows (0: skip them)",
+    )
+    parser.add_argument(
         "--latency-seconds", type=float, default=20, help="how long pods change in each latency run"
     )
     parser.add_argument(
@@ -998,6 +1158,7 @@ def main():
     resync_rows = None
     polls = {}
     latency = "not run: --latency-pods=0"
+    takeover = "not run: --takeover-pods=0"
     receiver = Receiver().start()
     with tempfile.TemporaryDirectory(prefix="k8svent-bench-") as tmp:
         tmp = Path(tmp)
@@ -1006,6 +1167,8 @@ def main():
             todo.append(args.latency_pods)
         if args.resync_pods and args.resync_pods not in todo:
             todo.append(args.resync_pods)
+        if args.takeover_pods and args.takeover_pods not in todo:
+            todo.append(args.takeover_pods)
         for n in todo:
             with FakeKubeAPI() as api:
                 api.load_items(generate_items(n))
@@ -1027,13 +1190,16 @@ def main():
                 if n == args.resync_pods:
                     print(f"resync beside the watch at {n:,} pods ...", file=sys.stderr, flush=True)
                     resync_rows = bench_resync(api, env, tmp, state, receiver, args)
+                if n == args.takeover_pods:
+                    print(f"takeover at {n:,} pods ...", file=sys.stderr, flush=True)
+                    takeover = bench_takeover(api, env, tmp, state, receiver, n)
                 for path in tmp.glob(f"state-{n}.db*"):
                     path.unlink()
             gc.collect()
         receiver.stop()
         print("deliveries ...", file=sys.stderr, flush=True)
         delivery = bench_delivery(args, tmp)
-    print(table(sizes, polls, delivery, latency, args))
+    print(table(sizes, polls, delivery, latency, takeover, args))
     if resync_rows:
         print()
         print(resync_table(resync_rows, args.resync_pods, args))

@@ -42,6 +42,21 @@ What it speaks (enough for kubectl 1.37):
 - ``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`` (what
   ``kubectl auth can-i`` sends): allowed, unless ``deny(verb, resource)``
   said otherwise; ``access_reviews`` keeps each review's resourceAttributes.
+- ``GET /api/v1/namespaces/NS``: a built-in namespace or one that holds a pod,
+  with a ``metadata.uid`` (``kube-system``'s is ``cluster_uid``, random per server: the
+  cluster's identity as many tools read it).
+- Leases (``coordination.k8s.io/v1``, in discovery under ``/apis``):
+  ``GET``, ``POST`` (create) and ``PUT`` (replace) at
+  ``/apis/coordination.k8s.io/v1/namespaces/NS/leases[/NAME]``. Writes are
+  compare-and-swap on ``metadata.resourceVersion`` as on the real server: a
+  replace with a stale one gets ``409 Conflict``, a create of an existing name
+  ``409 AlreadyExists``, so kubectl prints ``(Conflict)``/``(AlreadyExists)``.
+  Each write takes the next resourceVersion of the server-wide counter (as
+  etcd's revision does) but records no pod event. ``lease(ns, name)`` reads
+  one; ``fail_lease_writes(status)`` makes every Lease write answer that
+  status until ``fail_lease_writes(None)``. ``?watch=1`` on the collection
+  with ``fieldSelector=metadata.name=NAME`` streams each write of that Lease
+  (``open_lease_watches`` counts them).
 - Every error is a ``Status`` object, as the real server sends it.
 - No authentication: the kubeconfig has a user with a token, but client-go
   only sends credentials over TLS, so kubectl sends no Authorization header to
@@ -81,6 +96,8 @@ import select
 import socket
 import threading
 import time
+import uuid
+import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,6 +126,31 @@ HANG_UP_CHECK_SECONDS = 0.1  # how often an idle watch looks for a client that w
 WRITE_CHUNK_ITEMS = 256
 TOKEN = "fake-token"
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
+LEASES_GROUP = "coordination.k8s.io"
+LEASE_RESOURCES = {
+    "kind": "APIResourceList",
+    "apiVersion": "v1",
+    "groupVersion": "coordination.k8s.io/v1",
+    "resources": [
+        {
+            "name": "leases",
+            "singularName": "lease",
+            "namespaced": True,
+            "kind": "Lease",
+            "verbs": [
+                "create",
+                "delete",
+                "deletecollection",
+                "get",
+                "list",
+                "patch",
+                "update",
+                "watch",
+            ],
+            "storageVersionHash": "gqkMMb/YqFM=",
+        }
+    ],
+}
 
 EXPIRED_MESSAGE = (
     "The provided continue parameter is too old to display a consistent list "
@@ -174,6 +216,9 @@ POD_RESOURCES = {
         },
     ],
 }
+
+
+_RV_RE = re.compile(rb'"resourceVersion":"(\d+)"')
 
 
 def status_object(code, message, reason=None, details=None):
@@ -387,6 +432,10 @@ class FakeKubeAPI:
         self.server_version = SERVER_VERSION  # what GET /version answers
         self._denied = set()  # (verb, resource, group) that access reviews deny
         self.access_reviews = []  # resourceAttributes of each review, in arrival order
+        self.cluster_uid = str(uuid.uuid4())  # each server a cluster of its own
+        self._leases = {}  # (namespace, name) -> Lease dict, as stored
+        self._lease_write_failure = None  # a status every Lease write answers
+        self._open_lease_watches = 0
 
     # -- life cycle -------------------------------------------------------
 
@@ -502,7 +551,8 @@ class FakeKubeAPI:
 
         The bytes are compact JSON of the pod without ``apiVersion``/``kind``
         (``pods.generate_items`` makes them) and are served as they are; their
-        resourceVersions are the caller's. The fast way to hold 150,000 pods.
+        resourceVersions are the caller's; the server's counter moves past the
+        largest of them. The fast way to hold 150,000 pods.
         No events are recorded: the history is forgotten, so watches from before
         expire.
         """
@@ -510,6 +560,13 @@ class FakeKubeAPI:
             self._pods = {(namespace, name): data for namespace, name, data in items}
             self._keys = sorted(self._pods)
             self._current = None
+            # Past every item's resourceVersion, as a real server's counter is.
+            highest = max(
+                (int(m.group(1)) for d in self._pods.values() if (m := _RV_RE.search(d))),
+                default=0,
+            )
+            while self._last_resource_version < highest:
+                self._last_resource_version = next(self._resource_version)
             self._forget_history()
 
     def delete_pod(self, namespace, name, *, missed=False):
@@ -566,6 +623,75 @@ class FakeKubeAPI:
         item.update((k, v) for k, v in pod.items() if k not in ("apiVersion", "kind", "metadata"))
         key = (metadata.get("namespace", "default"), metadata["name"])
         return key, _compact(item), metadata["resourceVersion"]
+
+    # -- leases -----------------------------------------------------------
+
+    def lease(self, namespace, name):
+        """The stored Lease (a copy), or None."""
+        with self._lock:
+            lease = self._leases.get((namespace, name))
+            return None if lease is None else json.loads(json.dumps(lease))
+
+    @property
+    def open_lease_watches(self):
+        """How many watches of leases are open now."""
+        with self._lock:
+            return self._open_lease_watches
+
+    def fail_lease_writes(self, status):
+        """Answer every Lease create and replace with ``status`` from now on (None: stop)."""
+        with self._lock:
+            self._lease_write_failure = status
+
+    def _write_lease(self, namespace, name, lease, create):
+        """Create or replace a Lease: (HTTP status, the stored Lease or a Status)."""
+        with self._lock:
+            if self._lease_write_failure is not None:
+                code = self._lease_write_failure
+                return code, status_object(code, _failure_message(code))
+            existing = self._leases.get((namespace, name))
+            qualified = f'leases.{LEASES_GROUP} "{name}"'
+            details = {"name": name, "group": LEASES_GROUP, "kind": "leases"}
+            if create and existing is not None:
+                return 409, status_object(
+                    409, f"{qualified} already exists", "AlreadyExists", details
+                )
+            if not create and existing is None:
+                return 404, status_object(404, f"{qualified} not found", details=details)
+            metadata = dict(lease.get("metadata") or {})
+            if (
+                not create
+                and metadata.get("resourceVersion") != (existing["metadata"]["resourceVersion"])
+            ):
+                return 409, status_object(
+                    409,
+                    f"Operation cannot be fulfilled on {qualified}: the object has been "
+                    "modified; please apply your changes to the latest version and try again",
+                    "Conflict",
+                    details,
+                )
+            self._last_resource_version = next(self._resource_version)
+            metadata.update(
+                name=name,
+                namespace=namespace,
+                resourceVersion=str(self._last_resource_version),
+                uid=(existing or {}).get("metadata", {}).get("uid")
+                or f"lease-{namespace}-{name}-{self._last_resource_version}",
+            )
+            metadata.setdefault(
+                "creationTimestamp",
+                (existing or {}).get("metadata", {}).get("creationTimestamp")
+                or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            stored = {
+                "kind": "Lease",
+                "apiVersion": f"{LEASES_GROUP}/v1",
+                "metadata": metadata,
+                "spec": dict(lease.get("spec") or {}),
+            }
+            self._leases[(namespace, name)] = stored
+            self._changed.notify_all()  # the watches of leases
+            return (201 if create else 200), json.loads(json.dumps(stored))
 
     # -- watch events -----------------------------------------------------
 
@@ -860,7 +986,12 @@ class _Handler(BaseHTTPRequestHandler):
                 request.page = self._page_of(query)
         if self._inject(url.path, request, pod_request is not None):
             return
-        if pod_request is None and len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
+        lease = self._lease_route(parts)
+        if lease is not None and lease[1] is not None:
+            self._get_lease(*lease)
+        elif lease is not None and query.get("watch") in ("1", "true"):
+            self._watch_lease(lease[0], query)
+        elif pod_request is None and len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
             self._namespace(parts[3])
         elif pod_request is None:
             self._discovery(url.path)
@@ -873,7 +1004,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _other(self):
         self.server.api._record(self.command, self.path)
-        self._drain()
+        body = self._drain()
+        parts = [p for p in urlsplit(self.path).path.split("/") if p]
+        lease = self._lease_route(parts)
+        if lease is not None and (self.command, lease[1] is None) in (
+            ("POST", True),
+            ("PUT", False),
+        ):
+            self._put_lease(lease[0], lease[1], body)
+            return
         self._send_status(
             405, f"the server does not allow this method on the requested resource ({self.command})"
         )
@@ -905,10 +1044,110 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self._send_json(201, review)
 
+    @staticmethod
+    def _lease_route(parts):
+        """(namespace, name or None) for a Lease path, else None."""
+        if (
+            len(parts) in (6, 7)
+            and parts[:4] == ["apis", LEASES_GROUP, "v1", "namespaces"]
+            and parts[5] == "leases"
+        ):
+            return parts[4], parts[6] if len(parts) == 7 else None
+        return None
+
+    def _get_lease(self, namespace, name):
+        lease = self.server.api.lease(namespace, name)
+        if lease is None:
+            self._send_status(
+                404,
+                f'leases.{LEASES_GROUP} "{name}" not found',
+                details={"name": name, "group": LEASES_GROUP, "kind": "leases"},
+            )
+            return
+        self._send_json(200, lease)
+
+    def _watch_lease(self, namespace, query):
+        """Stream the Lease named by fieldSelector=metadata.name=NAME as it is written.
+
+        Each write is an event (ADDED or MODIFIED) with the Lease as stored; a
+        Lease newer than ``resourceVersion`` is sent at once. Ends at
+        ``timeoutSeconds``; no history, no bookmarks.
+        """
+        api = self.server.api
+        match = re.fullmatch(r"metadata\.name==?([^,]+)", query.get("fieldSelector", ""))
+        if match is None:
+            self._send_status(400, "a watch of leases needs fieldSelector=metadata.name=NAME")
+            return
+        name = match.group(1)
+        try:
+            seen = int(query.get("resourceVersion") or 0)
+            deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        except ValueError:
+            self._send_status(400, f"invalid watch parameters: {self.path}")
+            return
+        with api._lock:
+            api._open_lease_watches += 1
+            api._changed.notify_all()
+        try:
+            self._start_chunked()
+            while True:
+                with api._lock:
+                    while True:
+                        lease = api._leases.get((namespace, name))
+                        version = int(lease["metadata"]["resourceVersion"]) if lease else 0
+                        remaining = deadline - time.monotonic()
+                        if version > seen or remaining <= 0 or api._stopping.is_set():
+                            break
+                        if self._hung_up():
+                            return
+                        api._changed.wait(min(remaining, HANG_UP_CHECK_SECONDS))
+                    lease = json.loads(json.dumps(lease)) if version > seen else None
+                if lease is None:
+                    break
+                kind = "ADDED" if seen == 0 else "MODIFIED"
+                seen = version
+                self._write_chunk(_compact({"type": kind, "object": lease}) + b"\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            with api._lock:
+                api._open_lease_watches -= 1
+                api._changed.notify_all()
+
+    def _put_lease(self, namespace, name, body):
+        try:
+            lease = json.loads(body)
+            if not isinstance(lease, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            self._send_status(400, f"the body of the request is not a Lease: {exc}")
+            return
+        create = name is None
+        if create:
+            name = (lease.get("metadata") or {}).get("name")
+            if not name:
+                self._send_status(
+                    422, "Lease.coordination.k8s.io is invalid: metadata.name: Required value"
+                )
+                return
+        code, answer = self.server.api._write_lease(namespace, name, lease, create)
+        self._send_json(code, answer)
+
     def _drain(self):
+        """Read the request's body (kubectl's --raw -f sends it chunked); return it."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(body)
+                body.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        return self.rfile.read(length) if length else b""
 
     @staticmethod
     def _pod_route(parts):
@@ -971,7 +1210,11 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
         elif path == "/apis":
-            self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            version = {"groupVersion": f"{LEASES_GROUP}/v1", "version": "v1"}
+            group = {"name": LEASES_GROUP, "versions": [version], "preferredVersion": version}
+            self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+        elif path == f"/apis/{LEASES_GROUP}/v1":
+            self._send_json(200, LEASE_RESOURCES)
         elif path == "/api/v1":
             self._send_json(200, POD_RESOURCES)
         else:
@@ -997,6 +1240,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "apiVersion": "v1",
                 "metadata": {
                     "name": namespace,
+                    "uid": api.cluster_uid
+                    if namespace == "kube-system"
+                    else f"00000000-0000-4000-8000-{zlib.crc32(namespace.encode()):012x}",
                     "labels": {"kubernetes.io/metadata.name": namespace},
                 },
                 "spec": {"finalizers": ["kubernetes"]},

@@ -154,13 +154,33 @@ def test_a_kubectl_outside_the_skew_is_a_warning(kubeapi, kubeconfig, kubectl_pa
         ([], [("list", "pods", None), ("watch", "pods", None)]),
         (["--mode=poll"], [("list", "pods", None)]),
         (["-n", "shop"], [("list", "pods", "shop"), ("watch", "pods", "shop")]),
+        (
+            ["--mode=poll", "--lease=ops/k8svent"],
+            [
+                ("list", "pods", None),
+                ("get", "leases.coordination.k8s.io/k8svent", "ops"),
+                ("update", "leases.coordination.k8s.io/k8svent", "ops"),
+                ("watch", "leases.coordination.k8s.io/k8svent", "ops"),
+                ("create", "leases.coordination.k8s.io", "ops"),
+            ],
+        ),
+        (
+            ["--mode=poll", "--lease=k8svent"],  # the Lease in the pod's own namespace
+            [
+                ("list", "pods", None),
+                ("get", "leases.coordination.k8s.io/k8svent", "mine"),
+                ("update", "leases.coordination.k8s.io/k8svent", "mine"),
+                ("watch", "leases.coordination.k8s.io/k8svent", "mine"),
+                ("create", "leases.coordination.k8s.io", "mine"),
+            ],
+        ),
     ],
 )
 def test_required_permissions(argv, needed):
     settings = k8svent.settings_from(
         k8svent.parse_arguments(["check", "-u", "http://a", *argv]), {}
     )
-    assert settings.check and k8svent.required_permissions(settings) == needed
+    assert settings.check and k8svent.required_permissions(settings, "mine") == needed
 
 
 @pytest.mark.parametrize(

@@ -728,3 +728,113 @@ def test_bad_selector_is_a_bad_request(kubeapi, labelled_pods, query, message):
 def test_matches(labels, label_selector, field_selector, selected):
     pod = {"metadata": {"namespace": "ns", "name": "p", "labels": labels}}
     assert kubeapi_module.matches(pod, label_selector, field_selector) is selected
+
+
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/default/leases"
+
+
+def lease_body(name, holder, resource_version=None):
+    metadata = {"name": name}
+    if resource_version is not None:
+        metadata["resourceVersion"] = resource_version
+    return json.dumps(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15},
+        }
+    )
+
+
+def kubectl_write(kubectl_path, verb, path, body):
+    return subprocess.run(
+        [kubectl_path, verb, "--raw", path, "-f", "-"],
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_lease_get_create_replace_with_compare_and_swap(kubeapi, kubeconfig, kubectl_path):
+    missing = kubectl(kubectl_path, "get", "--raw", f"{LEASES}/k8svent")
+    assert missing.returncode == 1
+    assert '(NotFound): leases.coordination.k8s.io "k8svent" not found' in missing.stderr
+
+    created = kubectl_write(kubectl_path, "create", LEASES, lease_body("k8svent", "a"))
+    assert created.returncode == 0, created.stderr
+    lease = json.loads(created.stdout)
+    assert lease["spec"]["holderIdentity"] == "a"
+    rv = lease["metadata"]["resourceVersion"]
+    assert int(rv) > kubeapi_module.FIRST_RESOURCE_VERSION
+    assert kubeapi.resource_version == rv  # a write moves the server's counter
+
+    again = kubectl_write(kubectl_path, "create", LEASES, lease_body("k8svent", "b"))
+    assert again.returncode == 1 and "(AlreadyExists)" in again.stderr
+
+    replaced = kubectl_write(
+        kubectl_path, "replace", f"{LEASES}/k8svent", lease_body("k8svent", "b", rv)
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(replaced.stdout)["metadata"]["resourceVersion"] != rv
+    stale = kubectl_write(
+        kubectl_path, "replace", f"{LEASES}/k8svent", lease_body("k8svent", "c", rv)
+    )
+    assert stale.returncode == 1 and "(Conflict)" in stale.stderr
+    got = json.loads(kubectl(kubectl_path, "get", "--raw", f"{LEASES}/k8svent").stdout)
+    assert got["spec"]["holderIdentity"] == "b"
+    assert kubeapi.lease("default", "k8svent") == got
+
+
+def test_lease_writes_can_be_made_to_fail(kubeapi, kubeconfig, kubectl_path):
+    kubeapi.fail_lease_writes(500)
+    failed = kubectl_write(kubectl_path, "create", LEASES, lease_body("k8svent", "a"))
+    assert failed.returncode == 1 and "(InternalError)" in failed.stderr
+    assert kubeapi.lease("default", "k8svent") is None
+    kubeapi.fail_lease_writes(None)
+    assert kubectl_write(kubectl_path, "create", LEASES, lease_body("k8svent", "a")).returncode == 0
+
+
+def test_kubectl_knows_the_lease_api_and_the_cluster_uid(kubeapi, kubeconfig, kubectl_path):
+    explained = kubectl(kubectl_path, "api-resources", "--api-group=coordination.k8s.io")
+    assert explained.returncode == 0 and "leases" in explained.stdout
+    namespace = json.loads(
+        kubectl(kubectl_path, "get", "--raw", "/api/v1/namespaces/kube-system").stdout
+    )
+    assert namespace["metadata"]["uid"] == kubeapi.cluster_uid
+
+
+def test_watch_of_a_lease_streams_its_writes(kubeapi, kubeconfig, kubectl_path):
+    created = json.loads(
+        kubectl_write(kubectl_path, "create", LEASES, lease_body("k8svent", "a")).stdout
+    )
+    rv = created["metadata"]["resourceVersion"]
+    query = urllib.parse.urlencode(
+        {
+            "watch": "1",
+            "fieldSelector": "metadata.name=k8svent",
+            "resourceVersion": rv,
+            "timeoutSeconds": "5",
+        }
+    )
+    watcher = subprocess.Popen(
+        [kubectl_path, "get", "--raw", f"{LEASES}?{query}"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while kubeapi.open_lease_watches != 1:
+            assert time.monotonic() < deadline, "the watch never opened"
+            time.sleep(0.05)
+        replaced = kubectl_write(
+            kubectl_path, "replace", f"{LEASES}/k8svent", lease_body("k8svent", "b", rv)
+        )
+        assert replaced.returncode == 0, replaced.stderr
+        event = json.loads(watcher.stdout.readline())
+        assert event["type"] == "MODIFIED"
+        assert event["object"]["spec"]["holderIdentity"] == "b"
+        assert watcher.wait(10) == 0  # timeoutSeconds ends it normally
+    finally:
+        watcher.kill()
+        watcher.wait()

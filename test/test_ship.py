@@ -44,7 +44,22 @@ KUBECTL_PEAK_MIB = 64
 
 # What the code runs: `kubectl get --raw /api/v1/pods` and
 # `kubectl get pod POD_NAME -o json`.
-ALLOWED_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+ALLOWED_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": [""],
+        "resources": ["namespaces"],
+        "resourceNames": ["kube-system"],
+        "verbs": ["get"],
+    },
+]
+LEASE_RULES = [
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["create", "get", "update", "watch"],
+    }
+]
 
 # Pod Security Standards, "restricted" profile.
 RESTRICTED_VOLUME_TYPES = {
@@ -190,8 +205,11 @@ def test_deploy_yaml_has_what_apply_needs():
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "NetworkPolicy",
             "Deployment",
+            "PodDisruptionBudget",
         ]
     )
     for doc in load_deploy():
@@ -253,11 +271,27 @@ def test_read_only_root_has_a_writable_tmp():
 # ---- deploy.yaml: RBAC -------------------------------------------------------------
 
 
-def test_rbac_grants_only_get_list_and_watch_pods():
-    roles = objects_of_kind("ClusterRole") + objects_of_kind("Role")
-    assert len(roles) == 1
-    rules = [{key: sorted(rule.get(key, [])) for key in rule} for rule in roles[0]["rules"]]
-    assert rules == ALLOWED_RULES
+def test_rbac_grants_only_reads_and_the_lease():
+    roles = {
+        role["kind"]: role for role in objects_of_kind("ClusterRole") + objects_of_kind("Role")
+    }
+    assert len(roles) == 2
+    for kind, allowed in (("ClusterRole", ALLOWED_RULES), ("Role", LEASE_RULES)):
+        rules = [{key: sorted(rule.get(key, [])) for key in rule} for rule in roles[kind]["rules"]]
+        assert rules == allowed, kind
+
+
+def test_the_lease_role_is_bound_to_the_service_account_in_its_namespace():
+    role, binding = the_one("Role"), the_one("RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "k8svent"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "k8svent", "namespace": "k8svent"}
+    ]
 
 
 def test_rbac_binds_the_role_to_the_pods_service_account():
@@ -283,10 +317,23 @@ def test_rbac_binds_the_role_to_the_pods_service_account():
 # ---- deploy.yaml: the Deployment -------------------------------------------------
 
 
-def test_one_replica_never_two_at_once():
+def test_two_replicas_one_lease_a_standby_always_there():
     deployment = the_one("Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert env_of(the_container())["K8SVENT_LEASE"]["value"] == "k8svent"
+    budget = the_one("PodDisruptionBudget")["spec"]
+    assert budget["minAvailable"] == 1
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["selector"] == {"matchLabels": labels}
+    (term,) = pod_spec()["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"] == {"matchLabels": labels}
 
 
 def test_image_follows_the_latest_channel():
@@ -405,12 +452,12 @@ def test_the_docs_show_the_namespaced_variant():
     text = DEPLOYING_DOC.read_text()
     section = text.split("\n## Watching one namespace only\n", 1)[1].split("\n## ", 1)[0]
     rbac, env = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    variant = {doc["kind"]: doc for doc in namespaced_variant()}
+    variant = {(doc["kind"], doc["metadata"]["name"]): doc for doc in namespaced_variant()}
     shown = list(yaml.safe_load_all(rbac))
     assert [doc["kind"] for doc in shown] == ["Role", "RoleBinding"]
     for doc in shown:
-        assert doc == _the_part_shown(variant[doc["kind"]], doc)
-    container = variant["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        assert doc == _the_part_shown(variant[(doc["kind"], doc["metadata"]["name"])], doc)
+    container = variant[("Deployment", "k8svent")]["spec"]["template"]["spec"]["containers"][0]
     assert yaml.safe_load(env) == container["env"][-1:]
 
 
