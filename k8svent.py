@@ -2799,29 +2799,47 @@ def _end_get_raw(process, timer, stream):
         _stop_quietly(process, kill=True)
 
 
+class _Page:
+    """One page of a pod list on its way: its kubectl, printing into a pipe, and the
+    _PageHead that reads the pipe."""
+
+    def __init__(self, settings, path, stop):
+        self.process, self.timer, read_fd = _start_get_raw(
+            settings, path, settings.kubectl_timeout, stop
+        )
+        self.head = _PageHead(read_fd)
+
+    def items(self, settings):
+        """Yield the page's items as kubectl prints them; return (continue token, RV)."""
+        head = self.head
+        try:
+            yield from ijson.items(head, "items.item", use_float=True)
+        except ijson.JSONError as exc:
+            if head.at_eof:  # a kubectl that failed explains it better
+                _wait_kubectl(self.process, self.timer, settings)
+            raise KubectlError(
+                f"kubectl printed no valid pod list ({type(exc).__name__}: {cut(str(exc), 100)})"
+            ) from None
+        _wait_kubectl(self.process, self.timer, settings)
+        if not head.has_items:
+            raise KubectlError("kubectl printed no valid pod list (no items)")
+        return head.token, head.resource_version
+
+    def close(self):
+        _end_get_raw(self.process, self.timer, self.head)
+
+
 def stream_pod_page(settings, path, stop=None):
     """Yield the items of one page as kubectl prints them; return (continue token, RV).
 
     kubectl writes into a pipe that is parsed as it arrives (ijson), so only
     the pod being read is in memory, whatever the size of the page.
     """
-    process, timer, read_fd = _start_get_raw(settings, path, settings.kubectl_timeout, stop)
-    head = _PageHead(read_fd)
+    page = _Page(settings, path, stop)
     try:
-        try:
-            yield from ijson.items(head, "items.item", use_float=True)
-        except ijson.JSONError as exc:
-            if head.at_eof:  # a kubectl that failed explains it better
-                _wait_kubectl(process, timer, settings)
-            raise KubectlError(
-                f"kubectl printed no valid pod list ({type(exc).__name__}: {cut(str(exc), 100)})"
-            ) from None
-        _wait_kubectl(process, timer, settings)
-        if not head.has_items:
-            raise KubectlError("kubectl printed no valid pod list (no items)")
-        return head.token, head.resource_version
+        return (yield from page.items(settings))
     finally:
-        _end_get_raw(process, timer, head)
+        page.close()
 
 
 def _wait_kubectl(process, timer, settings, doing="listing pods"):
@@ -2847,19 +2865,49 @@ def list_pods(settings, stop=None, listed=None):
     `listed`, a dict, gets the list's resourceVersion (to watch from). A
     continue token the server no longer knows raises Expired: the caller
     lists again from the start, forgetting what it read.
+
+    A PodList's metadata, and so its continue token, comes before its items:
+    the next page's kubectl starts as soon as the token is read, and fetches
+    its page (kubectl reads a whole page before it prints) while this one is
+    parsed. At most two kubectls run at once; the next one's output waits in
+    its pipe.
     """
-    token = None
-    while True:
-        first = token is None
-        token, resource_version = yield from stream_pod_page(
-            settings, stop=stop, path=pods_url(settings, limit=settings.chunk_size, continue_=token)
-        )
-        if listed is not None:
-            listed["pages"] = listed.get("pages", 0) + 1
-            if first:
-                listed["resourceVersion"] = resource_version
-        if not token:
-            return
+    page = _Page(settings, pods_url(settings, limit=settings.chunk_size), stop)
+    following = None
+    first = True
+    try:
+        while True:
+            items = page.items(settings)
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration as end:
+                    token, resource_version = end.value
+                    break
+                if following is None and page.head.has_metadata and page.head.token:
+                    following = _Page(
+                        settings,
+                        pods_url(settings, limit=settings.chunk_size, continue_=page.head.token),
+                        stop,
+                    )
+                yield item
+            page.close()
+            if listed is not None:
+                listed["pages"] = listed.get("pages", 0) + 1
+                if first:
+                    listed["resourceVersion"] = resource_version
+            first = False
+            if not token:
+                return
+            page, following = following, None
+            if page is None:  # a page of no items, or metadata after them
+                page = _Page(
+                    settings, pods_url(settings, limit=settings.chunk_size, continue_=token), stop
+                )
+    finally:
+        page.close()
+        if following is not None:
+            following.close()
 
 
 def watch_event(line):

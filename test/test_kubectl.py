@@ -1,5 +1,6 @@
 """The kubectl section: URLs, watch events, and watch_pods with the real kubectl."""
 
+import os
 import queue
 import threading
 import time
@@ -164,6 +165,62 @@ def watching(kubeapi, settings):
 def summary(event):
     kind, obj = event
     return kind, k8svent.pod_key(obj), obj["metadata"]["resourceVersion"]
+
+
+def _wait_for(condition, seconds=EVENT_WAIT_SECONDS):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_list_pods_fetches_the_next_page_while_this_one_is_read(kubeapi, kubeconfig, kubectl_path):
+    settings = k8svent.Settings(kubectl=kubectl_path, kubectl_timeout=10, chunk_size=2)
+    for i in range(5):
+        kubeapi.put_pod(make_pod("shop", f"web-7c79c4bf97-{i}abcd"))
+    listed = {}
+    pods = k8svent.list_pods(settings, listed=listed)
+    first = next(pods)
+
+    def continued():
+        return sum("continue=" in path for _, path in kubeapi.requests)
+
+    # The first page is not read to its end, and the second is asked for.
+    assert _wait_for(lambda: continued() == 1)
+    keys = [k8svent.pod_key(first), *(k8svent.pod_key(item) for item in pods)]
+    assert keys == sorted(kubeapi.pod_keys()) and listed["pages"] == 3
+    assert continued() == 2  # one request a page, no more
+
+
+def _kubectl_children():
+    """The pids of this process's kubectl children that have not been reaped."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            with open(f"/proc/{entry}/comm") as comm:
+                name = comm.read().strip()
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if int(fields[1]) == os.getpid() and name == "kubectl":
+            pids.append(int(entry))
+    return pids
+
+
+def test_list_pods_stops_both_kubectls_when_the_reader_stops(kubeapi, kubeconfig, kubectl_path):
+    settings = k8svent.Settings(kubectl=kubectl_path, kubectl_timeout=10, chunk_size=2)
+    for i in range(5):
+        kubeapi.put_pod(make_pod("shop", f"web-7c79c4bf97-{i}abcd"))
+    kubeapi.hang(60, page=1)  # the next page's kubectl waits for its answer
+    pods = k8svent.list_pods(settings)
+    next(pods)
+    assert _wait_for(lambda: any("continue=" in path for _, path in kubeapi.requests))
+    assert _kubectl_children()
+    pods.close()
+    assert _kubectl_children() == []
 
 
 @pytest.mark.parametrize("typed", [True, False])
