@@ -178,6 +178,11 @@ DOWN_AFTER_FAILURES = 3
 DOWN_LOG_SECONDS = 60  # while a webhook is down, a line this often
 REFUSED_LOG_SECONDS = 60  # refused deliveries: one line per webhook this often
 HOUSEKEEPING_SECONDS = 2  # how often a webhook's outbox is looked over
+# Deliveries done are settled (their rows deleted) together, one transaction
+# for those of up to this long or this many: a commit each costs more than
+# the rows. Their lanes stay busy until then.
+SETTLE_SECONDS = 0.05
+SETTLE_BATCH = 64
 EARLY_PROBE_SECONDS = 5  # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
@@ -1407,6 +1412,13 @@ CREATE TABLE IF NOT EXISTS staged (
     body BLOB NOT NULL,
     uid TEXT
 );
+CREATE TEMP TABLE IF NOT EXISTS applying (
+    key TEXT PRIMARY KEY,
+    fp BLOB NOT NULL,
+    duress INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    uid TEXT
+);
 CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY, kind TEXT NOT NULL);
 CREATE TEMP TABLE IF NOT EXISTS sending (kind TEXT PRIMARY KEY);
 """
@@ -1478,12 +1490,22 @@ DELETE FROM outbox WHERE rowid IN (
 """
 
 
-def _owe(db, where, kind, endpoints="1", all_sent=False, msg_id_sql=_NEW_MSG_ID_SQL, **params):
+def _owe(
+    db,
+    where,
+    kind,
+    endpoints="1",
+    all_sent=False,
+    msg_id_sql=_NEW_MSG_ID_SQL,
+    gone=True,
+    **params,
+):
     """Owe the pods chosen by `where` as changes of `kind` (SQL; see _OWE_SQL), in the
     order of a lane's changes.
 
-    The deletions of earlier uids first, then the pods that hold the names:
-    one statement each, so that each new row sees those before it. With
+    The deletions of earlier uids first (unless `gone` is false: none can be
+    chosen), then the pods that hold the names: one statement each, so that
+    each new row sees those before it. With
     all_sent (every kind is sent), no row can owe a kind not sent: _UNSENT_SQL,
     half the CPU of a change, is skipped. New message ids are made by
     `msg_id_sql`.
@@ -1493,8 +1515,8 @@ def _owe(db, where, kind, endpoints="1", all_sent=False, msg_id_sql=_NEW_MSG_ID_
     if not all_sent:
         db.execute(_UNSENT_SQL.format(**parts), params)
     sql = _OWE_SQL.replace(_NEW_MSG_ID_SQL, msg_id_sql)
-    for gone in (1, 0):
-        db.execute(sql.format(**parts), {**_owe_times(), **params, "gone": gone})
+    for apart in (1, 0) if gone else (0,):
+        db.execute(sql.format(**parts), {**_owe_times(), **params, "gone": apart})
 
 
 def _owe_times():
@@ -1993,17 +2015,22 @@ class Outbox:
                     "'new'",
                     "e.id = :endpoint",
                     all_sent=self._store.all_sent,
+                    gone=False,
                     endpoint=new,
                 )
             self._store.drop_bodies(db)
 
     def owe_marked(self, db):
         """Owe every pod the snapshot marked to every webhook (in the caller's transaction)."""
+        gone = db.execute(
+            f"SELECT 1 FROM marked WHERE instr(key, '{_GONE_SEPARATOR}') > 0 LIMIT 1"
+        ).fetchone()
         _owe(
             db,
             "p.key IN (SELECT key FROM marked)",
             "(SELECT m.kind FROM marked m WHERE m.key = p.key)",
             all_sent=self._store.all_sent,
+            gone=gone is not None,
         )
         if not self._store.all_sent:
             # A change of a kind not sent is owed to nobody: its body goes now.
@@ -2022,6 +2049,7 @@ class Outbox:
             "'unhealthy'",
             all_sent=self._store.all_sent,
             msg_id_sql=_RESEND_MSG_ID_SQL,
+            gone=False,  # an earlier uid's row is a deleted pod
         )
         (count,) = db.execute("SELECT count(*) FROM pods WHERE duress = 1 AND deleted = 0")
         return count[0]
@@ -2235,8 +2263,8 @@ class Snapshot:
         with self._store.transaction() as db:
             return self._stage(db, entries)
 
-    def _stage(self, db, entries):
-        """apply_page in a transaction of the caller's."""
+    def _stage(self, db, entries, table="staged"):
+        """apply_page in a transaction of the caller's, staging in `table`."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
         keys = [e.key for e in entries]
         known = {}
@@ -2288,7 +2316,7 @@ class Snapshot:
         # complete: a poll that fails changes nothing. A refill is the very
         # state the snapshot holds already.
         db.executemany(
-            "INSERT OR REPLACE INTO staged (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO {table} (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
             upserts,
         )
         db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
@@ -2334,11 +2362,12 @@ class Snapshot:
 
     def apply(self, entries):
         """Take these pods now (outside a list), owing the new and changed; counts by reason."""
+        # Staged in a TEMP table: a change of a few pods writes no staging
+        # pages to the state file, and a list staging meanwhile keeps its own.
         with self._store.transaction() as db:
-            db.execute("DELETE FROM staged")
-            counts = self._stage(db, entries)
+            counts = self._stage(db, entries, "applying")
             if counts["new"] or counts["changed"]:
-                self._merge_staged(db)
+                self._merge_staged(db, "applying")
                 self._outbox.owe_marked(db)
         return counts
 
@@ -2367,7 +2396,7 @@ class Snapshot:
         return True
 
     @staticmethod
-    def _merge_staged(db):
+    def _merge_staged(db, table="staged"):
         """Move staged pods into the snapshot and mark them to be owed.
 
         Returns how many pods this found deleted: those created again under
@@ -2377,7 +2406,7 @@ class Snapshot:
         # state goes out as deleted, apart from the new pod. So does a deleted
         # pod not yet told to every webhook when a new one takes its name.
         replaced = db.execute(
-            "SELECT s.key, p.uid, p.deleted, b.body FROM staged s"
+            f"SELECT s.key, p.uid, p.deleted, b.body FROM {table} s"
             " JOIN pods p ON p.key = s.key LEFT JOIN bodies b ON b.key = s.key"
             f" WHERE (p.deleted = 0 AND p.uid != s.uid) OR (p.deleted = 1 AND {_OWED_SQL})"
         ).fetchall()
@@ -2392,17 +2421,17 @@ class Snapshot:
         db.execute(
             "INSERT OR IGNORE INTO marked SELECT s.key, CASE WHEN p.key IS NULL"
             " OR p.deleted = 1 OR p.uid != s.uid THEN 'new' ELSE 'changed' END"
-            " FROM staged s LEFT JOIN pods p ON p.key = s.key"
+            f" FROM {table} s LEFT JOIN pods p ON p.key = s.key"
         )
         db.execute(
             "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-            " SELECT key, fp, duress, 0, uid FROM staged"
+            f" SELECT key, fp, duress, 0, uid FROM {table}"
         )
         db.execute(
-            "INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM staged"
+            f"INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM {table}"
             " WHERE length(body) > 0"
         )
-        db.execute("DELETE FROM staged")
+        db.execute(f"DELETE FROM {table}")
         return sum(1 for _, _, deleted, _ in replaced if not deleted)
 
     @staticmethod
@@ -3379,6 +3408,7 @@ class Sender:
         self._cond = threading.Condition()
         self._busy = set()  # lanes in flight, in _ready or in _done: one delivery each
         self._done = []  # (lane, key, msg_id) delivered, their rows not yet deleted
+        self._settle_at = 0.0  # when _done is settled at the latest
         self._ready = collections.deque()  # claimed rows no worker has taken yet
         self._idle_waiters = 0  # threads in wait_idle
         self.up = True
@@ -3456,6 +3486,8 @@ class Sender:
                     self._store_failed(f"cannot record the delivery of {taken.key}", exc)
             with self._cond:
                 if outcome is not None and outcome[0] in ("success", "rejected"):
+                    if not self._done:
+                        self._settle_at = self._clock() + SETTLE_SECONDS
                     self._done.append((taken.lane, taken.key, taken.msg_id))  # busy till settled
                 else:
                     self._busy.discard(taken.lane)
@@ -3500,8 +3532,9 @@ class Sender:
             return None, HOUSEKEEPING_SECONDS
         if self._ready:
             return self._ready.popleft(), None
-        self._settle_done()
         now = self._clock()
+        if len(self._done) >= SETTLE_BATCH or now >= self._settle_at:
+            self._settle_done()
         if now >= self._housekept + HOUSEKEEPING_SECONDS:
             self._housekeep(now)
         limit = HOUSEKEEPING_SECONDS
@@ -3523,6 +3556,8 @@ class Sender:
         )
         if not claimed:
             due = self._outbox.next_due(self.endpoint.id, self._busy)
+            if self._done:  # its lanes may be owed more: look again once settled
+                due = self._settle_at if due is None else min(due, self._settle_at)
             return None, limit if due is None else min(limit, max(0.01, due - now))
         self._busy.update(owed.lane for owed in claimed)
         if not self.up:
