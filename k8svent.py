@@ -873,8 +873,13 @@ def change_message_id(pod_bytes):
     """The webhook-id of a change: one per (pod uid, resourceVersion, kind), on any replica."""
     pod = orjson.loads(pod_bytes)
     metadata = pod.get("metadata") or {}
-    kind = "deleted" if (pod.get("status") or {}).get("phase") == DELETED_PHASE else "changed"
-    change = f"{metadata.get('uid')}|{metadata.get('resourceVersion')}|{kind}"
+    deleted = (pod.get("status") or {}).get("phase") == DELETED_PHASE
+    return _change_id(metadata.get("uid"), metadata.get("resourceVersion"), deleted)
+
+
+def _change_id(uid, resource_version, deleted):
+    """change_message_id from a pod's uid and resourceVersion, and whether it was deleted."""
+    change = f"{uid}|{resource_version}|{'deleted' if deleted else 'changed'}"
     return (
         MESSAGE_ID_PREFIX
         + hashlib.sha256(change.encode()).hexdigest()[: 2 * MESSAGE_ID_RANDOM_BYTES]
@@ -885,6 +890,8 @@ def delivery_message_id(owed):
     """The webhook-id of an outbox row: its change's, or a new one for a deliberate re-send."""
     if owed.msg_id.startswith(RESEND_ID_PREFIX):  # a pod under duress, sent again
         return MESSAGE_ID_PREFIX + owed.msg_id[len(RESEND_ID_PREFIX) :]
+    if owed.rv is not None:  # as the body says, without reading it
+        return _change_id(owed.uid, owed.rv, owed.deleted)
     return change_message_id(owed.body)
 
 
@@ -1378,7 +1385,8 @@ CREATE TABLE IF NOT EXISTS pods (
     fp BLOB NOT NULL,
     duress INTEGER NOT NULL,
     deleted INTEGER NOT NULL,
-    uid TEXT
+    uid TEXT,
+    rv TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bodies (key TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -1410,19 +1418,26 @@ CREATE TABLE IF NOT EXISTS staged (
     fp BLOB NOT NULL,
     duress INTEGER NOT NULL,
     body BLOB NOT NULL,
-    uid TEXT
+    uid TEXT,
+    rv TEXT
 );
 CREATE TEMP TABLE IF NOT EXISTS applying (
     key TEXT PRIMARY KEY,
     fp BLOB NOT NULL,
     duress INTEGER NOT NULL,
     body BLOB NOT NULL,
-    uid TEXT
+    uid TEXT,
+    rv TEXT
 );
 CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY, kind TEXT NOT NULL);
 CREATE TEMP TABLE IF NOT EXISTS sending (kind TEXT PRIMARY KEY);
 """
 _SCHEMA_VERSION = 5
+# Columns added since a schema version was written, each NULL in older rows
+# (and ignored by an older k8svent): added in place on open, no new version.
+# pods.rv is the resourceVersion of the state the row and its body hold, or
+# NULL when not known (a stub, a row from before).
+_ADDED_COLUMNS = (("pods", "rv", "TEXT"), ("staged", "rv", "TEXT"))
 _BODY_ZLIB_LEVEL = 1  # about 2.4x smaller than the JSON, fast
 # The -wal file is cut back to this after a checkpoint (SQLite leaves it at
 # the size of the largest transaction, such as a first list, otherwise).
@@ -1575,22 +1590,30 @@ def endpoint_id(url):
     return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
-PodEntry = collections.namedtuple("PodEntry", "key uid fp duress body")
+PodEntry = collections.namedtuple("PodEntry", "key uid fp duress body rv")
 
 
 def pod_entry(pod):
-    """What the store keeps of a pod: key, uid, fingerprint, duress and bytes."""
+    """What the store keeps of a pod: key, uid, fingerprint, duress, bytes and resourceVersion."""
     pod_bytes = encode_pod(pod)
+    metadata = pod.get("metadata") or {}
     return PodEntry(
         pod_key(pod),
-        (pod.get("metadata") or {}).get("uid"),
+        metadata.get("uid"),
         fingerprint(pod_bytes),
         pod_under_duress(pod),
         pod_bytes,
+        metadata.get("resourceVersion"),
     )
 
 
-Owed = collections.namedtuple("Owed", "key msg_id attempts owed_since body lane kind seen")
+# A row to deliver. uid, rv and deleted are its pod's (the snapshot's row), when
+# known, for the id of the change (delivery_message_id): rv None when not.
+Owed = collections.namedtuple(
+    "Owed",
+    "key msg_id attempts owed_since body lane kind seen uid rv deleted",
+    defaults=(None, None, False),
+)
 
 
 def deleted_stub(key, uid):
@@ -1926,6 +1949,9 @@ class Store:
                 _migrate_from_2(db)
             elif version not in (3, 4, _SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"unknown schema version {version}")
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except BaseException:
             db.close()
             raise
@@ -2076,8 +2102,9 @@ class Outbox:
         """
         skip = ",".join("?" * len(busy))
         query = (
-            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane, o.kind, o.seen"
-            " FROM outbox o JOIN bodies b ON b.key = o.key"
+            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane, o.kind, o.seen,"
+            " p.uid, p.rv, p.deleted = 1"
+            " FROM outbox o JOIN bodies b ON b.key = o.key LEFT JOIN pods p ON p.key = o.key"
             " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
             f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
         )
@@ -2291,7 +2318,7 @@ class Snapshot:
                 # and is staged empty.
                 counts["new"] += 1
                 bodies.append((entry.key, zlib.compress(entry.body, _BODY_ZLIB_LEVEL)))
-                upserts.append((entry.key, entry.fp, int(entry.duress), b"", entry.uid))
+                upserts.append((entry.key, entry.fp, int(entry.duress), b"", entry.uid, entry.rv))
                 continue
             if old[1] or _other_pod(old[2], entry.uid):
                 counts["new"] += 1
@@ -2310,13 +2337,15 @@ class Snapshot:
                     int(entry.duress),
                     zlib.compress(entry.body, _BODY_ZLIB_LEVEL),
                     entry.uid,
+                    entry.rv,
                 )
             )
         # New and changed pods wait in `staged` until the listing is
         # complete: a poll that fails changes nothing. A refill is the very
         # state the snapshot holds already.
         db.executemany(
-            f"INSERT OR REPLACE INTO {table} (key, fp, duress, body, uid) VALUES (?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO {table} (key, fp, duress, body, uid, rv)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             upserts,
         )
         db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
@@ -2390,7 +2419,7 @@ class Snapshot:
                 # An earlier pod of this name: its deletion was owed when a
                 # list found the new one, ahead of it in the lane.
                 return False
-            self._put_deleted(db, entry.key, entry.uid, pod_bytes)
+            self._put_deleted(db, entry.key, entry.uid, pod_bytes, entry.rv)
             db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (entry.key,))
             self._outbox.owe_marked(db)
         return True
@@ -2406,14 +2435,14 @@ class Snapshot:
         # state goes out as deleted, apart from the new pod. So does a deleted
         # pod not yet told to every webhook when a new one takes its name.
         replaced = db.execute(
-            f"SELECT s.key, p.uid, p.deleted, b.body FROM {table} s"
+            f"SELECT s.key, p.uid, p.deleted, b.body, p.rv FROM {table} s"
             " JOIN pods p ON p.key = s.key LEFT JOIN bodies b ON b.key = s.key"
             f" WHERE (p.deleted = 0 AND p.uid != s.uid) OR (p.deleted = 1 AND {_OWED_SQL})"
         ).fetchall()
-        for key, uid, deleted, body in replaced:
+        for key, uid, deleted, body, rv in replaced:
             apart = f"{key}{_GONE_SEPARATOR}{uid}"
             pod_bytes = Snapshot._deleted_bytes(key, uid, body, deleted)
-            Snapshot._put_deleted(db, apart, uid, pod_bytes)
+            Snapshot._put_deleted(db, apart, uid, pod_bytes, None if body is None else rv)
             Outbox.hand_over(db, key, apart)
             if not deleted:
                 db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (apart,))
@@ -2424,15 +2453,15 @@ class Snapshot:
             f" FROM {table} s LEFT JOIN pods p ON p.key = s.key"
         )
         db.execute(
-            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid)"
-            f" SELECT key, fp, duress, 0, uid FROM {table}"
+            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid, rv)"
+            f" SELECT key, fp, duress, 0, uid, rv FROM {table}"
         )
         db.execute(
             f"INSERT OR REPLACE INTO bodies (key, body) SELECT key, body FROM {table}"
             " WHERE length(body) > 0"
         )
         db.execute(f"DELETE FROM {table}")
-        return sum(1 for _, _, deleted, _ in replaced if not deleted)
+        return sum(1 for _, _, deleted, _, _ in replaced if not deleted)
 
     @staticmethod
     def _deleted_bytes(key, uid, body, deleted=False):
@@ -2443,11 +2472,12 @@ class Snapshot:
         return pod_bytes if deleted else mark_deleted(pod_bytes)
 
     @staticmethod
-    def _put_deleted(db, key, uid, pod_bytes):
-        """Write a deleted pod's row and body (pod_bytes already say Deleted)."""
+    def _put_deleted(db, key, uid, pod_bytes, rv):
+        """Write a deleted pod's row and body (pod_bytes already say Deleted; rv is theirs)."""
         db.execute(
-            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid) VALUES (?, ?, 0, 1, ?)",
-            (key, fingerprint(pod_bytes), uid),
+            "INSERT OR REPLACE INTO pods (key, fp, duress, deleted, uid, rv)"
+            " VALUES (?, ?, 0, 1, ?, ?)",
+            (key, fingerprint(pod_bytes), uid, rv),
         )
         db.execute(
             "INSERT OR REPLACE INTO bodies VALUES (?, ?)",
@@ -2465,9 +2495,13 @@ class Snapshot:
                 (key,),
             ).fetchone()
             pod_bytes = Snapshot._deleted_bytes(key, uid, body)
-            rows.append((fingerprint(pod_bytes), key))
+            # A stub (the body was dropped) carries no resourceVersion.
+            rows.append((fingerprint(pod_bytes), body is not None, key))
             bodies.append((key, zlib.compress(pod_bytes, _BODY_ZLIB_LEVEL)))
-        db.executemany("UPDATE pods SET fp=?, deleted=1, duress=0 WHERE key=?", rows)
+        db.executemany(
+            "UPDATE pods SET fp=?, deleted=1, duress=0, rv=CASE WHEN ? THEN rv END WHERE key=?",
+            rows,
+        )
         db.executemany("INSERT OR REPLACE INTO bodies (key, body) VALUES (?, ?)", bodies)
         db.executemany("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", [(k,) for k in keys])
 
@@ -2504,7 +2538,7 @@ class Snapshot:
                 if owed is not None:
                     Outbox.hand_over(db, entry.key, key)
                     db.execute("INSERT OR REPLACE INTO marked VALUES (?, ?)", (entry.key, owed[0]))
-            self._put_deleted(db, key, entry.uid, pod_bytes)
+            self._put_deleted(db, key, entry.uid, pod_bytes, entry.rv)
             db.execute("INSERT OR REPLACE INTO marked VALUES (?, 'deleted')", (key,))
             self._outbox.owe_marked(db)
         return True

@@ -125,6 +125,42 @@ def test_a_change_has_the_same_message_id_on_every_replica():
     assert k8svent.delivery_message_id(resend) == "msg_" + "1" * 26  # a new message
 
 
+def test_a_rows_message_id_is_its_bodys_on_every_path():
+    # The store keeps each pod's uid and resourceVersion beside its body, so
+    # that a delivery's id need not parse the body: it must be the body's.
+    store = k8svent.Store()
+    ids = []
+
+    def check():
+        while rows := owed_rows(store, "e1"):  # lane by lane, head by head
+            for row in rows.values():
+                assert k8svent.delivery_message_id(row) == k8svent.change_message_id(row.body)
+                ids.append(k8svent.delivery_message_id(row))
+            deliver_all(store, "e1")
+
+    try:
+        store.outbox.set_endpoints(["e1"])
+        web = make_pod("default", "web", resource_version="10")
+        db = make_pod("default", "db-0", resource_version="11")
+        db["metadata"]["uid"] = "uid-gone"
+        poll(store, web, db)  # new, by a list
+        check()
+        changed = make_pod("default", "web", resource_version="12", healthy=False)
+        store.snapshot.apply_event(k8svent.pod_entry(changed))  # changed, by the watch
+        check()
+        store.snapshot.apply_deletion(k8svent.pod_entry(changed))  # deleted, by the watch
+        check()
+        again = make_pod("default", "db-0", resource_version="13")
+        again["metadata"]["uid"] = "uid-new"
+        poll(store, again)  # another uid: db-0's deletion (a stub: its body was dropped)
+        check()
+        poll(store)  # deleted, by a list (a stub: its body was dropped)
+        check()
+        assert len(ids) == len(set(ids)) == 7
+    finally:
+        store.close()
+
+
 def test_a_re_send_under_duress_is_a_new_message_in_the_store():
     store = k8svent.Store()
     try:

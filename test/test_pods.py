@@ -884,7 +884,7 @@ def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
     with store.transaction() as db:
         db.execute(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 149999)"
-            " INSERT INTO pods SELECT 'ns/p' || i, randomblob(8), 0, 0, 'uid-' || i FROM n"
+            " INSERT INTO pods SELECT 'ns/p' || i, randomblob(8), 0, 0, 'uid-' || i, i FROM n"
         )
         db.execute("INSERT INTO bodies SELECT key, ? FROM pods", (body,))
     store.outbox.set_endpoints(["e1"])  # a new webhook is owed every pod
