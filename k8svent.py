@@ -1616,6 +1616,11 @@ Owed = collections.namedtuple(
 )
 
 
+def _owed(row):
+    """The Owed of a row of Outbox._heads (its due time first, its body compressed)."""
+    return Owed(*row[1:5], zlib.decompress(row[5]), *row[6:])
+
+
 def deleted_stub(key, uid):
     """What is sent of a deleted pod whose body was dropped: who it was, Deleted."""
     namespace, _, name = key.partition("/")
@@ -2100,24 +2105,36 @@ class Outbox:
         At most `limit` rows, one per lane. With untried_first, rows never
         attempted come before the others.
         """
-        skip = ",".join("?" * len(busy))
-        query = (
-            "SELECT o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane, o.kind, o.seen,"
-            " p.uid, p.rv, p.deleted = 1"
-            " FROM outbox o JOIN bodies b ON b.key = o.key LEFT JOIN pods p ON p.key = o.key"
-            " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
-            f" AND o.lane NOT IN ({skip}) {{tried}} ORDER BY o.due, o.seq LIMIT ?"
-        )
         parts = ("AND o.attempts = 0", "AND o.attempts > 0") if untried_first else ("",)
         rows = []
         with self._store.locked() as db:
             for tried in parts:
                 if len(rows) < limit:
-                    rows += db.execute(
-                        query.format(tried=tried),
-                        (endpoint, now, *busy, limit - len(rows)),
-                    ).fetchall()
-        return [Owed(*row[:4], zlib.decompress(row[4]), *row[5:]) for row in rows]
+                    rows += self._heads(db, endpoint, now, busy, limit - len(rows), tried)
+        return [_owed(row) for row in rows]
+
+    def take(self, endpoint, now, busy=(), limit=1):
+        """claim (without untried_first) and next_due in one query:
+        (the rows claimed, when the next head is due or None when none is owed)."""
+        with self._store.locked() as db:
+            rows = self._heads(db, endpoint, math.inf, busy, limit)
+        claimed = [_owed(row) for row in rows if row[0] <= now]
+        # Heads come by due time: past what was claimed, the next one due.
+        later = rows[len(claimed)][0] if len(claimed) < len(rows) else None
+        return claimed, later
+
+    @staticmethod
+    def _heads(db, endpoint, due_by, busy, limit, tried=""):
+        """Rows (due first) of the earliest-due heads of lanes, with their bodies."""
+        return db.execute(
+            "SELECT o.due, o.key, o.msg_id, o.attempts, o.owed_since, b.body, o.lane, o.kind,"
+            " o.seen, p.uid, p.rv, p.deleted = 1"
+            " FROM outbox o JOIN bodies b ON b.key = o.key LEFT JOIN pods p ON p.key = o.key"
+            " WHERE o.endpoint = ? AND o.head = 1 AND o.due <= ?"
+            f" AND o.lane NOT IN ({','.join('?' * len(busy))}) {tried}"
+            " ORDER BY o.due, o.seq LIMIT ?",
+            (endpoint, due_by, *busy, limit),
+        ).fetchall()
 
     def next_due(self, endpoint, busy=()):
         """When the next head owed to a webhook (not of the `busy` lanes) is due, or None."""
@@ -3581,15 +3598,14 @@ class Sender:
         # all of them count as busy until attempted.
         # A probe tries what was never tried first: when only a few pods fail
         # (a receiver that refuses them), new work shows at once that it is up.
-        claimed = self._outbox.claim(
-            self.endpoint.id,
-            now,
-            self._busy,
-            self._settings.workers if self.up else 1,
-            untried_first=not self.up,
-        )
+        if self.up:
+            claimed, due = self._outbox.take(
+                self.endpoint.id, now, self._busy, self._settings.workers
+            )
+        else:
+            claimed = self._outbox.claim(self.endpoint.id, now, self._busy, 1, untried_first=True)
+            due = None if claimed else self._outbox.next_due(self.endpoint.id, self._busy)
         if not claimed:
-            due = self._outbox.next_due(self.endpoint.id, self._busy)
             if self._done:  # its lanes may be owed more: look again once settled
                 due = self._settle_at if due is None else min(due, self._settle_at)
             return None, limit if due is None else min(limit, max(0.01, due - now))

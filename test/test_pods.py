@@ -858,6 +858,21 @@ def test_claims_take_one_row_per_lane_and_skip_busy_lanes(store):
     assert store.outbox.next_due("e1", ["ns/p0"]) is not None
 
 
+def test_a_take_claims_what_is_due_and_says_when_the_next_is(store):
+    poll(store, *(named(f"p{i}") for i in range(3)))
+    owed_at = store.outbox.next_due("e1")
+    claimed, later = store.outbox.take("e1", owed_at, ["ns/p1"], limit=1)
+    assert [row.lane for row in claimed] == ["ns/p0"]
+    (first,) = store.outbox.claim("e1", owed_at, ["ns/p1"])
+    assert first == claimed[0]  # the same row as a claim's, body and all
+    (row,) = store.outbox.claim("e1", owed_at, ["ns/p0", "ns/p1"])
+    store.outbox.retry_at("e1", "ns/p2", row.msg_id, 1, owed_at + 30)  # p2 backs off
+    assert store.outbox.take("e1", owed_at + 1, ["ns/p0", "ns/p1"], limit=8) == ([], owed_at + 30)
+    claimed, later = store.outbox.take("e1", owed_at + 31, ["ns/p0", "ns/p1"], limit=8)
+    assert [row.lane for row in claimed] == ["ns/p2"]
+    assert store.outbox.take("e1", owed_at, ["ns/p0", "ns/p1", "ns/p2"]) == ([], None)
+
+
 def _plan(store, sql, *args):
     return " ".join(row[-1] for row in store._db.execute("EXPLAIN QUERY PLAN " + sql, args))
 
@@ -870,8 +885,9 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
     store._db = db
     store.outbox.claim("e1", 1.0, ["ns/a"], limit=4, untried_first=True)
     store.outbox.next_due("e1", ["ns/a"])
+    store.outbox.take("e1", 1.0, ["ns/a"], limit=4)
     store._db = db._mock_wraps
-    assert len(queries) == 3
+    assert len(queries) == 4
     for sql in queries:
         plan = _plan(store, sql, *(["e1", 1.0, "ns/a", 4] if "LIMIT ?" in sql else ["e1", "ns/a"]))
         assert "outbox_heads" in plan or "outbox_untried" in plan, plan
