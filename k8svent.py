@@ -1651,10 +1651,22 @@ def _same_scope(old, new):
     return old.partition("/")[2] == new.partition("|")[2]
 
 
-def _migrate_from_2(db):
-    """Turn a schema 2 state (what each webhook last got) into outboxes."""
+@contextlib.contextmanager
+def _migration(db):
+    """`with`: one transaction that brings a state to _SCHEMA_VERSION, or changes nothing."""
     db.execute("BEGIN IMMEDIATE")
     try:
+        yield
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _migrate_from_2(db):
+    """Turn a schema 2 state (what each webhook last got) into outboxes."""
+    with _migration(db):
         db.execute("ALTER TABLE pods ADD COLUMN uid TEXT")
         db.execute("DROP TABLE staged")
         db.execute("""CREATE TABLE staged (key TEXT PRIMARY KEY, fp BLOB NOT NULL,
@@ -1667,11 +1679,6 @@ def _migrate_from_2(db):
             " WHERE d.endpoint = e.id AND d.key = p.key) THEN 'changed' ELSE 'new' END",
         )
         db.execute("DROP TABLE delivered")
-        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def _statements(script):
@@ -1686,8 +1693,7 @@ def _statements(script):
 
 def _migrate_from_3(db):
     """Give a schema 3 outbox its lanes: each row's pod name and its place in the lane."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _migration(db):
         for index in ("outbox_due", "outbox_age"):
             db.execute(f"DROP INDEX IF EXISTS {index}")
         db.execute("ALTER TABLE outbox RENAME TO outbox_3")
@@ -1707,11 +1713,6 @@ def _migrate_from_3(db):
         )
         db.execute("DROP TABLE outbox_3")
         db.execute(_KINDS_OF_OLD_ROWS_SQL)
-        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 # Schemas 3 and 4 kept no kind nor time of a change: a row owes a deletion or
@@ -1725,16 +1726,10 @@ _KINDS_OF_OLD_ROWS_SQL = (
 
 def _migrate_from_4(db):
     """Give schema 4's outbox rows the kind and time of their change."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _migration(db):
         db.execute("ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'changed'")
         db.execute("ALTER TABLE outbox ADD COLUMN seen REAL NOT NULL DEFAULT 0")
         db.execute(_KINDS_OF_OLD_ROWS_SQL)
-        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def _schema_version(db):
