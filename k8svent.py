@@ -3556,6 +3556,11 @@ class Sender:
         self._store_failing = True
         log.log(level, "%s for %s: %s", what, self.endpoint.label, exc)
 
+    def settle(self):
+        """Settle the deliveries done so far now, rather than with the next batch."""
+        with self._cond:
+            self._settle_done()
+
     def _settle_done(self):
         """Delete the rows of the deliveries done since the last time, in one go (lock held)."""
         # One transaction for a batch of deliveries rather than one each: a
@@ -5801,6 +5806,7 @@ class _OutboxCollector:
         by_label = {}
         # URLs on one scheme://host:port share a label, so they share a series.
         for sender in senders:
+            sender.settle()  # a delivery done is not owed, settled or not
             count, since = self._metrics.store.outbox.backlog(sender.endpoint.id)
             age = 0.0 if since is None else max(0.0, now - since)
             total, worst, all_up = by_label.get(sender.endpoint.label, (0, 0.0, True))
