@@ -1378,7 +1378,18 @@ def parse_link_next(header, base_url):
 # an empty lane, passed on by the trigger as it leaves) can be claimed, so a
 # claim walks an index of heads by due time and skips nothing but the few
 # lanes in flight, however long the outbox is.
-_SCHEMA = """
+# What a list stages until it is complete (`staged`, in the file), and a
+# change taken at once (a watch event, a resync's page) while it is applied
+# (`applying`, TEMP: it writes no pages to the file).
+_STAGING_COLUMNS = """(
+    key TEXT PRIMARY KEY,
+    fp BLOB NOT NULL,
+    duress INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    uid TEXT,
+    rv TEXT
+)"""
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pods (
     key TEXT PRIMARY KEY,
@@ -1413,22 +1424,8 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (endpoint, expired, owed_since);
 CREATE TRIGGER IF NOT EXISTS outbox_lane_moved_on AFTER DELETE ON outbox WHEN OLD.head = 1
 BEGIN UPDATE outbox SET head = 1 WHERE seq = (SELECT min(seq) FROM outbox
     WHERE endpoint = OLD.endpoint AND lane = OLD.lane); END;
-CREATE TABLE IF NOT EXISTS staged (
-    key TEXT PRIMARY KEY,
-    fp BLOB NOT NULL,
-    duress INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    uid TEXT,
-    rv TEXT
-);
-CREATE TEMP TABLE IF NOT EXISTS applying (
-    key TEXT PRIMARY KEY,
-    fp BLOB NOT NULL,
-    duress INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    uid TEXT,
-    rv TEXT
-);
+CREATE TABLE IF NOT EXISTS staged {_STAGING_COLUMNS};
+CREATE TEMP TABLE IF NOT EXISTS applying {_STAGING_COLUMNS};
 CREATE TEMP TABLE IF NOT EXISTS marked (key TEXT PRIMARY KEY, kind TEXT NOT NULL);
 CREATE TEMP TABLE IF NOT EXISTS sending (kind TEXT PRIMARY KEY);
 """
