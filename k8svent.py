@@ -4602,8 +4602,12 @@ class Watcher(Poller):
             self._ahead = {}
             self.pending = {}
             self._suspects.clear()
-        while not self.poll_once():
+        while True:
+            began = time.monotonic()
+            if self.poll_once():
+                break
             self._pause(self._settings.retry_interval)
+        took = time.monotonic() - began
         self._trouble.ended()  # the API server answers again
         self.first_poll_done.set()
         if self.listed_rv is None:
@@ -4613,7 +4617,9 @@ class Watcher(Poller):
         with self._merge_lock:
             self._rv = self.listed_rv or "0"
         if self._resyncer is not None and not self._resyncer.started:
-            self._resyncer.start()
+            # The first list is a list like a resync's: the first resync
+            # follows it as a resync follows the one before.
+            self._resyncer.start(resync_wait(self._settings.resync, took))
 
     def _list_failed(self, exc):
         if self._settings.once:  # the one list: its failure is the run's
@@ -4846,9 +4852,9 @@ class Watcher(Poller):
 def resync_wait(interval_seconds, took_seconds):
     """Seconds from the end of a resync to the start of the next.
 
-    Every --resync from the start of the last, but never sooner than half an
-    interval after its end: a list slower than the interval delays the next,
-    never back to back.
+    Every --resync from the start of the last (the watcher's first list too),
+    but never sooner than half an interval after its end: a list slower than
+    the interval delays the next, never back to back.
     """
     return max(interval_seconds - took_seconds, interval_seconds / 2)
 
@@ -4866,10 +4872,13 @@ class Resyncer:
         self._stop = watcher.stop_event  # one stop for the watch and its resyncs
         self._trouble = _Trouble("resync")
         self.started = False
+        self._first_wait = settings.resync
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self.run, name="resync", daemon=True)
 
-    def start(self):
+    def start(self, first_wait=None):
+        """Start resyncing, the first time after `first_wait` seconds (else --resync)."""
+        self._first_wait = self._settings.resync if first_wait is None else first_wait
         self.started = True
         self._thread.start()
 
@@ -4887,7 +4896,7 @@ class Resyncer:
         """Resync every --resync until stopped."""
         failures = 0
         interval = self._settings.resync
-        wait = interval
+        wait = self._first_wait
         while not self._stop.wait(wait):
             started = time.monotonic()
             try:

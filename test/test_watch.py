@@ -485,6 +485,25 @@ def test_a_slow_resync_delays_the_next_never_back_to_back(interval, took, wait):
     assert k8svent.resync_wait(interval, took) == wait
 
 
+def test_the_first_resync_follows_the_first_list_as_resyncs_follow_each_other(
+    kubeapi, start, receivers
+):
+    kubeapi.put_pod(make_pod("default", "web"))
+    kubeapi.hang(6, page=0)  # the first list takes 6 s of its --resync=8
+    receiver = receivers()
+    service = start(f"--url={receiver.url}", "--resync=8", "--kubectl-timeout=30")
+    service.wait_log(r"list: 1 pods seen", timeout=30)
+    listed = time.monotonic()
+    receiver.wait_for(1)
+    # 8 s from the start of the first list, but half an interval after its end:
+    # 4 s from now (a full --resync, 8 s, before).
+    deadline = listed + 6.5
+    while lists(kubeapi) < 2:
+        assert time.monotonic() < deadline, "no resync yet"
+        time.sleep(0.05)
+    assert time.monotonic() > listed + 3, "a resync too soon after the first list"
+
+
 def test_a_slow_resync_list_does_not_hold_up_the_watch(kubeapi, start, receivers):
     pod = make_pod("default", "web")
     kubeapi.put_pod(pod)
