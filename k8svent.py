@@ -1615,7 +1615,14 @@ Owed = collections.namedtuple(
 
 def _owed(row):
     """The Owed of a row of Outbox._heads (its due time first, its body compressed)."""
-    return Owed(*row[1:5], zlib.decompress(row[5]), *row[6:])
+    return Owed(*row[1:5], _inflate(row[5]), *row[6:])
+
+
+def _inflate(body):
+    """The JSON bytes of a stored body: compressed, or as a k8svent from before
+    bodies were compressed (state schema 3 and early 4) wrote it."""
+    # A JSON object starts with "{"; a zlib stream never does (0x78).
+    return body if body[:1] == b"{" else zlib.decompress(body)
 
 
 def deleted_stub(key, uid):
@@ -2477,7 +2484,7 @@ class Snapshot:
         """The bytes that tell a pod's deletion: its last known state, else a stub."""
         if body is None:  # dropped once delivered (a pod under duress keeps it)
             return deleted_stub(key, uid)
-        pod_bytes = zlib.decompress(body)
+        pod_bytes = _inflate(body)
         return pod_bytes if deleted else mark_deleted(pod_bytes)
 
     @staticmethod
@@ -2560,7 +2567,7 @@ class Snapshot:
 
 def _body_version(body):
     """The resourceVersion of a stored (compressed) pod body, or None."""
-    pod = orjson.loads(zlib.decompress(body))
+    pod = orjson.loads(_inflate(body))
     return (pod.get("metadata") or {}).get("resourceVersion")
 
 

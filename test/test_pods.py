@@ -894,6 +894,23 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
         assert "TEMP B-TREE" not in plan, plan
 
 
+def test_bodies_an_older_k8svent_left_uncompressed_are_read_as_they_are(store):
+    # Before bodies were compressed (state schema 3, early 4) they were JSON:
+    # a self-upgrade finds them owed, and must send them.
+    a, b = named("a"), named("b")
+    poll(store, a, b)
+    with store.transaction() as db:
+        for key, body in db.execute("SELECT key, body FROM bodies").fetchall():
+            db.execute("UPDATE bodies SET body = ? WHERE key = ?", (zlib.decompress(body), key))
+    assert store.outbox.owed_versions("e1", 10) == ["1", "1"]
+    assert {key: json.loads(row.body) for key, row in owed_rows(store, "e1").items()} == {
+        "ns/a": a,
+        "ns/b": b,
+    }
+    assert poll(store, a)["deleted"] == 1  # b's last state, from its JSON body
+    assert json.loads(owed_rows(store, "e2")["ns/b"].body)["status"]["phase"] == "Deleted"
+
+
 def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
     body = zlib.compress(json.dumps(named("p")).encode(), 1)
