@@ -3516,6 +3516,11 @@ class Sender:
                 except sqlite3.Error as exc:  # a full disk, say: try again later
                     self._store_failed("cannot read the outbox", exc)
                     taken, wait = None, HOUSEKEEPING_SECONDS
+                except Exception:  # a bug: logged whole once, and the worker lives on
+                    if not self._store_failing:
+                        log.exception("taking a delivery for %s crashed", self.endpoint.label)
+                    self._store_failing = True
+                    taken, wait = None, HOUSEKEEPING_SECONDS
                 if taken is None:
                     self._cond.wait(wait)
                     continue

@@ -1149,7 +1149,9 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
     store._db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every query fails
     stop = threading.Event()
     sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)
-    k8svent.log.addHandler(caplog.handler)  # whether or not main() made it stop propagating
+    # Whether or not main() made it stop propagating: a record may then reach
+    # caplog twice (this handler and the root's), so records are counted once.
+    k8svent.log.addHandler(caplog.handler)
     sender.start()
     try:
         deadline = time.monotonic() + 10
@@ -1160,8 +1162,39 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
         poll(store, named("a"))
         sender.wake()
         assert sender.wait_idle(10) and sender.succeeded == 1
-        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        errors = list({id(r): r for r in caplog.records if r.levelname == "ERROR"}.values())
         assert len(errors) == 1 and "cannot read the outbox for stdout" in errors[0].message
+        assert all(thread.is_alive() for thread in sender._threads)
+    finally:
+        k8svent.log.removeHandler(caplog.handler)
+        stop.set()
+        sender.wake()
+        sender.join(5)
+        store.close()
+
+
+def test_a_take_that_crashes_is_logged_once_and_the_workers_live_on(caplog):
+    import threading
+
+    store = k8svent.Store()
+    store.outbox.set_endpoints(["stdout"])
+    poll(store, named("a"))
+    with store.transaction() as db:  # neither JSON nor zlib: reading it raises
+        db.execute("UPDATE bodies SET body = ? WHERE key = 'ns/a'", (b"\x00garbage",))
+    stop = threading.Event()
+    sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)
+    k8svent.log.addHandler(caplog.handler)  # whether or not main() made it stop propagating
+    sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "crashed" not in caplog.text:
+            assert time.monotonic() < deadline, "the take never crashed"
+            time.sleep(0.05)
+        poll(store, named("a", phase="Pending"))  # a new state, readable
+        sender.wake()
+        assert sender.wait_idle(10) and sender.succeeded == 1
+        errors = list({id(r): r for r in caplog.records if r.levelname == "ERROR"}.values())
+        assert len(errors) == 1 and "taking a delivery for stdout crashed" in errors[0].message
         assert all(thread.is_alive() for thread in sender._threads)
     finally:
         k8svent.log.removeHandler(caplog.handler)
