@@ -1419,7 +1419,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (endpoint, lane, seq);
 CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (endpoint, due) WHERE head = 1;
-CREATE INDEX IF NOT EXISTS outbox_untried ON outbox (endpoint, due) WHERE head = 1 AND attempts = 0;
 CREATE INDEX IF NOT EXISTS outbox_age ON outbox (endpoint, expired, owed_since);
 CREATE TRIGGER IF NOT EXISTS outbox_lane_moved_on AFTER DELETE ON outbox WHEN OLD.head = 1
 BEGIN UPDATE outbox SET head = 1 WHERE seq = (SELECT min(seq) FROM outbox
@@ -1953,6 +1952,10 @@ class Store:
                 _migrate_from_2(db)
             elif version not in (3, 4, _SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"unknown schema version {version}")
+            # Dropped since: an index every change wrote twice (as its row was
+            # owed, then settled) for a down webhook's probe alone, which the
+            # heads' index serves.
+            db.execute("DROP INDEX IF EXISTS outbox_untried")
             for table, column, kind in _ADDED_COLUMNS:
                 if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
