@@ -1141,12 +1141,12 @@ def test_read_answer_failures_are_http_errors(raw, error):
     assert type(caught.value).__name__ == error
 
 
-def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
+def _a_failure_is_logged_once_and_the_workers_live_on(caplog, store, failure, mend, error):
+    """Start a stdout Sender on `store`, whose outbox fails to be read; wait until
+    the log says `failure`; `mend()` the store: one delivery, one ERROR line
+    saying `error`, and every worker alive."""
     import threading
 
-    store = k8svent.Store()
-    store.outbox.set_endpoints(["stdout"])
-    store._db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every query fails
     stop = threading.Event()
     sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)
     # Whether or not main() made it stop propagating: a record may then reach
@@ -1155,15 +1155,14 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
     sender.start()
     try:
         deadline = time.monotonic() + 10
-        while "no such table" not in caplog.text:
-            assert time.monotonic() < deadline, "the store never failed"
+        while failure not in caplog.text:
+            assert time.monotonic() < deadline, f"never logged: {failure}"
             time.sleep(0.05)
-        store._db.execute("ALTER TABLE outbox_away RENAME TO outbox")  # works again
-        poll(store, named("a"))
+        mend()
         sender.wake()
         assert sender.wait_idle(10) and sender.succeeded == 1
         errors = list({id(r): r for r in caplog.records if r.levelname == "ERROR"}.values())
-        assert len(errors) == 1 and "cannot read the outbox for stdout" in errors[0].message
+        assert len(errors) == 1 and error in errors[0].message
         assert all(thread.is_alive() for thread in sender._threads)
     finally:
         k8svent.log.removeHandler(caplog.handler)
@@ -1173,35 +1172,33 @@ def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
         store.close()
 
 
-def test_a_take_that_crashes_is_logged_once_and_the_workers_live_on(caplog):
-    import threading
+def test_a_failing_store_is_logged_once_and_the_workers_live_on(caplog):
+    store = k8svent.Store()
+    store.outbox.set_endpoints(["stdout"])
+    store._db.execute("ALTER TABLE outbox RENAME TO outbox_away")  # every query fails
 
+    def mend():
+        store._db.execute("ALTER TABLE outbox_away RENAME TO outbox")  # works again
+        poll(store, named("a"))
+
+    _a_failure_is_logged_once_and_the_workers_live_on(
+        caplog, store, "no such table", mend, "cannot read the outbox for stdout"
+    )
+
+
+def test_a_take_that_crashes_is_logged_once_and_the_workers_live_on(caplog):
     store = k8svent.Store()
     store.outbox.set_endpoints(["stdout"])
     poll(store, named("a"))
     with store.transaction() as db:  # neither JSON nor zlib: reading it raises
         db.execute("UPDATE bodies SET body = ? WHERE key = 'ns/a'", (b"\x00garbage",))
-    stop = threading.Event()
-    sender = k8svent.Sender(k8svent.StdoutEndpoint(), store, k8svent.Settings(workers=2), stop)
-    k8svent.log.addHandler(caplog.handler)  # whether or not main() made it stop propagating
-    sender.start()
-    try:
-        deadline = time.monotonic() + 10
-        while "crashed" not in caplog.text:
-            assert time.monotonic() < deadline, "the take never crashed"
-            time.sleep(0.05)
-        poll(store, named("a", phase="Pending"))  # a new state, readable
-        sender.wake()
-        assert sender.wait_idle(10) and sender.succeeded == 1
-        errors = list({id(r): r for r in caplog.records if r.levelname == "ERROR"}.values())
-        assert len(errors) == 1 and "taking a delivery for stdout crashed" in errors[0].message
-        assert all(thread.is_alive() for thread in sender._threads)
-    finally:
-        k8svent.log.removeHandler(caplog.handler)
-        stop.set()
-        sender.wake()
-        sender.join(5)
-        store.close()
+    _a_failure_is_logged_once_and_the_workers_live_on(
+        caplog,
+        store,
+        "crashed",
+        lambda: poll(store, named("a", phase="Pending")),  # a new state, readable
+        "taking a delivery for stdout crashed",
+    )
 
 
 class _FlakyEndpoint:
