@@ -154,8 +154,9 @@ __version__ = "0.0.0-dev"
 #     kubectl (list, then watch), compares pods with the snapshot and, in one
 #     transaction, updates the snapshot and upserts outbox rows: at most one
 #     per (webhook, pod), always the pod's newest state;
-#   - per webhook, a Sender with --workers threads: each takes the earliest-due
-#     outbox row, POSTs it, and deletes the row or moves its due time on;
+#   - per webhook, a Sender with --workers threads (--dry-run's stdout: one):
+#     each takes the earliest-due outbox row, POSTs it, and deletes the row or
+#     moves its due time on;
 #   - a StatusServer thread (--listen) for /healthz, /readyz and /metrics
 #     (the metrics of the outbox are read from the Store at each scrape);
 #   - an Upgrader thread, which asks main to stop when a newer image is out.
@@ -1839,8 +1840,8 @@ class Store:
     def reclaim(self, force=False):
         """Hand the pages of dropped bodies back to the file system and truncate the WAL."""
         with self._lock:
-            if not force and self._dropped < _RECLAIM_AFTER_BODIES:
-                return
+            if self._temporary or (not force and self._dropped < _RECLAIM_AFTER_BODIES):
+                return  # a temporary store (--dry-run) reuses its free pages, then goes
             self._dropped = 0
             self._reclaimed = time.monotonic()
             # executescript: execute() would step the pragma once, freeing one page.
@@ -3480,9 +3481,14 @@ class Sender:
         self.output_closed = False
         self._store_failing = False  # logged once until the store works again
         self._refusals = Refusals()
+        # stdout (--dry-run) is one stream that never waits on a network:
+        # one worker writes it, a batch claimed at a time.
+        stdout = isinstance(endpoint, StdoutEndpoint)
+        workers = 1 if stdout else settings.workers
+        self._claim_limit = SETTLE_BATCH if stdout else settings.workers
         self._threads = [
             threading.Thread(target=self._work, daemon=True, name=f"deliver-{endpoint.label}-{i}")
-            for i in range(settings.workers)
+            for i in range(workers)
         ]
 
     def start(self):
@@ -3611,9 +3617,7 @@ class Sender:
         # A probe tries what was never tried first: when only a few pods fail
         # (a receiver that refuses them), new work shows at once that it is up.
         if self.up:
-            claimed, due = self._outbox.take(
-                self.endpoint.id, now, self._busy, self._settings.workers
-            )
+            claimed, due = self._outbox.take(self.endpoint.id, now, self._busy, self._claim_limit)
         else:
             claimed = self._outbox.claim(self.endpoint.id, now, self._busy, 1, untried_first=True)
             due = None if claimed else self._outbox.next_due(self.endpoint.id, self._busy)
