@@ -315,6 +315,18 @@ def wait_holder(kubeapi, hostname, timeout):
     return time.monotonic() - started
 
 
+def wait_watermark(kubeapi, resource_version, timeout):
+    """Wait until the Lease's watermark of every webhook is at resource_version or past it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        marks = k8svent.lease_watermarks(kubeapi.lease(*LEASE))
+        if marks and all(int(mark) >= int(resource_version) for mark in marks.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Lease's watermarks {marks} are short of {resource_version}")
+        time.sleep(0.05)
+
+
 def change(pod, value):
     pod = json.loads(json.dumps(pod))
     pod["metadata"].setdefault("labels", {})["change"] = str(value)
@@ -395,6 +407,8 @@ def start_pair(replica, kubeapi, receiver):
     first = replica("k8svent-a")
     wait_holder(kubeapi, "k8svent-a", 60)
     receiver.wait_for(PODS, timeout=120)
+    # ... and said so in the Lease: else a kill now re-sends them all.
+    wait_watermark(kubeapi, kubeapi.resource_version, 60)
     second = replica("k8svent-b")
     second.service.wait_log("competing for Lease", timeout=120)
     return first, second
