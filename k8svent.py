@@ -119,6 +119,7 @@ import os
 import random
 import re
 import secrets
+import select
 import shlex
 import socket
 import sqlite3
@@ -188,6 +189,9 @@ EARLY_PROBE_SECONDS = 5  # new work probes a down webhook at most this often
 PIPE_BUFFER_BYTES = 1 << 20
 WATCH_TIMEOUT_SECONDS = 300
 WATCH_READ_BYTES = 1 << 16
+# Events that arrive within this of the first of a batch are applied with it:
+# one transaction and one wake of the senders for a burst, at most this late.
+WATCH_LINGER_SECONDS = 0.005
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 FOREIGN_TEXT_CHARS = 300
 RESPONSE_BODY_BYTES = 1 << 16
@@ -3021,7 +3025,12 @@ def watch_event(line):
 
 
 def watch_pods(
-    settings, resource_version, stop=None, timeout_seconds=WATCH_TIMEOUT_SECONDS, idle=None
+    settings,
+    resource_version,
+    stop=None,
+    timeout_seconds=WATCH_TIMEOUT_SECONDS,
+    idle=None,
+    linger=WATCH_LINGER_SECONDS,
 ):
     """Yield (type, object) for each pod event after resource_version until the watch ends.
 
@@ -3043,20 +3052,27 @@ def watch_pods(
     process, timer, read_fd = _start_get_raw(
         settings, path, timeout_seconds + settings.kubectl_timeout, stop
     )
-    # Read as it arrives: `idle()`, if given, is called once every event that
-    # has arrived was yielded, before waiting for more (a burst is one batch).
+    # Read as it arrives: `idle()`, if given, is called once the events
+    # yielded are all that came within `linger` seconds of the first of them,
+    # before waiting for more (a burst is one batch).
     stream = os.fdopen(read_fd, "rb", buffering=0)
     try:
         rest = b""
+        since = None  # when the first event not yet followed by idle() was yielded
         while True:
-            if idle is not None:
-                idle()
+            if idle is not None and since is not None:
+                left = since + linger - time.monotonic()
+                if left <= 0 or not select.select([stream], [], [], left)[0]:
+                    idle()
+                    since = None
             chunk = stream.read(WATCH_READ_BYTES)
             if not chunk:
                 break
             *lines, rest = (rest + chunk).split(b"\n")
             for line in lines:
                 if line.strip():
+                    if since is None:
+                        since = time.monotonic()
                     yield watch_event(line)
         if rest:  # cut short: a kubectl that failed explains it better
             _wait_kubectl(process, timer, settings, "watching pods")
@@ -4661,22 +4677,19 @@ class Watcher(Poller):
     def _watch(self, seconds):
         """Apply the events of one watch of up to `seconds` to the snapshot; how many came.
 
-        The events that arrived together are one transaction (the merge lock
-        held for them, then the store's), and the senders are woken once for
-        them: a burst costs less than its events one by one.
+        The events that arrived together (within WATCH_LINGER_SECONDS of the
+        first) are read, then applied in one transaction (the merge lock held
+        for them, then the store's), and the senders are woken once for
+        them: a burst costs less than its events one by one, and no lock is
+        held while the rest of a burst is awaited.
         """
-        batch = {"open": False, "owed": False}
+        batch = []  # (type, PodEntry or None, resourceVersion): read, not yet applied
 
         def flush():
-            if batch["open"]:
-                batch["open"] = False
-                try:
-                    self._store.close_batch()
-                finally:
-                    self._merge_lock.release()
-            if batch["owed"]:
-                batch["owed"] = False
-                self._wake_senders()
+            if batch:
+                events = batch[:]
+                batch.clear()
+                self._apply_events(events)
 
         try:
             return self._watch_events(seconds, batch, flush)
@@ -4684,35 +4697,44 @@ class Watcher(Poller):
             flush()
 
     def _watch_events(self, seconds, batch, flush):
-        """_watch's loop: each event applied within the batch that `flush` ends."""
+        """_watch's loop: each event read into the batch that `flush` applies."""
         events = 0
         for kind, obj in watch_pods(self._settings, self._rv, self.stop_event, seconds, flush):
             events += 1
-            if not batch["open"]:
-                self._merge_lock.acquire()
-                try:
-                    self._store.open_batch()
-                except BaseException:
-                    self._merge_lock.release()
-                    raise
-                batch["open"] = True
             self.last_progress = self._clock()  # a live watch is not stuck
             self._trouble.ended()
             self.api_failure = None
             metrics.api_up.set(1)
             metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
             rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if kind in ("ADDED", "MODIFIED", "DELETED") and not _looks_like_pod(obj):
-                raise KubectlError(f"a watch event {kind} carried no pod")
+            entry = None
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                if self._apply_event(kind, pod_entry(obj), rv):
-                    batch["owed"] = True
-            if rv:
-                self._rv = rv
-                self._confirm_ahead()
-                self._confirm_suspects()
+                if not _looks_like_pod(obj):
+                    raise KubectlError(f"a watch event {kind} carried no pod")
+                entry = pod_entry(obj)
+            batch.append((kind, entry, rv))
         self.last_progress = self._clock()
         return events
+
+    def _apply_events(self, events):
+        """Apply a batch of watch events in one transaction; wake the senders if owed."""
+        owed = False
+        try:
+            with self._merge_lock:
+                self._store.open_batch()
+                try:
+                    for kind, entry, rv in events:
+                        if entry is not None and self._apply_event(kind, entry, rv):
+                            owed = True
+                        if rv:
+                            self._rv = rv
+                            self._confirm_ahead()
+                            self._confirm_suspects()
+                finally:
+                    self._store.close_batch()
+        finally:
+            if owed:
+                self._wake_senders()
 
     def _apply_event(self, kind, entry, rv):
         """Apply one watch event to the snapshot (merge lock held); True if owed."""

@@ -1,5 +1,6 @@
 """The kubectl section: URLs, watch events, and watch_pods with the real kubectl."""
 
+import contextlib
 import os
 import queue
 import threading
@@ -245,6 +246,45 @@ def test_watch_pods_yields_events_as_they_happen(kubeapi, settings, watching, ty
     assert obj["apiVersion"] == "v1" and obj["kind"] == "Pod"
     assert not k8svent.pod_healthy(obj)  # the last state
     assert not watch.ended.is_set()
+
+
+def test_watch_pods_calls_idle_once_the_events_within_linger_of_the_first_are_in(kubeapi, settings):
+    # The watcher applies what idle() ends as one batch: a burst, not each event.
+    order = []  # pod keys and "idle", in the order the reader saw them, with when
+    stop = threading.Event()
+
+    def read():
+        with contextlib.suppress(k8svent.K8sventError):
+            for _, obj in k8svent.watch_pods(
+                settings,
+                kubeapi.resource_version,
+                stop,
+                idle=lambda: order.append(("idle", time.monotonic())),
+                linger=1.0,
+            ):
+                order.append((k8svent.pod_key(obj), time.monotonic()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert kubeapi.wait_open_watches(1)
+    kubeapi.put_pod(make_pod("shop", "a-7c79c4bf97-x2kq9"))
+    assert _wait_for(lambda: order)
+    kubeapi.put_pod(make_pod("shop", "b-7c79c4bf97-x2kq9"))  # within a second of a
+    assert _wait_for(lambda: "idle" in dict(order))
+    kubeapi.put_pod(make_pod("shop", "c-7c79c4bf97-x2kq9"))
+    assert _wait_for(lambda: [name for name, _ in order].count("idle") == 2)
+    stop.set()
+    reader.join(EVENT_WAIT_SECONDS)
+    assert [name for name, _ in order] == [
+        "shop/a-7c79c4bf97-x2kq9",
+        "shop/b-7c79c4bf97-x2kq9",
+        "idle",
+        "shop/c-7c79c4bf97-x2kq9",
+        "idle",
+    ]
+    # No sooner than the linger after the first of a batch, and not much later.
+    for first, idle in ((order[0], order[2]), (order[3], order[4])):
+        assert 0.95 <= idle[1] - first[1] < 3.0
 
 
 def test_watch_pods_replays_and_ends_at_the_timeout(kubeapi, watching):
