@@ -894,14 +894,42 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
         assert "TEMP B-TREE" not in plan, plan
 
 
-def test_bodies_an_older_k8svent_left_uncompressed_are_read_as_they_are(store):
-    # Before bodies were compressed (state schema 3, early 4) they were JSON:
-    # a self-upgrade finds them owed, and must send them.
+def test_a_schema_5_state_file_is_taken_in_place_with_its_zlib_bodies(tmp_path):
+    path = str(tmp_path / "s.db")
+    store = k8svent.Store(path)
+    store.outbox.set_endpoints(["e1"])
+    a = named("a")
+    poll(store, a)
+    with store.transaction() as db:
+        (body,) = db.execute("SELECT body FROM bodies WHERE key = 'ns/a'").fetchone()
+        pod_bytes = k8svent._inflate(body)
+        db.execute("UPDATE bodies SET body = ?", (zlib.compress(pod_bytes, 1),))
+        db.execute("UPDATE meta SET value = 5 WHERE name = 'schema'")
+    store.close()
+    store = k8svent.Store(path)
+    assert store._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (6,)
+    assert json.loads(owed_rows(store, "e1")["ns/a"].body) == a
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "older",
+    [
+        pytest.param(lambda pod_bytes: pod_bytes, id="json"),
+        pytest.param(lambda pod_bytes: zlib.compress(pod_bytes, 1), id="zlib"),
+    ],
+)
+def test_bodies_an_older_k8svent_left_are_read_as_they_are(store, older):
+    # Before bodies were compressed (state schema 3, early 4) they were JSON,
+    # then zlib until zstd: a self-upgrade finds them owed, and must send them.
     a, b = named("a"), named("b")
     poll(store, a, b)
     with store.transaction() as db:
         for key, body in db.execute("SELECT key, body FROM bodies").fetchall():
-            db.execute("UPDATE bodies SET body = ? WHERE key = ?", (zlib.decompress(body), key))
+            assert body.startswith(k8svent._ZSTD_MAGIC)
+            db.execute(
+                "UPDATE bodies SET body = ? WHERE key = ?", (older(k8svent._inflate(body)), key)
+            )
     assert store.outbox.owed_versions("e1", 10) == ["1", "1"]
     assert {key: json.loads(row.body) for key, row in owed_rows(store, "e1").items()} == {
         "ns/a": a,
@@ -913,7 +941,7 @@ def test_bodies_an_older_k8svent_left_uncompressed_are_read_as_they_are(store):
 
 def test_a_claim_at_150k_owed_rows_takes_milliseconds(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
-    body = zlib.compress(json.dumps(named("p")).encode(), 1)
+    body = k8svent._deflate(json.dumps(named("p")).encode())
     with store.transaction() as db:
         db.execute(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 149999)"
@@ -1190,7 +1218,7 @@ def test_a_take_that_crashes_is_logged_once_and_the_workers_live_on(caplog):
     store = k8svent.Store()
     store.outbox.set_endpoints(["stdout"])
     poll(store, named("a"))
-    with store.transaction() as db:  # neither JSON nor zlib: reading it raises
+    with store.transaction() as db:  # neither JSON, zstd nor zlib: reading it raises
         db.execute("UPDATE bodies SET body = ? WHERE key = 'ns/a'", (b"\x00garbage",))
     _a_failure_is_logged_once_and_the_workers_live_on(
         caplog,

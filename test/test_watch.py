@@ -8,7 +8,6 @@ import re
 import sqlite3
 import time
 import urllib.request
-import zlib
 
 import pytest
 
@@ -598,7 +597,7 @@ def test_the_resync_merge_never_undoes_the_watch(tmp_path):
         ).fetchone()
         if rows is None:
             return None
-        pod = json.loads(zlib.decompress(rows[0]))
+        pod = json.loads(k8svent._inflate(rows[0]))
         return pod["metadata"].get("resourceVersion"), pod["status"]["phase"]
 
     before = missed._value.get()
