@@ -1882,7 +1882,8 @@ class Store:
     def reclaim_if_drained(self, db):
         """After bodies were dropped: reclaim if nothing is owed (at most every second)."""
         return (
-            self._dropped
+            not self._temporary  # reclaim() does nothing for it
+            and self._dropped
             and time.monotonic() >= self._reclaimed + _RECLAIM_SECONDS
             and not db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone()
         )
@@ -2027,17 +2028,24 @@ class Store:
             self._lock.release()
             raise
 
-    def close_batch(self):
-        """Commit what was changed since open_batch (rolled back if that fails)."""
+    def close_batch(self, commit=True):
+        """Commit what was changed since open_batch (rolled back if that fails), or
+        roll it back."""
         try:
+            if not commit:
+                self._roll_back()
+                return
             try:
                 self._db.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._roll_back()
                 raise
         finally:
             self._lock.release()
+
+    def _roll_back(self):
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def locked(self):
@@ -3085,13 +3093,15 @@ def watch_pods(
     # yielded are all that came within `linger` seconds of the first of them,
     # before waiting for more (a burst is one batch).
     stream = os.fdopen(read_fd, "rb", buffering=0)
+    readable = select.poll()  # not select.select: it takes no descriptor past 1023
+    readable.register(read_fd, select.POLLIN)
     try:
         rest = b""
         since = None  # when the first event not yet followed by idle() was yielded
         while True:
             if idle is not None and since is not None:
                 left = since + linger - time.monotonic()
-                if left <= 0 or not select.select([stream], [], [], left)[0]:
+                if left <= 0 or not readable.poll(math.ceil(left * 1000)):
                     idle()
                     since = None
             chunk = stream.read(WATCH_READ_BYTES)
@@ -4581,7 +4591,8 @@ class Watcher(Poller):
     def __init__(self, settings, store, senders, clock=time.monotonic):
         super().__init__(settings, store, senders)
         self._clock = clock
-        self._rv = None
+        self._rv = None  # where the watch is (a batch being applied included)
+        self._applied_rv = None  # where it is, committed
         # Between the watch and a resync: the watch's position, the pods it
         # touched since the resync's list began, what a resync took ahead of
         # the watch ({key: [resourceVersion, deleted, told]}: the watch's
@@ -4679,7 +4690,7 @@ class Watcher(Poller):
             # as no-ops where nothing changed).
             log.warning("the pod list carried no resourceVersion; watching from now")
         with self._merge_lock:
-            self._rv = self.listed_rv or "0"
+            self._rv = self._applied_rv = self.listed_rv or "0"
         if self._resyncer is not None and not self._resyncer.started:
             # The first list is a list like a resync's: the first resync
             # follows it as a resync follows the one before.
@@ -4694,8 +4705,9 @@ class Watcher(Poller):
 
     @property
     def applied_rv(self):
-        """The resourceVersion the watch has applied up to (None while it lists)."""
-        return self._rv
+        """The resourceVersion the watch has applied up to, committed (None while it
+        lists)."""
+        return None if self._rv is None else self._applied_rv
 
     def _pause(self, seconds):
         # A stop ends run() through its outer `except PollStopped`, from an
@@ -4746,24 +4758,37 @@ class Watcher(Poller):
         return events
 
     def _apply_events(self, events):
-        """Apply a batch of watch events in one transaction; wake the senders if owed."""
+        """Apply a batch of watch events in one transaction, all or none of them;
+        then wake the senders if it owes anything.
+
+        A batch that fails changes nothing, and the watch's position stays
+        before it (the watcher lists again). The senders are woken with no
+        lock held: a worker holds its own while it waits for the store's.
+        """
         owed = False
-        try:
-            with self._merge_lock:
-                self._store.open_batch()
-                try:
-                    for kind, entry, rv in events:
-                        if entry is not None and self._apply_event(kind, entry, rv):
-                            owed = True
-                        if rv:
-                            self._rv = rv
-                            self._confirm_ahead()
-                            self._confirm_suspects()
-                finally:
-                    self._store.close_batch()
-        finally:
-            if owed:
-                self._wake_senders()
+        with self._merge_lock:
+            before = self._rv
+            self._store.open_batch()
+            try:
+                for kind, entry, rv in events:
+                    if entry is not None and self._apply_event(kind, entry, rv):
+                        owed = True
+                    if rv:
+                        self._rv = rv
+                        self._confirm_ahead()
+                        owed = self._confirm_suspects() or owed
+            except BaseException:
+                self._rv = before
+                self._store.close_batch(commit=False)
+                raise
+            try:
+                self._store.close_batch()
+            except BaseException:
+                self._rv = before
+                raise
+            self._applied_rv = self._rv  # what the Lease's watermark may say is in
+        if owed:
+            self._wake_senders()
 
     def _apply_event(self, kind, entry, rv):
         """Apply one watch event to the snapshot (merge lock held); True if owed."""
@@ -4895,16 +4920,17 @@ class Watcher(Poller):
             metrics.pods_selected.labels("deleted").inc(deleted + deleted_ahead)
             _report_missed(deleted, "deleted pods")
             self._suspects_rv = listed_rv
-            self._confirm_suspects()
-        if deleted or deleted_ahead:
+            confirmed = self._confirm_suspects()
+        if deleted or deleted_ahead or confirmed:
             self._wake_senders()
 
     def _confirm_suspects(self):
-        """Once the watch is past a resync's list, take what it did not tell (lock held)."""
+        """Once the watch is past a resync's list, take what it did not tell (lock held);
+        whether that owes anything (the caller wakes the senders, its locks let go)."""
         if not (self._suspects or self.pending) or _newer_rv(self._suspects_rv, self._rv):
-            return
+            return False
         if self._touched is not None:
-            return  # a resync lists: this waits for its end, when the list's rv is known
+            return False  # a resync lists: this waits for its end, when the list's rv is known
         counts = self._snapshot.apply(list(self.pending.values()))
         changed = counts["new"] + counts["changed"]
         metrics.pods_selected.labels("new").inc(counts["new"])
@@ -4913,10 +4939,9 @@ class Watcher(Poller):
         deleted = self._snapshot.delete(sorted(self._suspects))
         self._suspects.clear()
         metrics.pods_selected.labels("deleted").inc(deleted)
-        if changed or deleted:
-            self._wake_senders()
         _report_missed(changed, "new or changed pods, found by the list")
         _report_missed(deleted, "deleted pods")
+        return bool(changed or deleted)
 
 
 def resync_wait(interval_seconds, took_seconds):

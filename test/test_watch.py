@@ -554,6 +554,31 @@ def _versioned(name, rv, label="x"):
     return pod
 
 
+def test_a_batch_of_watch_events_that_fails_changes_nothing(tmp_path):
+    # Half a batch committed would hold a change in the snapshot that no
+    # webhook is owed: the list that follows would find nothing new in it.
+    store = k8svent.Store(str(tmp_path / "s.db"))
+    store.outbox.set_endpoints(["e"])
+    watcher = k8svent.Watcher(k8svent.Settings(resync=0), store, [])
+    store.snapshot.apply([k8svent.pod_entry(_versioned("x", 5))])
+    store.outbox.settle("e", [("default/x", row.msg_id) for row in _owed(store)])
+    watcher._rv = watcher._applied_rv = "10"
+    changed = k8svent.pod_entry(_versioned("x", 11, label="y"))
+    broken = k8svent.pod_entry(_versioned("y", 12))._replace(body=None)  # cannot be stored
+    with pytest.raises(TypeError):
+        watcher._apply_events([("MODIFIED", changed, "11"), ("ADDED", broken, "12")])
+    assert _owed(store) == []
+    assert (watcher._rv, watcher.applied_rv) == ("10", "10")
+    watcher._apply_events([("MODIFIED", changed, "11")])  # the watch from 10, again
+    assert [row.key for row in _owed(store)] == ["default/x"]
+    assert watcher.applied_rv == "11"
+
+
+def _owed(store):
+    claimed, _ = store.outbox.take("e", float("inf"), (), 10)
+    return claimed
+
+
 def test_the_resync_merge_never_undoes_the_watch(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
     store.outbox.set_endpoints(["e"])
@@ -565,15 +590,11 @@ def test_the_resync_merge_never_undoes_the_watch(tmp_path):
     missed = k8svent.metrics.resync_changes
 
     def event(kind, pod):
-        with watcher._merge_lock:
-            watcher._apply_event(kind, k8svent.pod_entry(pod), pod["metadata"]["resourceVersion"])
-        bookmark(pod["metadata"]["resourceVersion"])
+        rv = pod["metadata"]["resourceVersion"]
+        watcher._apply_events([(kind, k8svent.pod_entry(pod), rv)])  # a batch, as the watch's
 
     def bookmark(rv):
-        with watcher._merge_lock:
-            watcher._rv = rv
-            watcher._confirm_ahead()
-            watcher._confirm_suspects()
+        watcher._apply_events([("BOOKMARK", None, rv)])
 
     def resync(listed_rv, pods, before=(), between=()):
         """A resync list at listed_rv of these pods, with watch events before its
