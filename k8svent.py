@@ -1879,6 +1879,13 @@ class Store:
             self._db.executescript("PRAGMA incremental_vacuum")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
+    def reclaim_drained(self):
+        """Reclaim what was dropped once nothing is owed, if the last settle could not
+        (it came within a second of a reclaim): the housekeeping's."""
+        with self._lock:
+            if self.reclaim_if_drained(self._db):
+                self.reclaim(force=True)
+
     def reclaim_if_drained(self, db):
         """After bodies were dropped: reclaim if nothing is owed (at most every second)."""
         return (
@@ -2064,6 +2071,10 @@ class Outbox:
 
     def __init__(self, store):
         self._store = store
+
+    def reclaim_drained(self):
+        """Hand back the pages of the bodies dropped, once nothing is owed."""
+        self._store.reclaim_drained()
 
     def set_endpoints(self, ids):
         """Record the configured webhooks: forget others, owe every pod to new ones.
@@ -3841,8 +3852,10 @@ class Sender:
         self._cond.notify_all()
 
     def _housekeep(self, now):
-        """Count deliveries past the retry budget; say every minute that a webhook is down."""
+        """Count deliveries past the retry budget; say every minute that a webhook is down;
+        hand back the pages of the bodies dropped once all is delivered."""
         self._housekept = now
+        self._outbox.reclaim_drained()
         # A process gives every row its whole budget: one owed since before a
         # restart is not counted (nor, under --once, given up) at once.
         expired = 0

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import sqlite3
 import time
@@ -892,6 +893,26 @@ def test_the_claim_walks_an_index_of_lane_heads_without_sorting(store, mocker):
         plan = _plan(store, sql, *(["e1", 1.0, "ns/a", 4] if "LIMIT ?" in sql else ["e1", "ns/a"]))
         assert "outbox_heads" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
+
+
+def test_what_the_last_settles_dropped_is_handed_back_by_the_housekeeping(tmp_path):
+    # A settle that drains the outbox reclaims at most once a second: one
+    # right after another reclaim leaves the last bodies' pages in the file.
+    path = str(tmp_path / "s.db")
+    store = k8svent.Store(path)
+    store.outbox.set_endpoints(["e1"])
+    many = k8svent._RECLAIM_AFTER_BODIES
+    store.snapshot.begin_poll()
+    store.snapshot.apply_page(entries(*(named(f"p{i}") for i in range(many + 500))))
+    store.snapshot.finish_poll()
+    done = [(key, row.msg_id) for key, row in owed_rows(store, "e1").items()]
+    store.outbox.settle("e1", done[:many])  # reclaimed: that many dropped
+    store.outbox.settle("e1", done[many:])  # drained, within the second
+    assert store._dropped == 500 and os.path.getsize(path + "-wal") > 0
+    store._reclaimed -= k8svent._RECLAIM_SECONDS  # the clock, a second on
+    store.outbox.reclaim_drained()
+    assert store._dropped == 0 and os.path.getsize(path + "-wal") == 0
+    store.close()
 
 
 def test_a_schema_5_state_file_is_taken_in_place_with_its_zlib_bodies(tmp_path):
