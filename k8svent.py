@@ -3519,8 +3519,9 @@ class Sender:
         self._settings = settings
         self._source = source
         # --dry-run prints bodies alone: binary-mode events go out structured.
+        stdout = isinstance(endpoint, StdoutEndpoint)
         self._format = settings.format
-        if self._format == "cloudevents" and isinstance(endpoint, StdoutEndpoint):
+        if self._format == "cloudevents" and stdout:
             self._format = "cloudevents-json"
         self._stop = stop
         self._rng = rng
@@ -3549,7 +3550,6 @@ class Sender:
         self._refusals = Refusals()
         # stdout (--dry-run) is one stream that never waits on a network:
         # one worker writes it, a batch claimed at a time.
-        stdout = isinstance(endpoint, StdoutEndpoint)
         workers = 1 if stdout else settings.workers
         self._claim_limit = SETTLE_BATCH if stdout else settings.workers
         self._threads = [
@@ -4783,20 +4783,19 @@ class Watcher(Poller):
             before = self._rv
             self._store.open_batch()
             try:
-                for kind, entry, rv in events:
-                    if entry is not None and self._apply_event(kind, entry, rv):
-                        owed = True
-                    if rv:
-                        self._rv = rv
-                        self._confirm_ahead()
-                        owed = self._confirm_suspects() or owed
-            except BaseException:
-                self._rv = before
-                self._store.close_batch(commit=False)
-                raise
-            try:
+                try:
+                    for kind, entry, rv in events:
+                        if entry is not None and self._apply_event(kind, entry, rv):
+                            owed = True
+                        if rv:
+                            self._rv = rv
+                            self._confirm_ahead()
+                            owed = self._confirm_suspects() or owed
+                except BaseException:
+                    self._store.close_batch(commit=False)
+                    raise
                 self._store.close_batch()
-            except BaseException:
+            except BaseException:  # applied or committed, it failed: none of it is in
                 self._rv = before
                 raise
             self._applied_rv = self._rv  # what the Lease's watermark may say is in
