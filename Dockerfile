@@ -7,7 +7,7 @@
 # Debian stable, with security support for years ahead). The tag names the
 # minor version, not a patch or a digest, so that a rebuild picks up Python
 # patch releases and Debian security fixes; what can change under it is only
-# those. Slim is glibc, so the manylinux wheels (ijson's C backend among them)
+# those. Slim is glibc, so the manylinux wheels (orjson's and zstandard's)
 # install without a compiler; Alpine's musl would need one.
 FROM python:3.11-slim-trixie
 

@@ -1,8 +1,10 @@
 """The kubectl section: URLs, watch events, and watch_pods with the real kubectl."""
 
 import contextlib
+import json
 import os
 import queue
+import subprocess
 import threading
 import time
 
@@ -193,6 +195,96 @@ def test_list_pods_fetches_the_next_page_while_this_one_is_read(kubeapi, kubecon
     keys = [k8svent.pod_key(first), *(k8svent.pod_key(item) for item in pods)]
     assert keys == sorted(kubeapi.pod_keys()) and listed["pages"] == 3
     assert continued() == 2  # one request a page, no more
+
+
+def _awkward_pods():
+    """Pods that test where a list is cut into items: lists nested in a pod whose
+    entries start with "metadata" (as the items do), that separator inside
+    strings, text that is not ASCII, and a pod larger than a read."""
+    pods = [make_pod("shop", f"web-{i}") for i in range(7)]
+    pods[1]["spec"]["templates"] = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
+    pods[2]["metadata"]["annotations"] = {"note": 'ü},{"metadata":{"name":"x"}}]}'}
+    pods[4]["metadata"]["annotations"] = {"big": "é" * k8svent.LIST_READ_BYTES}
+    pods[5]["status"]["conditions"] = []
+    return pods
+
+
+@pytest.mark.parametrize("chunk_size", [3, 500])
+def test_list_pods_reads_each_item_whole(kubeapi, kubeconfig, kubectl_path, chunk_size):
+    settings = k8svent.Settings(kubectl=kubectl_path, kubectl_timeout=10, chunk_size=chunk_size)
+    for pod in _awkward_pods():
+        kubeapi.put_pod(pod)
+    # What the server sent, as json reads it whole.
+    expected = []
+    token = None
+    while True:
+        page = json.loads(
+            subprocess.run(
+                [
+                    kubectl_path,
+                    "get",
+                    "--raw",
+                    k8svent.pods_url(settings, limit=chunk_size, continue_=token),
+                ],
+                env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        expected += page["items"]
+        token = page["metadata"].get("continue")
+        if not token:
+            break
+    listed = {}
+    assert list(k8svent.list_pods(settings, listed=listed)) == expected
+    assert listed["pages"] == -(-len(expected) // chunk_size)
+
+
+def _read_list(tmp_path, data):
+    """(items, continue token, resourceVersion) that _PageReader reads from a file."""
+    path = tmp_path / "list.json"
+    path.write_bytes(data)
+    reader = k8svent._PageReader(os.open(path, os.O_RDONLY))
+    try:
+        return list(reader.items()), reader.token, reader.resource_version
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("metadata_last", [False, True])
+def test_a_list_is_read_whatever_its_layout(tmp_path, indent, metadata_last):
+    items = _awkward_pods()
+    metadata = {"resourceVersion": "12", "continue": "abc"}
+    page = {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": items}
+    if metadata_last:
+        page["metadata"] = page.pop("metadata")
+    separators = (",", ":") if indent is None else None
+    data = json.dumps(page, indent=indent, separators=separators, ensure_ascii=False).encode()
+    assert _read_list(tmp_path, data) == (items, "abc", "12")
+
+
+def test_an_empty_list_is_read(tmp_path):
+    data = b'{"kind":"PodList","metadata":{"resourceVersion":"3","continue":""},"items":[]}'
+    assert _read_list(tmp_path, data) == ([], "", "3")
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b'{"kind":"PodList","items":[{"metadata":{}},{"metadata":', "cut short"),
+        (b'{"kind":"PodList","items":[{"metadata":{}}', "cut short"),
+        (b'{"kind":"PodList","items":[{"metadata":{}}]', "not JSON after its items"),
+        (b'{"kind":"PodList","metadata":{}}', "no items"),
+        (b'{"kind":"PodList","items":{}}', "items is not a list"),
+        (b'{"kind":"PodList","items":[{"metadata":{}}{"metadata":{}}]}', "no comma"),
+        (b'{"kind":"PodList","items":[{"metadata":{x}}]}', "cut short, or not JSON"),
+        (b'{"kind":"Pod"s,"items":[]}', "not JSON before its items"),
+    ],
+)
+def test_what_is_not_a_list_is_refused(tmp_path, data, error):
+    with pytest.raises(k8svent._BadList, match=error):
+        _read_list(tmp_path, data)
 
 
 def _kubectl_children():
