@@ -2361,9 +2361,12 @@ class Snapshot:
         with self._store.transaction() as db:
             return self._stage(db, entries)
 
-    def _stage(self, db, entries, table="staged"):
-        """apply_page in a transaction of the caller's, staging in `table`."""
+    def _stage(self, db, entries, table="staged", reasons=None):
+        """apply_page in a transaction of the caller's, staging in `table`; each
+        pod's reason into `reasons` if given (see apply)."""
         counts = {"new": 0, "changed": 0, "unhealthy": 0}
+        if reasons is None:
+            reasons = {}
         keys = [e.key for e in entries]
         known = {}
         # `lacks`: an unchanged pod whose body was dropped but is needed again
@@ -2388,19 +2391,23 @@ class Snapshot:
                 # where it will be read from (a first list writes each once),
                 # and is staged empty.
                 counts["new"] += 1
+                reasons[entry.key] = "new"
                 bodies.append((entry.key, _deflate(entry.body)))
                 upserts.append((entry.key, entry.fp, int(entry.duress), b"", entry.uid, entry.rv))
                 continue
             if old[1] or _other_pod(old[2], entry.uid):
-                counts["new"] += 1
+                reason = "new"
             elif old[0] != entry.fp:
-                counts["changed"] += 1
+                reason = "changed"
             else:
+                reasons[entry.key] = None
                 if entry.duress:
                     counts["unhealthy"] += 1
                 if old[3]:
                     bodies.append((entry.key, _deflate(entry.body)))
                 continue
+            counts[reason] += 1
+            reasons[entry.key] = reason
             upserts.append(
                 (
                     entry.key,
@@ -2460,12 +2467,15 @@ class Snapshot:
         with self._store.locked() as db:
             return {key for (key,) in db.execute("SELECT key FROM pods WHERE deleted = 0")}
 
-    def apply(self, entries):
-        """Take these pods now (outside a list), owing the new and changed; counts by reason."""
+    def apply(self, entries, reasons=None):
+        """Take these pods now (outside a list), owing the new and changed; counts by reason.
+
+        `reasons`, a dict, gets each pod's: "new", "changed", or None (unchanged).
+        """
         # Staged in a TEMP table: a change of a few pods writes no staging
         # pages to the state file, and a list staging meanwhile keeps its own.
         with self._store.transaction() as db:
-            counts = self._stage(db, entries, "applying")
+            counts = self._stage(db, entries, "applying", reasons)
             if counts["new"] or counts["changed"]:
                 self._merge_staged(db, "applying")
                 self._outbox.owe_marked(db)
@@ -2476,8 +2486,9 @@ class Snapshot:
 
         Returns the reason ("new", "changed") or None when nothing changed.
         """
-        counts = self.apply([entry])
-        return next((r for r in ("new", "changed") if counts[r]), None)
+        reasons = {}
+        self.apply([entry], reasons)
+        return reasons[entry.key]
 
     def apply_deletion(self, entry):
         """A watch event DELETED: the pod's last state goes out as deleted; True if owed."""
@@ -4886,19 +4897,12 @@ class Watcher(Poller):
         before it (the watcher lists again). The senders are woken with no
         lock held: a worker holds its own while it waits for the store's.
         """
-        owed = False
         with self._merge_lock:
             before = self._rv
             self._store.open_batch()
             try:
                 try:
-                    for kind, entry, rv in events:
-                        if entry is not None and self._apply_event(kind, entry, rv):
-                            owed = True
-                        if rv:
-                            self._rv = rv
-                            self._confirm_ahead()
-                            owed = self._confirm_suspects() or owed
+                    owed = self._apply_batch(events)
                 except BaseException:
                     self._store.close_batch(commit=False)
                     raise
@@ -4910,6 +4914,40 @@ class Watcher(Poller):
         if owed:
             self._wake_senders()
 
+    def _apply_batch(self, events):
+        """_apply_events' work (locks held, its transaction open); True if anything is owed."""
+        owed = False
+        # New and changed pods are taken together, one set of statements for
+        # them all (a pod's events in order: a second one waits for the
+        # first), unless what a resync left decides the order of the events.
+        together = not (self._ahead or self._suspects or self.pending)
+        group = {}  # key: (type, PodEntry, resourceVersion)
+        for kind, entry, rv in events:
+            if entry is not None:
+                if not together or kind == "DELETED" or entry.key in group:
+                    owed = self._apply_together(group) or owed
+                    group = {}
+                if together and kind != "DELETED":
+                    group[entry.key] = (kind, entry, rv)
+                elif self._apply_event(kind, entry, rv):
+                    owed = True
+            if rv:
+                self._rv = rv
+                self._confirm_ahead()
+                owed = self._confirm_suspects() or owed
+        return self._apply_together(group) or owed
+
+    def _apply_together(self, group):
+        """Apply ADDED and MODIFIED events of different pods at once (locks held);
+        True if any is owed."""
+        if not group:
+            return False
+        reasons = {}
+        self._snapshot.apply([entry for _, entry, _ in group.values()], reasons)
+        for kind, entry, rv in group.values():
+            self._applied(kind, entry, rv, reasons[entry.key])
+        return any(reasons.values())
+
     def _apply_event(self, kind, entry, rv):
         """Apply one watch event to the snapshot (merge lock held); True if owed."""
         if self._behind_resync(kind, entry.key, rv):
@@ -4918,6 +4956,11 @@ class Watcher(Poller):
             reason = "deleted" if self._snapshot.apply_deletion(entry) else None
         else:
             reason = self._snapshot.apply_event(entry)
+        return self._applied(kind, entry, rv, reason)
+
+    def _applied(self, kind, entry, rv, reason):
+        """Note a watch event applied, owed for `reason` or not (merge lock held);
+        True if owed."""
         if reason is not None:
             metrics.pods_selected.labels(reason).inc()
             log.debug("watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key})

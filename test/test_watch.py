@@ -579,6 +579,64 @@ def _owed(store):
     return claimed
 
 
+def _lanes(store):
+    """Each lane's rows owed to webhook e, in order: (kind, pod's change label, phase)."""
+    lanes = {}
+    while claimed := _owed(store):
+        for row in claimed:
+            pod = json.loads(row.body)
+            lanes.setdefault(row.lane, []).append(
+                (row.kind, pod["metadata"].get("labels", {}).get("change"), pod["status"]["phase"])
+            )
+        store.outbox.settle("e", [(row.key, row.msg_id) for row in claimed])
+    return lanes
+
+
+def test_a_batch_of_watch_events_owes_what_its_events_owe_one_by_one(tmp_path):
+    # The new and changed pods of a batch are taken together: what they owe,
+    # in each lane's order, is what the same events owe one batch each.
+    recreated = _versioned("z", 15, label="again")
+    recreated["metadata"]["uid"] = "another-uid"
+    events = [
+        ("MODIFIED", _versioned("x", 11, label="x11"), "11"),
+        ("ADDED", _versioned("n", 12, label="n12"), "12"),
+        ("MODIFIED", _versioned("x", 13, label="x13"), "13"),  # x again: after the first
+        ("DELETED", _versioned("y", 14), "14"),
+        ("MODIFIED", recreated, "15"),  # z deleted and created again, unseen
+        ("BOOKMARK", None, "16"),
+        ("MODIFIED", _versioned("w", 5), "17"),  # as the snapshot has it: nothing owed
+        ("ADDED", _versioned("y", 18, label="y18"), "18"),  # y back, after its deletion
+    ]
+    outcomes = []
+    for batches in ([events], [[event] for event in events]):
+        store = k8svent.Store(str(tmp_path / f"{len(batches)}.db"))
+        store.outbox.set_endpoints(["e"])
+        watcher = k8svent.Watcher(k8svent.Settings(resync=0), store, [])
+        store.snapshot.apply([k8svent.pod_entry(_versioned(n, 5)) for n in "wxyz"])
+        _lanes(store)
+        watcher._rv = "10"
+        selected = {r: k8svent.metrics.pods_selected.labels(r)._value.get() for r in k8svent.KINDS}
+        for batch in batches:
+            watcher._apply_events(
+                [(kind, pod and k8svent.pod_entry(pod), rv) for kind, pod, rv in batch]
+            )
+        counted = {
+            r: k8svent.metrics.pods_selected.labels(r)._value.get() - selected[r]
+            for r in k8svent.KINDS
+        }
+        outcomes.append((_lanes(store), counted, watcher.applied_rv))
+    assert outcomes[0] == outcomes[1]
+    lanes, counted, applied = outcomes[0]
+    assert lanes == {
+        "default/x": [("changed", "x13", "Running")],
+        "default/n": [("new", "n12", "Running")],
+        "default/y": [("deleted", "x", "Deleted"), ("new", "y18", "Running")],
+        "default/z": [("deleted", None, "Deleted"), ("new", "again", "Running")],  # body dropped
+    }
+    assert counted == {"new": 3, "changed": 2, "unhealthy": 0, "deleted": 1}
+    assert applied == "18"
+
+
 def test_the_resync_merge_never_undoes_the_watch(tmp_path):
     store = k8svent.Store(str(tmp_path / "s.db"))
     store.outbox.set_endpoints(["e"])
