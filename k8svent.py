@@ -3650,6 +3650,9 @@ class Sender:
         self._done = []  # (lane, key, msg_id) delivered, their rows not yet deleted
         self._settle_at = 0.0  # when _done is settled at the latest
         self._ready = collections.deque()  # claimed rows no worker has taken yet
+        # The last look claimed every head due, and nothing was owed or freed
+        # since: the next look would find nothing, and is not made.
+        self._all_taken = False
         self._idle_waiters = 0  # threads in wait_idle
         self.up = True
         self._failures = 0  # connection-level failures in a row
@@ -3689,6 +3692,7 @@ class Sender:
                 now = self._clock()
                 self._probe_due = min(self._probe_due, max(now, self._early_probe_at))
                 self._early_probe_at = self._probe_due + EARLY_PROBE_SECONDS
+            self._all_taken = False
             self._call_workers(1)
 
     def _call_workers(self, count):
@@ -3740,6 +3744,7 @@ class Sender:
                     self._done.append((taken.lane, taken.key, taken.msg_id))  # busy till settled
                 else:
                     self._busy.discard(taken.lane)
+                    self._all_taken = False
                 if outcome is not None:
                     self._note_health(taken, *outcome)
                 # This worker looks again itself (what it freed included): only
@@ -3770,6 +3775,7 @@ class Sender:
         # crash before it sends them again, with their ids (receivers de-dup).
         if self._done:
             done, self._done = self._done, []
+            self._all_taken = False
             try:
                 self._outbox.settle(self.endpoint.id, [(key, msg_id) for _, key, msg_id in done])
             finally:
@@ -3783,6 +3789,7 @@ class Sender:
             self._busy.difference_update(owed.lane for owed in self._ready)
             self._ready.clear()
             self._settle_done()
+            self._all_taken = False
             return None, HOUSEKEEPING_SECONDS
         if self._ready:
             return self._ready.popleft(), None
@@ -3797,12 +3804,16 @@ class Sender:
                 return None, limit
             if now < self._probe_due:
                 return None, min(limit, self._probe_due - now)
+        if self.up and self._all_taken:
+            wait = min(limit, max(0.01, self._settle_at - now)) if self._done else limit
+            return None, wait
         # Rows are claimed a few at a time (one query for several deliveries);
         # all of them count as busy until attempted.
         # A probe tries what was never tried first: when only a few pods fail
         # (a receiver that refuses them), new work shows at once that it is up.
         if self.up:
             claimed, due = self._outbox.take(self.endpoint.id, now, self._busy, self._claim_limit)
+            self._all_taken = len(claimed) < self._claim_limit and due is None
         else:
             claimed = self._outbox.claim(self.endpoint.id, now, self._busy, 1, untried_first=True)
             due = None if claimed else self._outbox.next_due(self.endpoint.id, self._busy)
@@ -3958,6 +3969,7 @@ class Sender:
 
     def _back_up(self, now):
         self.up = True
+        self._all_taken = False
         self._probes_failed = 0
         count, age = self._backlog()
         log.warning(
@@ -3974,6 +3986,7 @@ class Sender:
         """Count deliveries past the retry budget; say every minute that a webhook is down;
         hand back the pages of the bodies dropped once all is delivered."""
         self._housekept = now
+        self._all_taken = False  # what the look missed, if anything, is found now
         self._outbox.reclaim_drained()
         # A process gives every row its whole budget: one owed since before a
         # restart is not counted (nor, under --once, given up) at once.

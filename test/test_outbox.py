@@ -450,6 +450,34 @@ def test_a_slow_receiver_gets_the_old_state_then_its_deletion_then_the_new_pod(
     assert lane_order_problem(receiver.pods()) is None
 
 
+def test_a_newer_state_goes_out_as_soon_as_the_one_in_flight_is_answered(kubeapi, start, receivers):
+    # Its lane is free once the delivery in flight is settled (within 50 ms):
+    # it must not wait for the housekeeping's next look (every 2 s).
+    pod = make_pod("default", "db-0")
+    kubeapi.put_pod(pod)
+    arrived, release, answered = threading.Event(), threading.Event(), []
+
+    def respond(request):
+        if "change" not in json.loads(request.body)["pod"]["metadata"].get("labels", {}):
+            arrived.set()
+            assert release.wait(20)
+            answered.append(time.monotonic())
+        return 200
+
+    receiver = receivers(respond=respond)
+    service = start(f"--url={receiver.url}", "--mode=watch", "--workers=4")
+    assert arrived.wait(20)
+    kubeapi.put_pod(relabel(pod, "new"))
+    service.wait_log(r"watch: MODIFIED default/db-0 \(changed\)")
+    release.set()
+    receiver.wait_for_pods(
+        lambda pods: any(p["metadata"].get("labels", {}).get("change") for p in pods),
+        "the newer state",
+    )
+    assert time.monotonic() - answered[0] < 0.5
+    assert len(receiver.received) == 2
+
+
 # --- Start-up ----------------------------------------------------------------
 
 
