@@ -1453,8 +1453,11 @@ _JOURNAL_SIZE_LIMIT_BYTES = 4 << 20
 # Free pages are handed back to the file system (incremental vacuum) and the
 # WAL truncated once this many bodies were dropped (a list delivered), when
 # the outbox is empty (at most every _RECLAIM_SECONDS), and after each poll.
+# Not more often: under a stream of changes the outbox empties many times a
+# second and the pages freed are taken again at once, so that handing them
+# back each second cost a tenth of the CPU of a change.
 _RECLAIM_AFTER_BODIES = 2000
-_RECLAIM_SECONDS = 1
+_RECLAIM_SECONDS = 30
 # Whether some webhook is owed the pod p: one look-up per webhook (CROSS JOIN
 # keeps that order; the planner would rather scan the outbox for each pod).
 _OWED_SQL = (
@@ -2825,7 +2828,7 @@ def write_raw(settings, verb, path, body, timeout):
 # each parsed by orjson: five times faster than ijson's parser, which builds
 # every item out of events. Kubernetes writes each item with the same first
 # key ("metadata"), so an item ends where `},{"metadata":` begins the next one
-# (`_PageReader.separator`, learnt from the list itself). Only a whole value
+# (the separator, learnt from the list itself). Only a whole value
 # parses: a cut that falls inside an item (a nested list whose entries start
 # with that key) leaves a value that does not end, and the next cut is tried.
 # Without such cuts (pretty-printed JSON, say), the value that starts the
@@ -2835,6 +2838,7 @@ LIST_TRY_BYTES = 1 << 20
 _ITEMS_KEY = b'"items":'
 _JSON_SPACE = b" \t\r\n"
 _OPEN, _COMMA, _CLOSE = b"[,]"
+_NULL = b"null"
 
 
 class _BadList(ValueError):
@@ -2872,7 +2876,6 @@ class _PageReader:
         self._data = b""
         self.token = None
         self.resource_version = None
-        self.has_items = False
         self.has_metadata = False
         self.at_eof = False
 
@@ -2909,16 +2912,30 @@ class _PageReader:
 
     def items(self):
         """Yield the list's items; at its end, its metadata is read whatever its place."""
-        while (at := self._data.find(_ITEMS_KEY)) < 0:
-            if not self._more(0):
-                raise _BadList("no items")
+        at = 0
+        while True:
+            at = self._data.find(_ITEMS_KEY, at)
+            if at < 0:
+                at = max(0, len(self._data) - len(_ITEMS_KEY) + 1)
+                if not self._more(0):
+                    raise _BadList("no items")
+            elif self._data[:at].rstrip(_JSON_SPACE)[-1:] in (b"{", b","):
+                break
+            else:
+                at += 1  # the end of another key, one with an escaped quote
         head = self._data[:at]
         try:
             self._take_metadata(orjson.loads(head + b'"items":[]}'))
         except orjson.JSONDecodeError:
             raise _BadList("not JSON before its items") from None
-        self.has_items = True
         data, pos = self._skip_space(at + len(_ITEMS_KEY))
+        if data[pos] == _NULL[0]:  # no items, as Go writes an empty list it never made
+            while len(data) < pos + len(_NULL) and self._more(pos):
+                data, pos = self._data, 0
+            if not data.startswith(_NULL, pos):
+                raise _BadList("items is not a list")
+            self._read_tail(head, data, pos + len(_NULL))
+            return
         if data[pos] != _OPEN:
             raise _BadList("items is not a list")
         data, pos = self._skip_space(pos + 1)
@@ -2930,8 +2947,10 @@ class _PageReader:
             cut = data.find(separator, search) if separator else -1
             if cut >= 0:
                 value = _leading_value(data, pos, cut + 1)
-            elif self.at_eof or len(data) - pos >= try_at:
+            elif self.at_eof:
                 value = _leading_value(data, pos, len(data))
+            elif len(data) - pos >= try_at:  # up to a brace: not inside a character
+                value = _leading_value(data, pos, data.rfind(b"}", pos) + 1 or len(data))
             else:
                 value = False  # read on
             if not value:
@@ -2952,6 +2971,8 @@ class _PageReader:
             data, pos = self._skip_space(end)
             if data[pos] == _COMMA:
                 data, pos = self._skip_space(pos + 1)
+                if data[pos] == _CLOSE:
+                    raise _BadList("a comma after its last item")
                 if cut < 0 and data is before:  # learn the cut from how these two meet
                     colon = data.find(b":", pos, pos + 64)
                     if colon > 0:
@@ -2959,14 +2980,18 @@ class _PageReader:
                 search, try_at = pos, LIST_TRY_BYTES
             elif data[pos] != _CLOSE:
                 raise _BadList("no comma between items")
-        # After the items: the rest of the list, small (its metadata, if sent last).
-        tail, pos = bytearray(data[pos:]), 0
+        self._read_tail(head, data, pos + 1)
+
+    def _read_tail(self, head, data, pos):
+        """Read and check the rest of the list, from data[pos] past its items: small
+        (its metadata, if sent last)."""
+        tail = bytearray(data[pos:])
         while self._more(len(self._data)):
             tail += self._data
             if len(tail) > LIST_TRY_BYTES:
                 raise _BadList("too long after its items")
         try:
-            self._take_metadata(orjson.loads(head + b'"items":[' + tail))
+            self._take_metadata(orjson.loads(head + b'"items":[]' + tail))
         except orjson.JSONDecodeError:
             raise _BadList("not JSON after its items") from None
 
@@ -4891,7 +4916,7 @@ class Watcher(Poller):
             self._trouble.ended()
             self.api_failure = None
             metrics.api_up.set(1)
-            metrics.watch_events.labels(kind if kind in WATCH_EVENT_TYPES else "other").inc()
+            metrics.events.get(kind, metrics.events["other"]).inc()
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             entry = None
             if kind in ("ADDED", "MODIFIED", "DELETED"):
@@ -4975,7 +5000,7 @@ class Watcher(Poller):
         """Note a watch event applied, owed for `reason` or not (merge lock held);
         True if owed."""
         if reason is not None:
-            metrics.pods_selected.labels(reason).inc()
+            metrics.selected[reason].inc()
             log.debug("watch: %s %s (%s)", kind, entry.key, reason, extra={"pod": entry.key})
         if self._touched is not None:
             self._touched[entry.key] = rv or TOUCHED
@@ -6005,10 +6030,13 @@ class Metrics:
         self.store = None
         for outcome in POLL_OUTCOMES:
             self.polls.labels(outcome)
-        for reason in SELECT_REASONS:
-            self.pods_selected.labels(reason)
-        for kind in (*WATCH_EVENT_TYPES, "other"):
-            self.watch_events.labels(kind)
+        # The children counted per change, looked up once (labels() costs more
+        # than inc()).
+        self.selected = {reason: self.pods_selected.labels(reason) for reason in SELECT_REASONS}
+        self.events = {
+            kind: self.watch_events.labels(kind) for kind in (*WATCH_EVENT_TYPES, "other")
+        }
+        self._per_endpoint = {}
         for reason in WATCH_RESTART_REASONS:
             self.watch_restarts.labels(reason)
         for outcome in RESYNC_OUTCOMES:
@@ -6037,11 +6065,19 @@ class Metrics:
 
     def delivered(self, endpoint, outcome, count=1):
         """Count delivery outcomes (or retried attempts) for an endpoint."""
-        self.deliveries.labels(endpoint, outcome).inc(count)
+        self._child(self.deliveries, endpoint, outcome).inc(count)
 
     def posted(self, endpoint, seconds):
         """Observe how long one POST to an endpoint took."""
-        self.latency.labels(endpoint).observe(seconds)
+        self._child(self.latency, endpoint).observe(seconds)
+
+    def _child(self, metric, *labels):
+        """metric.labels(*labels), looked up once."""
+        key = (metric, *labels)
+        child = self._per_endpoint.get(key)
+        if child is None:
+            child = self._per_endpoint[key] = metric.labels(*labels)
+        return child
 
     def set_newer_version(self, newer):
         """Say which newer version the registry has, or None for none."""

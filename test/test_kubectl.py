@@ -264,9 +264,15 @@ def test_a_list_is_read_whatever_its_layout(tmp_path, indent, metadata_last):
     assert _read_list(tmp_path, data) == (items, "abc", "12")
 
 
-def test_an_empty_list_is_read(tmp_path):
-    data = b'{"kind":"PodList","metadata":{"resourceVersion":"3","continue":""},"items":[]}'
-    assert _read_list(tmp_path, data) == ([], "", "3")
+@pytest.mark.parametrize("items", [b"[]", b"null", b" [ ] "])
+def test_an_empty_list_is_read(tmp_path, items):
+    data = b'{"kind":"PodList","metadata":{"resourceVersion":"3","continue":""},"items":%s}'
+    assert _read_list(tmp_path, data % items) == ([], "", "3")
+
+
+def test_a_key_that_ends_in_items_is_not_the_list(tmp_path):
+    data = b'{"kind":"PodList","x\\"items":[{"a":1}],"items":[{"metadata":{"name":"p"}}]}'
+    assert _read_list(tmp_path, data)[0] == [{"metadata": {"name": "p"}}]
 
 
 @pytest.mark.parametrize(
@@ -277,6 +283,8 @@ def test_an_empty_list_is_read(tmp_path):
         (b'{"kind":"PodList","items":[{"metadata":{}}]', "not JSON after its items"),
         (b'{"kind":"PodList","metadata":{}}', "no items"),
         (b'{"kind":"PodList","items":{}}', "items is not a list"),
+        (b'{"kind":"PodList","items":nul}', "items is not a list"),
+        (b'{"kind":"PodList","items":[{"metadata":{}},]}', "a comma after its last item"),
         (b'{"kind":"PodList","items":[{"metadata":{}}{"metadata":{}}]}', "no comma"),
         (b'{"kind":"PodList","items":[{"metadata":{x}}]}', "cut short, or not JSON"),
         (b'{"kind":"Pod"s,"items":[]}', "not JSON before its items"),
