@@ -1883,13 +1883,14 @@ class Store:
 
     def reclaim_drained(self):
         """Reclaim what was dropped once nothing is owed, if the last settle could not
-        (it came within a second of a reclaim): the housekeeping's."""
+        (it came within _RECLAIM_SECONDS of a reclaim): the housekeeping's."""
         with self._lock:
             if self.reclaim_if_drained(self._db):
                 self.reclaim(force=True)
 
     def reclaim_if_drained(self, db):
-        """After bodies were dropped: reclaim if nothing is owed (at most every second)."""
+        """After bodies were dropped: reclaim if nothing is owed (at most every
+        _RECLAIM_SECONDS)."""
         return (
             not self._temporary  # reclaim() does nothing for it
             and self._dropped
@@ -4797,7 +4798,7 @@ class Watcher(Poller):
                     if now >= next_duress:
                         next_duress = now + settings.interval
                         duress = self._outbox.owe_duress()
-                        metrics.pods_selected.labels("unhealthy").inc(duress)
+                        metrics.selected["unhealthy"].inc(duress)
                         self._snapshot.prune()
                         self._wake_senders()
                     began = self._clock()
@@ -5118,7 +5119,7 @@ class Watcher(Poller):
             self._touched = None
             deleted = self._snapshot.delete(sorted(gone))
             deleted_ahead = self._snapshot.delete(sorted(ahead))
-            metrics.pods_selected.labels("deleted").inc(deleted + deleted_ahead)
+            metrics.selected["deleted"].inc(deleted + deleted_ahead)
             _report_missed(deleted, "deleted pods")
             self._suspects_rv = listed_rv
             confirmed = self._confirm_suspects()
@@ -5134,12 +5135,12 @@ class Watcher(Poller):
             return False  # a resync lists: this waits for its end, when the list's rv is known
         counts = self._snapshot.apply(list(self.pending.values()))
         changed = counts["new"] + counts["changed"]
-        metrics.pods_selected.labels("new").inc(counts["new"])
-        metrics.pods_selected.labels("changed").inc(counts["changed"])
+        metrics.selected["new"].inc(counts["new"])
+        metrics.selected["changed"].inc(counts["changed"])
         self.pending = {}
         deleted = self._snapshot.delete(sorted(self._suspects))
         self._suspects.clear()
-        metrics.pods_selected.labels("deleted").inc(deleted)
+        metrics.selected["deleted"].inc(deleted)
         _report_missed(changed, "new or changed pods, found by the list")
         _report_missed(deleted, "deleted pods")
         return bool(changed or deleted)
@@ -5237,8 +5238,8 @@ class Resyncer:
                 batch = []
         counts.update(watcher.resync_page(generation, batch))
         watcher.finish_resync(generation, keys, listed.get("resourceVersion"))
-        metrics.pods_selected.labels("new").inc(counts["new"])
-        metrics.pods_selected.labels("changed").inc(counts["changed"])
+        metrics.selected["new"].inc(counts["new"])
+        metrics.selected["changed"].inc(counts["changed"])
         metrics.resyncs.labels("success").inc()
         _report_missed(counts["missed"], "new or changed pods")
         log.info("resync: %d pods listed (%.2f s)", len(keys), time.monotonic() - started)
@@ -6060,7 +6061,7 @@ class Metrics:
         self.poll_duration.observe(seconds)
         self.pods_seen.set(seen)
         for reason, count in selected.items():
-            self.pods_selected.labels(reason).inc(count)
+            self.selected[reason].inc(count)
         self.last_poll.set_to_current_time()
 
     def delivered(self, endpoint, outcome, count=1):
